@@ -1,0 +1,65 @@
+"""Model registry: build any supported network by name with `create_model`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+from torch import nn
+
+from fixnorm.errors import FixNormError
+from fixnorm.models.cifar_resnet import CifarResNet, resnet20, resnet32, resnet56, resnet110
+from fixnorm.models.resnet import ResNet, resnet50
+from fixnorm.models.small_cnn import SmallCNN
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+F = TypeVar("F", bound=Callable[..., nn.Module])
+
+
+def register_model(name: str) -> Callable[[F], F]:
+    """Decorator that makes a model factory (or class) available to `create_model` under `name`."""
+
+    def decorator(factory: F) -> F:
+        if name in _REGISTRY:
+            raise FixNormError(f"model name {name!r} is already registered; pick another name")
+        _REGISTRY[name] = factory
+        return factory
+
+    return decorator
+
+
+def list_models() -> list[str]:
+    """Names accepted by `create_model`, sorted."""
+    return sorted(_REGISTRY)
+
+
+def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **kw) -> nn.Module:
+    """Build a registered model; extra keywords go to its factory (e.g. width, zero_init_residual)."""
+    if name not in _REGISTRY:
+        raise FixNormError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+    return _REGISTRY[name](num_classes=num_classes, in_channels=in_channels, **kw)
+
+
+for _name, _factory in {
+    "small_cnn": SmallCNN,
+    "resnet20": resnet20,
+    "resnet32": resnet32,
+    "resnet56": resnet56,
+    "resnet110": resnet110,
+    "resnet50": resnet50,
+}.items():
+    register_model(_name)(_factory)
+
+__all__ = [
+    "CifarResNet",
+    "ResNet",
+    "SmallCNN",
+    "create_model",
+    "list_models",
+    "register_model",
+    "resnet20",
+    "resnet32",
+    "resnet56",
+    "resnet110",
+    "resnet50",
+]

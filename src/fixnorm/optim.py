@@ -1,0 +1,421 @@
+"""FixNorm: any torch.optim optimizer, followed by a plan of norm rules applied in place.
+
+The wrapper delegates ``param_groups``, ``state`` and ``defaults`` to the base
+optimizer, so LR schedulers, GradScaler, ``zero_grad`` and ``add_param_group`` act
+on the real thing. Settings live in the param groups (``role``, ``constraint``),
+the per-parameter norm targets live in ``state_dict()["fixnorm"]``: loading a
+state dict restores them, so a resumed run continues bit-identically.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .constraints import (Plan, build_plan, fix_filter_norms_, fix_tensor_norms_, initial_targets,
+                          rotate_by_angle_)
+from .errors import FixNormError
+from .roles import Roles, analyze
+
+NONFINITE_POLICIES = ("raise", "skip")
+
+
+class FixNorm(torch.optim.Optimizer):
+    """Train without weight decay: hold scale-invariant weights and the classifier at fixed norms.
+
+    Args:
+        model: the model whose parameters are optimised.
+        example_inputs: a tensor or tuple for ``model(*example_inputs)``, used by
+            :func:`fixnorm.analyze` to find the roles; not needed when ``roles`` is given.
+        base: the optimizer class that computes the step (SGD, Adam, RMSprop, ...).
+        fc_norm: norm of the classifier weight; None keeps its norm at construction.
+        roles: the result of :func:`fixnorm.analyze`, to skip the analysis.
+        granularity: "tensor" fixes each scale-invariant weight's norm; "filter" fixes
+            each filter's norm where the weight is filter-invariant.
+        target: "initial" keeps each weight's norm at construction; a number sets
+            every scale-invariant weight's norm to it (split equally across filters).
+        fc_granularity: "tensor" fixes the classifier matrix's norm; "class" fixes each
+            row at ``fc_norm / sqrt(num_classes)``, so the matrix norm is ``fc_norm`` too.
+        others: policy for the remaining parameters: "free" (default), "fixed" (weights
+            with ndim >= 2 held at their initial norm, 1-D ones free) or "decay"
+            (the base optimizer's weight decay ``others_weight_decay`` on them).
+        nonfinite: "raise" (default) raises FixNormError on a non-finite gradient or a
+            zero/non-finite norm; "skip" zeroes a non-finite gradient, leaves a tensor
+            with a bad norm untouched, and counts both in ``skipped_count``.
+        angular_update: when given, every scale-invariant weight turns by exactly this
+            many radians per step (scaled by lr / the lr at construction, so schedules
+            apply); see :func:`from_weight_decay`.
+        **base_kwargs: passed to ``base`` (lr, momentum, betas, ...).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        base: type[torch.optim.Optimizer] = torch.optim.SGD,
+        fc_norm: float | None = None,
+        *,
+        roles: Roles | None = None,
+        granularity: str = "tensor",
+        target: str | float = "initial",
+        fc_granularity: str = "tensor",
+        others: str = "free",
+        others_weight_decay: float = 0.0,
+        nonfinite: str = "raise",
+        angular_update: float | None = None,
+        **base_kwargs: Any,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise FixNormError(f"FixNorm needs the model (an nn.Module), got {type(model).__name__}; "
+                               "it analyses the model to find which weights to constrain")
+        if not (isinstance(base, type) and issubclass(base, torch.optim.Optimizer)):
+            raise FixNormError(f"base must be a torch.optim.Optimizer class such as torch.optim.SGD, got {base!r}")
+        if nonfinite not in NONFINITE_POLICIES:
+            raise FixNormError(f"unknown nonfinite policy {nonfinite!r}; choose one of {NONFINITE_POLICIES}")
+        if angular_update is not None and not (0 < angular_update < math.pi / 2):
+            raise FixNormError(f"angular_update must be in (0, pi/2) radians, got {angular_update!r}")
+        if base_kwargs.get("weight_decay"):
+            raise FixNormError(
+                f"weight_decay={base_kwargs['weight_decay']} would act on the constrained weights, where the "
+                "projection undoes it: FixNorm replaces weight decay. Drop it, or use others='decay', "
+                "others_weight_decay=... to decay only the unconstrained parameters")
+        if roles is None:
+            if example_inputs is None:
+                raise FixNormError("FixNorm needs example_inputs (a batch for model(*example_inputs)) to find "
+                                   "the parameter roles, or roles= from fixnorm.analyze()")
+            roles = analyze(model, example_inputs)
+        named = dict(model.named_parameters())
+        if set(roles.shapes) != set(named):
+            missing = sorted(set(named) ^ set(roles.shapes))[:5]
+            raise FixNormError(f"roles do not match the model's parameters (differ in {missing}); "
+                               "were they analysed on another model?")
+
+        self.roles = roles
+        self.plan: Plan = build_plan(roles, granularity=granularity, target=target, fc_norm=fc_norm,
+                                     fc_granularity=fc_granularity, others=others,
+                                     others_weight_decay=others_weight_decay)
+        self.nonfinite = nonfinite
+        self._targets: dict[torch.Tensor, torch.Tensor] = {}
+        self._skipped: dict[torch.device, torch.Tensor] = {}
+        self._pending: list[tuple[torch.Tensor, Any, list[str], str]] = []
+        self._names: dict[torch.Tensor, str] = {p: n for n, p in named.items()}
+        self._kernels: list[tuple[str, list[torch.Tensor], Any, list[str]]] | None = None
+
+        groups: OrderedDict[tuple[str, str | None], dict[str, Any]] = OrderedDict()
+        for entry in self.plan.entries:
+            p = named[entry.name]
+            if not p.requires_grad:
+                continue
+            role = entry.role.replace("-", "_")
+            group = groups.setdefault((role, entry.constraint), {"params": [], "role": role,
+                                                                 "constraint": entry.constraint})
+            group["params"].append(p)
+            if entry.constraint is not None:
+                value = None
+                if entry.role == "classifier" and fc_norm is not None:
+                    value = float(fc_norm)
+                elif entry.role == "scale-invariant" and target != "initial":
+                    value = float(target)
+                self._targets[p] = initial_targets(p, entry.name, entry.constraint, value)
+            if role == "other" and others == "decay":
+                group["weight_decay"] = others_weight_decay
+            if angular_update is not None and role == "scale_invariant":
+                group["angular_update"] = angular_update
+        if not groups:
+            raise FixNormError("the model has no trainable parameters")
+        param_groups = list(groups.values())
+        for g in param_groups:
+            if "angular_update" in g:
+                g["lr_ref"] = base_kwargs.get("lr", None)
+        self.base = base(param_groups, **base_kwargs)
+        for g in self.base.param_groups:
+            if "angular_update" in g and g["lr_ref"] is None:
+                g["lr_ref"] = g["lr"]
+        self._init_hooks()
+        # hold the initial state exactly: a constant target moves the weights onto it now
+        with torch.no_grad():
+            self._project()
+        self._raise_pending(wait=True)
+
+    # -- delegation: the base optimizer owns groups, state and defaults -----------------
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.base.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.base.param_groups = value
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self.base.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.base.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.base.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.base.defaults = value
+
+    def _init_hooks(self) -> None:
+        """The hook tables torch.optim.Optimizer.__init__ would create, without its own param groups."""
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        self._patch_step_function()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._patch_step_function()
+
+    def __repr__(self) -> str:
+        return f"FixNorm(base={type(self.base).__name__}, nonfinite={self.nonfinite!r})\n{self.plan.table()}"
+
+    # -- the step ------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
+        """One base step, then every constrained parameter back to its target norm.
+
+        With a closure the gradients do not exist before the base step, so a non-finite
+        gradient is caught afterwards, through the weight norm it spoils.
+        """
+        self._raise_pending()
+        self._check_settings()
+        if closure is None:
+            self._check_gradients()
+        before = self._save_for_rotation()
+        if closure is not None:
+            with torch.enable_grad():
+                loss = self.base.step(closure)
+        else:
+            loss = self.base.step()
+        self._rotate(before)
+        self._project()
+        self._raise_pending(wait=False)
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add parameters; they are free unless the group says ``constraint="tensor"|"filter"``.
+
+        A constrained group is held at its norms at this moment, or at ``target_norm``.
+        """
+        constraint = param_group.get("constraint")
+        if constraint not in (None, "tensor", "filter"):
+            raise FixNormError(f"unknown constraint {constraint!r}; choose None, 'tensor' or 'filter'")
+        if constraint and param_group.get("weight_decay"):
+            raise FixNormError("weight_decay on a constrained param group would be undone by the projection; "
+                               "set it to 0 or leave the group unconstrained")
+        param_group = dict(param_group)
+        param_group.setdefault("role", "added")
+        param_group["constraint"] = constraint
+        target_norm = param_group.pop("target_norm", None)
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        param_group["params"] = params
+        self.base.add_param_group(param_group)
+        for i, p in enumerate(params):
+            self._names.setdefault(p, f"added_group{len(self.param_groups) - 1}.{i}")
+            if constraint:
+                if p.ndim < 2 and constraint == "filter":
+                    raise FixNormError(f"{self._names[p]}: a 'filter' constraint needs ndim >= 2")
+                self._targets[p] = initial_targets(p, self._names[p], constraint, target_norm)
+        self._kernels = None
+
+    def _check_settings(self) -> None:
+        for g in self.param_groups:
+            if g.get("constraint") and g.get("weight_decay"):
+                raise FixNormError(f"param group {g.get('role')!r} is norm-constrained but has weight_decay="
+                                   f"{g['weight_decay']}; the projection would undo it. Set it to 0")
+
+    # -- kernels ---------------------------------------------------------------------------
+    def _kernel_plan(self) -> list[tuple[str, list[torch.Tensor], Any, list[str]]]:
+        """Constrained parameters bucketed by (rule, device, dtype) for multi-tensor kernels."""
+        if self._kernels is None:
+            buckets: OrderedDict[tuple[str, torch.device, torch.dtype], list[torch.Tensor]] = OrderedDict()
+            for g in self.param_groups:
+                if g.get("constraint") is None:
+                    continue
+                for p in g["params"]:
+                    buckets.setdefault((g["constraint"], p.device, p.dtype), []).append(p)
+            kernels = []
+            for (constraint, _dev, _dt), params in buckets.items():
+                if constraint == "tensor":
+                    targets: Any = torch.stack([self._targets[p].reshape(()) for p in params])
+                else:
+                    targets = [self._targets[p] for p in params]
+                kernels.append((constraint, params, targets, [self._names[p] for p in params]))
+            self._kernels = kernels
+        return self._kernels
+
+    def _project(self) -> None:
+        for constraint, params, targets, names in self._kernel_plan():
+            if constraint == "tensor":
+                bad = fix_tensor_norms_(params, targets)
+            else:
+                bad = fix_filter_norms_(params, targets)
+            self._flag(bad, names, "has a zero or non-finite norm after the step")
+
+    def _check_gradients(self) -> None:
+        buckets: OrderedDict[torch.device, list[torch.Tensor]] = OrderedDict()
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is not None:
+                    if p.grad.is_sparse:
+                        continue
+                    buckets.setdefault(p.grad.device, []).append(p)
+        for params in buckets.values():
+            grads = [p.grad for p in params]
+            try:
+                norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+            except (TypeError, RuntimeError):
+                norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
+            bad = ~torch.isfinite(torch.stack(norms))
+            if self.nonfinite == "skip":
+                for g, b in zip(grads, bad.unbind(0)):
+                    g.copy_(torch.where(b, torch.zeros_like(g), g))
+            self._flag(bad, [self._names.get(p, "?") for p in params], "has a non-finite gradient")
+
+    def _flag(self, bad: torch.Tensor, names: list[str], what: str) -> None:
+        """Count bad entries on the device; in 'raise' mode check them without stalling the device."""
+        device = bad.device
+        count = self._skipped.get(device)
+        self._skipped[device] = bad.sum() if count is None else count + bad.sum()
+        if self.nonfinite != "raise":
+            return
+        if device.type == "cpu":
+            self._pending.append((bad, None, names, what))
+            return
+        host = torch.empty(bad.shape, dtype=bad.dtype, pin_memory=True)
+        host.copy_(bad, non_blocking=True)
+        event = torch.cuda.Event() if device.type == "cuda" else None
+        if event is not None:
+            event.record()
+        self._pending.append((host, event, names, what))
+
+    def _raise_pending(self, wait: bool = True) -> None:
+        """Raise for flags that are ready: CPU ones at once, device ones when their copy has landed."""
+        still = []
+        for host, event, names, what in self._pending:
+            if event is not None and not (wait or event.query()):
+                still.append((host, event, names, what))
+                continue
+            if event is not None:
+                event.synchronize()
+            if bool(host.any()):
+                self._pending = []
+                bad_names = [n for n, b in zip(names, host.tolist()) if b]
+                raise FixNormError(f"parameter(s) {bad_names[:6]} {what}. A NaN/inf gradient usually means the "
+                                   "learning rate is too high or the loss overflowed (fp16 without GradScaler); "
+                                   "use nonfinite='skip' to skip such updates instead")
+        self._pending = still
+
+    def check(self) -> None:
+        """Wait for outstanding device-side checks and raise if any failed (syncs; for tests and logging)."""
+        self._raise_pending(wait=True)
+
+    @property
+    def skipped_count(self) -> int:
+        """Tensors whose gradient was non-finite or whose norm was zero/non-finite so far (syncs)."""
+        return int(sum(int(c) for c in self._skipped.values()))
+
+    # -- angular-update mode -----------------------------------------------------------------
+    def _save_for_rotation(self) -> list[tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor]]]:
+        saved = []
+        for g in self.param_groups:
+            if g.get("angular_update") is not None and g.get("constraint"):
+                params = [p for p in g["params"] if p.grad is not None]
+                saved.append((g, params, [p.detach().clone() for p in params]))
+        return saved
+
+    def _rotate(self, saved: list[tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor]]]) -> None:
+        for g, params, before in saved:
+            angle = g["angular_update"] * g["lr"] / g["lr_ref"]
+            for p, b in zip(params, before):
+                rotate_by_angle_(p, b, angle, per_filter=g["constraint"] == "filter")
+
+    # -- state dict: the base optimizer's, plus the norm targets ----------------------------
+    def _ordered_params(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def state_dict(self) -> dict[str, Any]:
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        state = self.base.state_dict()
+        state["fixnorm"] = {"version": 1, "targets": {
+            i: self._targets[p].detach().clone() for i, p in enumerate(self._ordered_params()) if p in self._targets}}
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state)
+            if result is not None:
+                state = result
+        return state
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        extra = state_dict.pop("fixnorm", None)
+        if not isinstance(extra, Mapping) or "targets" not in extra:
+            raise FixNormError("this state dict has no 'fixnorm' entry with the norm targets: it was not saved by "
+                               "FixNorm.state_dict(), so the targets cannot be restored")
+        params = self._ordered_params()
+        saved_targets = {int(k): v for k, v in extra["targets"].items()}
+        expected = {i for i, p in enumerate(params) if p in self._targets}
+        if set(saved_targets) != expected:
+            raise FixNormError("the saved norm targets do not match this optimizer's constrained parameters; "
+                               "was the state saved from a FixNorm with another plan?")
+        for i, value in saved_targets.items():
+            if not isinstance(value, torch.Tensor) or value.shape != self._targets[params[i]].shape:
+                raise FixNormError(f"saved norm target #{i} has the wrong shape or type")
+        self.base.load_state_dict(state_dict)
+        for i, value in saved_targets.items():
+            p = params[i]
+            self._targets[p] = value.to(device=p.device, dtype=torch.float32).clone()
+        self._kernels = None
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+
+def from_weight_decay(lr: float, weight_decay: float, momentum: float = 0.0) -> dict[str, float]:
+    """FixNorm settings with the same equilibrium angular update as an SGD + weight-decay recipe.
+
+    Scale-invariant weights under SGD with momentum and weight decay settle where their
+    angular update per step is sqrt(2 * lr * wd / (1 + momentum)) radians (Wan et al.
+    2020, "Spherical Motion Dynamics"; Kosson et al. 2023, "Rotational Equilibrium").
+    The result sets ``angular_update`` to that angle, so FixNorm(model, x, **result)
+    turns every scale-invariant weight by it on every step instead of on average.
+    """
+    for label, value in (("lr", lr), ("weight_decay", weight_decay)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise FixNormError(f"{label} must be a positive number, got {value!r}")
+    if not (0 <= momentum < 1):
+        raise FixNormError(f"momentum must be in [0, 1), got {momentum!r}")
+    return {"lr": float(lr), "momentum": float(momentum),
+            "angular_update": math.sqrt(2 * lr * weight_decay / (1 + momentum))}
+
+
+def constrained_parameters(optimizer: FixNorm) -> Iterable[tuple[str, torch.Tensor]]:
+    """(name, parameter) for every norm-constrained parameter, in plan order."""
+    for g in optimizer.param_groups:
+        if g.get("constraint"):
+            for p in g["params"]:
+                yield optimizer._names.get(p, "?"), p

@@ -1,0 +1,406 @@
+"""Which part each parameter plays: scale-invariant, classifier, or other.
+
+A weight is *scale-invariant* when multiplying it by a positive factor leaves the
+model's train-mode output unchanged (as the norm layers' eps goes to 0); it is
+*filter*-invariant when every slice along dim 0 may take its own factor. The
+answer here is measured, not guessed from layer types: the model is copied to
+float64 at a generic point (every parameter perturbed, so a zero-initialised bias
+cannot hide a dependence), the eps of every norm layer is shrunk, and weights are
+scaled by random factors while the output is compared. Weights are tested in
+groups and a failing group is bisected, so a ResNet-50 needs about twenty
+forward passes instead of hundreds.
+
+The *classifier* is found from the autograd graph: the weights of the last
+layer(s) on every path to the output. It is a classifier only when it is not
+scale-invariant (a final linear followed by a BatchNorm on the logits is not).
+"""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import FixNormError
+
+ROLE_FILTER = "filter"
+ROLE_TENSOR = "tensor"
+ROLE_CLASSIFIER = "classifier"
+ROLE_OTHER = "other"
+ROLES = (ROLE_FILTER, ROLE_TENSOR, ROLE_CLASSIFIER, ROLE_OTHER)
+
+# autograd nodes that only re-shape or re-type a tensor: looking through them from a
+# consuming op finds the weight it consumes (``x @ W.t()``, autocast copies, ...).
+_PASS_THROUGH_NODES = (
+    "TBackward", "TransposeBackward", "PermuteBackward", "ViewBackward", "ReshapeAliasBackward",
+    "UnsafeViewBackward", "ExpandBackward", "ToCopyBackward", "UnsqueezeBackward",
+    "SqueezeBackward", "CloneBackward", "AliasBackward", "SliceBackward", "SelectBackward",
+)
+
+
+@dataclass
+class Roles:
+    """The measured role of every parameter of a model.
+
+    ``scale_invariant`` maps a parameter name to ``"filter"`` or ``"tensor"``;
+    ``classifier`` lists the final-layer weights that are not scale-invariant;
+    ``reasons`` says why for every parameter, and ``table()`` prints it all.
+    """
+
+    scale_invariant: dict[str, str]
+    classifier: list[str]
+    shapes: dict[str, tuple[int, ...]]
+    reasons: dict[str, str]
+    final_layer: list[str] = field(default_factory=list)
+
+    def role(self, name: str) -> str:
+        if name in self.scale_invariant:
+            return self.scale_invariant[name]
+        if name in self.classifier:
+            return ROLE_CLASSIFIER
+        return ROLE_OTHER
+
+    def table(self) -> str:
+        rows = [("parameter", "shape", "role", "why")]
+        for name, shape in self.shapes.items():
+            rows.append((name, "x".join(map(str, shape)) or "scalar", self.role(name), self.reasons[name]))
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        lines = []
+        for i, row in enumerate(rows):
+            lines.append("  ".join(c.ljust(w) for c, w in zip(row[:3], widths)) + "  " + row[3])
+            if i == 0:
+                lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 3)
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scale_invariant": dict(self.scale_invariant), "classifier": list(self.classifier),
+                "final_layer": list(self.final_layer),
+                "shapes": {k: list(v) for k, v in self.shapes.items()}, "reasons": dict(self.reasons)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Roles:
+        return cls(scale_invariant=dict(data["scale_invariant"]), classifier=list(data["classifier"]),
+                   shapes={k: tuple(v) for k, v in data["shapes"].items()},
+                   reasons=dict(data["reasons"]), final_layer=list(data.get("final_layer", [])))
+
+
+def analyze(
+    model: nn.Module,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    overrides: Mapping[str, str] | None = None,
+    rtol: float = 1e-4,
+    seed: int = 0,
+) -> Roles:
+    """Measure the role of every parameter of ``model`` on ``model(*example_inputs)``.
+
+    ``overrides`` maps a glob pattern over parameter names (``"head.*"``) to a role
+    (``"filter"``, ``"tensor"``, ``"classifier"`` or ``"other"``) and wins over the
+    measurement; a pattern that matches nothing is an error. ``rtol`` is the relative
+    output change (float64, eps shrunk) under which a scaling counts as invariant.
+    The model itself is not modified: the analysis runs on a float64 copy.
+    """
+    if not isinstance(model, nn.Module):
+        raise FixNormError(f"analyze() needs an nn.Module, got {type(model).__name__}")
+    inputs = _as_input_tuple(example_inputs)
+    named = dict(model.named_parameters())
+    if not named:
+        raise FixNormError("the model has no parameters to analyse")
+    overrides = dict(overrides or {})
+    for pattern, role in overrides.items():
+        if role not in ROLES:
+            raise FixNormError(f"unknown role {role!r} for override {pattern!r}; choose one of {ROLES}")
+
+    work = _float64_copy(model)
+    work_params = dict(work.named_parameters())
+    inputs64 = tuple(x.double() if x.is_floating_point() else x for x in inputs)
+    probe = _Probe(work, inputs64, seed)
+    used, final = probe.trace_graph(work_params)
+
+    shapes = {n: tuple(p.shape) for n, p in named.items()}
+    reasons: dict[str, str] = {}
+    invariant: dict[str, str] = {}
+    for name, p in named.items():
+        if name not in used:
+            reasons[name] = "not used by the forward pass on the example input"
+        elif p.ndim < 2:
+            reasons[name] = "ndim < 2 (bias, norm affine or scale): not analysed"
+    candidates = [n for n in named if n in used and named[n].ndim >= 2]
+
+    # final-layer weights are the likely non-invariant ones: test them alone first so
+    # the large group of the remaining weights usually passes in one forward pass.
+    tester = _GroupTester(probe, work_params, rtol, seed)
+    finals = [n for n in candidates if n in final]
+    rest = [n for n in candidates if n not in final]
+    accepted_filter, rejected = {}, {}
+    for group in [[n] for n in finals] + ([rest] if rest else []):
+        a, r = tester.bisect(group, per_filter=True)
+        accepted_filter.update(a)
+        rejected.update(r)
+    accepted_tensor, rejected_tensor = {}, {}
+    if rejected:
+        accepted_tensor, rejected_tensor = tester.bisect(list(rejected), per_filter=False)
+
+    for name in candidates:
+        if name in accepted_filter:
+            invariant[name] = ROLE_FILTER
+            reasons[name] = f"output unchanged when each filter is scaled (max rel. change {accepted_filter[name]:.1e})"
+        elif name in accepted_tensor:
+            invariant[name] = ROLE_TENSOR
+            reasons[name] = (f"output unchanged when the whole tensor is scaled (max rel. change "
+                             f"{accepted_tensor[name]:.1e}); per-filter scaling changes it ({rejected[name]:.1e})")
+        else:
+            reasons[name] = f"not scale-invariant: scaling changes the output (rel. change {rejected_tensor[name]:.1e})"
+    classifier = []
+    for name in candidates:
+        if name in final and name not in invariant:
+            classifier.append(name)
+            reasons[name] = "final layer, " + reasons[name]
+        elif name in final:
+            reasons[name] = "final layer, " + reasons[name]
+
+    roles = Roles(scale_invariant=invariant, classifier=classifier, shapes=shapes, reasons=reasons,
+                  final_layer=[n for n in candidates if n in final])
+    return apply_overrides(roles, overrides)
+
+
+def apply_overrides(roles: Roles, overrides: Mapping[str, str]) -> Roles:
+    """Return ``roles`` with every parameter matching a pattern forced to its role."""
+    roles = copy.deepcopy(roles)
+    for pattern, role in overrides.items():
+        if role not in ROLES:
+            raise FixNormError(f"unknown role {role!r} for override {pattern!r}; choose one of {ROLES}")
+        matched = [n for n in roles.shapes if fnmatch.fnmatchcase(n, pattern)]
+        if not matched:
+            raise FixNormError(f"override pattern {pattern!r} matches no parameter; names look like "
+                               f"{list(roles.shapes)[:4]}")
+        for name in matched:
+            if role in (ROLE_FILTER, ROLE_TENSOR, ROLE_CLASSIFIER) and len(roles.shapes[name]) < 2:
+                raise FixNormError(f"override {pattern!r} gives {name} (shape {roles.shapes[name]}) the role "
+                                   f"{role!r}, which needs a weight with ndim >= 2")
+            roles.scale_invariant.pop(name, None)
+            if name in roles.classifier:
+                roles.classifier.remove(name)
+            if role in (ROLE_FILTER, ROLE_TENSOR):
+                roles.scale_invariant[name] = role
+            elif role == ROLE_CLASSIFIER:
+                roles.classifier.append(name)
+            roles.reasons[name] = f"override {pattern!r} -> {role} (measured: {roles.reasons[name]})"
+    return roles
+
+
+def _as_input_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)) and example_inputs and all(
+            isinstance(x, torch.Tensor) for x in example_inputs):
+        return tuple(example_inputs)
+    raise FixNormError("example_inputs must be a tensor or a non-empty tuple of tensors passed as "
+                       f"model(*example_inputs); got {type(example_inputs).__name__}")
+
+
+def _float64_copy(model: nn.Module) -> nn.Module:
+    """A train-mode float64 copy with every norm eps shrunk (invariance is meant as eps -> 0)."""
+    try:
+        work = copy.deepcopy(model)
+    except Exception as exc:  # noqa: BLE001 - any failure here is the user's model
+        raise FixNormError(f"could not copy the model for analysis ({exc}); pass roles= to skip it") from exc
+    work = work.double().train()
+    for module in work.modules():
+        eps = getattr(module, "eps", None)
+        if isinstance(eps, float) and eps > 0:
+            module.eps = min(eps, 1e-12)
+    for p in work.parameters():
+        p.requires_grad_(p.is_floating_point())
+    return work
+
+
+def _flatten_outputs(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out] if out.is_floating_point() else []
+    if isinstance(out, Mapping):
+        return [t for v in out.values() for t in _flatten_outputs(v)]
+    if isinstance(out, Iterable) and not isinstance(out, (str, bytes)):
+        return [t for v in out for t in _flatten_outputs(v)]
+    return []
+
+
+class _Probe:
+    """Runs the float64 copy with identical randomness and buffers on every call."""
+
+    def __init__(self, model: nn.Module, inputs: tuple[torch.Tensor, ...], seed: int):
+        self.model, self.inputs, self.seed = model, inputs, seed
+        self.buffers = {n: b.clone() for n, b in model.named_buffers()}
+        self.devices = sorted({x.device.index for x in inputs if x.device.type == "cuda"})
+        with torch.no_grad():
+            self.perturb()
+            self.reference = self.forward_vector()
+        if self.reference.numel() == 0:
+            raise FixNormError("the model returned no floating-point tensor for the example input")
+        if not torch.isfinite(self.reference).all():
+            raise FixNormError("the model's output on the example input is not finite (a BatchNorm over a "
+                               "single value? use a batch of at least 2 with spatial size > 1)")
+        self.scale = float(self.reference.abs().max()) or 1.0
+
+    def perturb(self) -> None:
+        """Move every parameter to a generic point so no zero or symmetric value hides a dependence."""
+        gen = torch.Generator().manual_seed(self.seed + 1)
+        for p in self.model.parameters():
+            if p.is_floating_point():
+                rms = float(p.pow(2).mean().sqrt()) if p.numel() else 0.0
+                noise = torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device)
+                p.add_(noise * (0.2 * rms + 0.05))
+
+    def run(self) -> Any:
+        for n, b in self.model.named_buffers():
+            b.copy_(self.buffers[n])
+        with torch.random.fork_rng(devices=self.devices):
+            torch.manual_seed(self.seed)
+            try:
+                return self.model(*self.inputs)
+            except Exception as exc:  # noqa: BLE001 - report the user's model error with context
+                raise FixNormError(f"model(*example_inputs) failed during analysis: {exc}") from exc
+
+    def forward_vector(self) -> torch.Tensor:
+        outs = _flatten_outputs(self.run())
+        return torch.cat([o.reshape(-1) for o in outs]) if outs else torch.zeros(0)
+
+    def deviation(self) -> float:
+        with torch.no_grad():
+            out = self.forward_vector()
+        if out.shape != self.reference.shape:
+            return math.inf
+        diff = (out - self.reference).abs().max()
+        return float(diff) / self.scale if torch.isfinite(diff) else math.inf
+
+    def trace_graph(self, params: dict[str, torch.Tensor]) -> tuple[set[str], set[str]]:
+        """Names of parameters the output depends on, and of the final-layer weights."""
+        by_id = {id(p): n for n, p in params.items()}
+        module_outputs: dict[Any, list[str]] = {}
+
+        def hook(module: nn.Module, _inp: Any, out: Any, prefix: str) -> None:
+            weights = [f"{prefix}{k}" if not prefix else f"{prefix}.{k}" for k, v in module._parameters.items()
+                       if v is not None and v.ndim >= 2]
+            for t in _flatten_outputs(out):
+                if t.grad_fn is not None:
+                    module_outputs.setdefault(t.grad_fn, []).extend(weights)
+
+        handles = []
+        for mname, module in self.model.named_modules():
+            if any(v is not None and v.ndim >= 2 for v in module._parameters.values()):
+                handles.append(module.register_forward_hook(
+                    lambda m, i, o, prefix=mname: hook(m, i, o, prefix)))
+        try:
+            with torch.enable_grad():
+                outs = _flatten_outputs(self.run())
+        finally:
+            for h in handles:
+                h.remove()
+        roots = [o.grad_fn for o in outs if o.grad_fn is not None]
+        used = _reachable_params(roots, by_id)
+        final = _final_weights(roots, by_id, module_outputs)
+        return used, {n for n in final if params[n].ndim >= 2}
+
+
+def _children(node: Any) -> list[Any]:
+    return [c for c, _ in getattr(node, "next_functions", ()) if c is not None]
+
+
+def _reachable_params(roots: list[Any], by_id: dict[int, str]) -> set[str]:
+    seen, stack, used = set(), list(roots), set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        var = getattr(node, "variable", None)
+        if var is not None and id(var) in by_id:
+            used.add(by_id[id(var)])
+        stack.extend(_children(node))
+    return used
+
+
+def _consumed_weights(node: Any, by_id: dict[int, str]) -> list[str]:
+    """Weights (ndim >= 2) a node consumes directly, looking through reshapes and casts."""
+    found, stack = [], _children(node)
+    while stack:
+        child = stack.pop()
+        var = getattr(child, "variable", None)
+        if var is not None:
+            if id(var) in by_id and var.ndim >= 2:
+                found.append(by_id[id(var)])
+        elif type(child).__name__.rstrip("0123456789") in _PASS_THROUGH_NODES:
+            stack.extend(_children(child))
+    return found
+
+
+def _final_weights(roots: list[Any], by_id: dict[int, str], module_outputs: dict[Any, list[str]]) -> set[str]:
+    """Walk back from the outputs and stop at the first weight-bearing op on every path."""
+    seen, stack, final = set(), list(roots), set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        weights = module_outputs.get(node) or _consumed_weights(node, by_id)
+        if weights:
+            final.update(weights)
+            continue
+        var = getattr(node, "variable", None)
+        if var is not None:
+            if id(var) in by_id and var.ndim >= 2:
+                final.add(by_id[id(var)])
+            continue
+        stack.extend(_children(node))
+    return final
+
+
+class _GroupTester:
+    """Scales groups of weights by random positive factors and bisects failing groups."""
+
+    def __init__(self, probe: _Probe, params: dict[str, torch.Tensor], rtol: float, seed: int):
+        self.probe, self.params, self.rtol = probe, params, rtol
+        self.gen = torch.Generator().manual_seed(seed + 2)
+
+    def deviation(self, names: list[str], per_filter: bool) -> float:
+        saved = {n: self.params[n].detach().clone() for n in names}
+        try:
+            with torch.no_grad():
+                for n in names:
+                    p = self.params[n]
+                    shape = (p.shape[0],) + (1,) * (p.ndim - 1) if per_filter else (1,)
+                    # log-uniform factors in [1/4, 4]: far from 1, so a dependence shows clearly
+                    log_f = (torch.rand(shape, generator=self.gen, dtype=torch.float64) * 2 - 1) * math.log(4)
+                    p.mul_(log_f.exp().to(p.device))
+            return self.probe.deviation()
+        finally:
+            with torch.no_grad():
+                for n in names:
+                    self.params[n].copy_(saved[n])
+
+    def bisect(self, names: list[str], per_filter: bool) -> tuple[dict[str, float], dict[str, float]]:
+        """(accepted name -> deviation of its passing group, rejected name -> its own deviation)."""
+        accepted: dict[str, float] = {}
+        rejected: dict[str, float] = {}
+        stack = [names]
+        while stack:
+            group = stack.pop()
+            dev = self.deviation(group, per_filter)
+            if dev <= self.rtol:
+                accepted.update({n: dev for n in group})
+            elif len(group) == 1:
+                rejected[group[0]] = dev
+            elif len(group) <= 3:
+                stack.extend([n] for n in group)
+            else:
+                half = len(group) // 2
+                stack.extend([group[:half], group[half:]])
+        return accepted, rejected

@@ -1,0 +1,69 @@
+"""Every registered model runs, and the reference architectures have their published sizes."""
+
+import pytest
+import torch
+
+from fixnorm.errors import FixNormError
+from fixnorm.models import create_model, list_models, register_model
+
+
+def _n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", [n for n in list_models() if n != "resnet110"])
+def test_forward_shape(name):
+    torch.manual_seed(0)
+    size = 64 if name == "resnet50" else 28 if name == "small_cnn" else 32
+    in_channels = 1 if name == "small_cnn" else 3
+    model = create_model(name, num_classes=7, in_channels=in_channels)
+    out = model(torch.randn(2, in_channels, size, size))
+    assert out.shape == (2, 7)
+    assert torch.isfinite(out).all()
+
+
+def test_registry_lists_the_reference_models():
+    assert {"small_cnn", "resnet20", "resnet32", "resnet56", "resnet110", "resnet50"} <= set(list_models())
+
+
+def test_resnet110_depth():
+    model = create_model("resnet110")
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+    assert len(convs) + 1 == 110  # 3x3 convs plus the classifier
+
+
+def test_parameter_counts():
+    assert 260_000 <= _n_params(create_model("resnet20")) <= 280_000
+    assert 25_000_000 <= _n_params(create_model("resnet50", num_classes=1000)) <= 26_000_000
+
+
+def test_convs_have_no_bias_and_are_followed_by_bn():
+    model = create_model("resnet20")
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(c.bias is None for c in convs) and len(convs) == len(bns)
+
+
+def test_zero_init_residual():
+    model = create_model("resnet50", num_classes=10, zero_init_residual=True)
+    assert all(bool((b.bn3.weight == 0).all()) for b in model.modules() if hasattr(b, "bn3"))
+
+
+def test_unknown_model_lists_known_names():
+    with pytest.raises(FixNormError, match="resnet20"):
+        create_model("vgg16")
+
+
+def test_register_model(monkeypatch):
+    import fixnorm.models as models
+
+    monkeypatch.setattr(models, "_REGISTRY", dict(models._REGISTRY))  # keep the global registry clean
+
+    @register_model("tiny_linear_for_test")
+    def tiny(num_classes=10, in_channels=3):
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(in_channels * 16, num_classes))
+
+    assert "tiny_linear_for_test" in list_models()
+    assert create_model("tiny_linear_for_test", num_classes=4)(torch.randn(2, 3, 4, 4)).shape == (2, 4)
+    with pytest.raises(FixNormError, match="already registered"):
+        register_model("tiny_linear_for_test")(tiny)
