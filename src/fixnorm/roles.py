@@ -182,10 +182,13 @@ def apply_overrides(roles: Roles, overrides: Mapping[str, str]) -> Roles:
         if not matched:
             raise FixNormError(f"override pattern {pattern!r} matches no parameter; names look like "
                                f"{list(roles.shapes)[:4]}")
+        if role in (ROLE_FILTER, ROLE_TENSOR, ROLE_CLASSIFIER):
+            # "head.*" -> classifier means the head's weights; its bias stays as it is
+            matched = [n for n in matched if len(roles.shapes[n]) >= 2]
+            if not matched:
+                raise FixNormError(f"override {pattern!r} gives the role {role!r}, which needs a weight with "
+                                   "ndim >= 2, but it matches only 1-D parameters")
         for name in matched:
-            if role in (ROLE_FILTER, ROLE_TENSOR, ROLE_CLASSIFIER) and len(roles.shapes[name]) < 2:
-                raise FixNormError(f"override {pattern!r} gives {name} (shape {roles.shapes[name]}) the role "
-                                   f"{role!r}, which needs a weight with ndim >= 2")
             roles.scale_invariant.pop(name, None)
             if name in roles.classifier:
                 roles.classifier.remove(name)

@@ -1,0 +1,161 @@
+"""Shared helpers for the benchmarks: timing, statistics, machine info, atomic result files.
+
+Only the standard library and torch; every benchmark script puts this folder on
+``sys.path`` itself, so ``python benchmarks/<name>.py`` works from the repository root.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+# -- devices and timing -----------------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    """``torch.device(name)``, with a clear error when CUDA is asked for but not there."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available in this torch build / machine")
+    return device
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work; a no-op on CPU (nothing is asynchronous there)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextmanager
+def no_gc() -> Any:
+    """Keep Python's cyclic GC from pausing inside a timed block (it would hit one variant at random)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def time_block(fn: Callable[[], Any], repeat: int, device: torch.device) -> float:
+    """Seconds per call of ``fn``, over ``repeat`` back-to-back calls (synchronised on CUDA only)."""
+    synchronize(device)
+    with no_gc():
+        t0 = time.perf_counter()
+        for _ in range(repeat):
+            fn()
+        synchronize(device)
+        t1 = time.perf_counter()
+    return (t1 - t0) / repeat
+
+
+def interleaved_rounds(variants: Mapping[str, Callable[[], Any]], rounds: int, repeat: int,
+                       device: torch.device, warmup: int = 2) -> dict[str, list[float]]:
+    """Time every variant once per round, rotating the order each round; returns seconds/call samples.
+
+    Interleaving means a slow spell of the machine (another process, thermal, ...) lands
+    on all variants alike; rotating the order cancels "who runs first after whom" effects.
+    ``warmup`` untimed blocks of each variant run first.
+    """
+    names = list(variants)
+    for name in names:
+        for _ in range(warmup):
+            variants[name]()
+    synchronize(device)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            samples[name].append(time_block(variants[name], repeat, device))
+    return samples
+
+
+# -- statistics ----------------------------------------------------------------------------------
+def quantile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolation quantile (numpy's default), q in [0, 1]."""
+    xs = sorted(values)
+    if not xs:
+        return math.nan
+    pos = (len(xs) - 1) * q
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def median(values: Sequence[float]) -> float:
+    return quantile(values, 0.5)
+
+
+def paired_ratios(num: Sequence[float], den: Sequence[float]) -> list[float]:
+    """Per-round ratios num[i] / den[i] (samples taken in the same round)."""
+    return [a / b for a, b in zip(num, den)]
+
+
+# -- machine and command ---------------------------------------------------------------------------
+def command_line() -> str:
+    """The command as it was typed (as near as argv lets us): ``python benchmarks/x.py --flag``."""
+    script = os.path.relpath(sys.argv[0]) if sys.argv and sys.argv[0] else "?"
+    return " ".join(["python", shlex.quote(script)] + [shlex.quote(a) for a in sys.argv[1:]])
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "date": _dt.datetime.now(_dt.timezone.utc).astimezone().isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch_num_threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+# -- result files ----------------------------------------------------------------------------------
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` to a temporary file in the same folder, then ``os.replace`` it onto ``path``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    def cell(v: Any) -> str:
+        return str(v).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(cell(h) for h in headers) + " |",
+             "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)

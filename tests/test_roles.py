@@ -1,0 +1,357 @@
+"""Role analysis against the definition of scale invariance, on every case the issue lists.
+
+Each case states the expected roles (derived by hand) and a second, independent check
+scales the weight in a float64 copy and compares outputs directly.
+"""
+import copy
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fixnorm
+from fixnorm import FixNormError, analyze
+from fixnorm.models import create_model
+
+torch.manual_seed(0)
+
+
+def output_change(model, inputs, name, per_filter, seed=0):
+    """Relative output change when `name` is scaled (float64, norm eps made tiny, same dropout masks)."""
+    work = copy.deepcopy(model).double().train()
+    for m in work.modules():
+        if isinstance(getattr(m, "eps", None), float):
+            m.eps = 1e-14
+    inputs = tuple(x.double() if x.is_floating_point() else x for x in inputs)
+
+    def run():
+        torch.manual_seed(seed)
+        return work(*inputs)
+
+    with torch.no_grad():
+        ref = run()
+        p = dict(work.named_parameters())[name]
+        g = torch.Generator().manual_seed(seed + 7)
+        shape = (p.shape[0],) + (1,) * (p.ndim - 1) if per_filter else (1,)
+        p.mul_(torch.rand(shape, generator=g, dtype=torch.float64) * 3 + 0.3)
+        out = run()
+    return float((out - ref).abs().max() / ref.abs().max())
+
+
+def check_against_definition(model, inputs, roles):
+    for name, p in model.named_parameters():
+        if p.ndim < 2:
+            continue
+        role = roles.role(name)
+        tensor_change = output_change(model, inputs, name, per_filter=False)
+        filter_change = output_change(model, inputs, name, per_filter=True)
+        if role == "filter":
+            assert filter_change < 1e-6, (name, filter_change)
+        elif role == "tensor":
+            assert tensor_change < 1e-6 and filter_change > 1e-4, (name, tensor_change, filter_change)
+        else:
+            assert tensor_change > 1e-4, (name, tensor_change)
+
+
+def assert_roles(model, inputs, expected, classifier=()):
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    roles = analyze(model, inputs)
+    got = {n: roles.role(n) for n, p in model.named_parameters() if p.ndim >= 2}
+    assert got == expected, roles.table()
+    assert sorted(roles.classifier) == sorted(classifier), roles.table()
+    check_against_definition(model, inputs, roles)
+    return roles
+
+
+def image(n=4, c=3, s=8):
+    return torch.randn(n, c, s, s)
+
+
+class Head(nn.Module):
+    def __init__(self, c, k=5):
+        super().__init__()
+        self.fc = nn.Linear(c, k)
+
+    def forward(self, x):
+        return self.fc(x.mean((2, 3)) if x.ndim == 4 else x)
+
+
+@pytest.mark.parametrize("norm, expected", [
+    (nn.BatchNorm2d(8), "filter"),
+    (nn.GroupNorm(2, 8), "tensor"),
+    (nn.GroupNorm(8, 8), "filter"),
+    (nn.InstanceNorm2d(8, affine=True), "filter"),
+])
+def test_conv_followed_by_norm(norm, expected):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), norm, nn.ReLU(), Head(8))
+    assert_roles(model, image(), {"0.weight": expected, "3.fc.weight": "classifier"}, ["3.fc.weight"])
+
+
+def test_linear_followed_by_layernorm_and_batchnorm():
+    model = nn.Sequential(nn.Linear(6, 8, bias=False), nn.LayerNorm(8), nn.ReLU(),
+                          nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    assert_roles(model, torch.randn(6, 6), {"0.weight": "tensor", "3.weight": "filter", "6.weight": "classifier"},
+                 ["6.weight"])
+
+
+def test_homogeneous_ops_between_weight_and_norm():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(0.3),
+                          nn.AvgPool2d(1), nn.BatchNorm2d(8), Head(8))
+    assert_roles(model, image(s=10), {"0.weight": "filter", "6.fc.weight": "classifier"}, ["6.fc.weight"])
+
+
+class Concat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, bias=False), nn.Conv2d(3, 4, 3, bias=False)
+        self.bn, self.head = nn.BatchNorm2d(8), Head(8)
+
+    def forward(self, x):
+        return self.head(self.bn(torch.cat([F.relu(self.a(x)), self.b(x)], 1)))
+
+
+def test_concatenation_keeps_each_branch_invariant():
+    assert_roles(Concat(), image(), {"a.weight": "filter", "b.weight": "filter", "head.fc.weight": "classifier"},
+                 ["head.fc.weight"])
+
+
+class BiasBeforeReLU(nn.Module):
+    def __init__(self, norm):
+        super().__init__()
+        self.conv, self.norm, self.head = nn.Conv2d(3, 8, 3, bias=True), norm, Head(8)
+        self.relu_first = isinstance(norm, nn.BatchNorm2d)
+
+    def forward(self, x):
+        h = self.conv(x)
+        return self.head(self.norm(F.relu(h) if self.relu_first else h))
+
+
+def test_bias_the_norm_does_not_cancel_breaks_invariance():
+    # conv with bias -> ReLU -> BN: the bias is not removed by the mean subtraction
+    assert_roles(BiasBeforeReLU(nn.BatchNorm2d(8)), image(), {"conv.weight": "other", "head.fc.weight": "classifier"},
+                 ["head.fc.weight"])
+    # conv with bias -> GroupNorm, 4 channels per group: the group mean does not cancel per-channel biases
+    assert_roles(BiasBeforeReLU(nn.GroupNorm(2, 8)), image(), {"conv.weight": "other", "head.fc.weight": "classifier"},
+                 ["head.fc.weight"])
+
+
+def test_bias_directly_before_batchnorm_is_cancelled():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=True), nn.BatchNorm2d(8), Head(8))
+    assert_roles(model, image(), {"0.weight": "filter", "2.fc.weight": "classifier"}, ["2.fc.weight"])
+
+
+class Residual(nn.Module):
+    def __init__(self, sum_of_branches=False):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.branch = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn, self.head, self.sum_of_branches = nn.BatchNorm2d(8), Head(8), sum_of_branches
+        self.bn0 = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        h = self.bn0(self.stem(x))
+        other = self.stem(x) if self.sum_of_branches else h  # two weighted branches, or a skip
+        return self.head(self.bn(self.branch(h) + other))
+
+
+def test_residual_addition_breaks_invariance():
+    assert_roles(Residual(), image(), {"stem.weight": "filter", "branch.weight": "other",
+                                       "head.fc.weight": "classifier"}, ["head.fc.weight"])
+
+
+def test_sum_of_two_branches_before_one_norm_is_not_invariant_per_branch():
+    roles = assert_roles(Residual(sum_of_branches=True), image(),
+                         {"stem.weight": "other", "branch.weight": "other", "head.fc.weight": "classifier"},
+                         ["head.fc.weight"])
+    assert "not scale-invariant" in roles.reasons["branch.weight"]
+
+
+class WSConv(nn.Conv2d):
+    """Weight standardisation: the conv uses (w - mean) / std per filter, so w's scale never matters."""
+
+    eps = 1e-5
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.var((1, 2, 3), keepdim=True) + self.eps).sqrt()
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+def test_weight_standardization_is_invariant_without_a_norm_after():
+    model = nn.Sequential(WSConv(3, 8, 3, bias=False), nn.ReLU(), Head(8))
+    assert_roles(model, image(), {"0.weight": "filter", "2.fc.weight": "classifier"}, ["2.fc.weight"])
+
+
+class QKNormAttention(nn.Module):
+    def __init__(self, d=16, heads=2, classes=4):
+        super().__init__()
+        self.heads, self.dh = heads, d // heads
+        self.q, self.k, self.v = (nn.Linear(d, d, bias=False) for _ in range(3))
+        self.q_norm, self.k_norm = nn.LayerNorm(self.dh), nn.LayerNorm(self.dh)
+        self.out = nn.Linear(d, classes)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        split = lambda y: y.view(b, t, self.heads, self.dh).transpose(1, 2)  # noqa: E731
+        q, k, v = self.q_norm(split(self.q(x))), self.k_norm(split(self.k(x))), split(self.v(x))
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d)
+        return self.out(y.mean(1))
+
+
+def test_attention_with_qk_norm():
+    assert_roles(QKNormAttention(), torch.randn(3, 5, 16),
+                 {"q.weight": "tensor", "k.weight": "tensor", "v.weight": "other", "out.weight": "classifier"},
+                 ["out.weight"])
+
+
+class TinyLM(nn.Module):
+    def __init__(self, vocab=11, d=8, tied=False):
+        super().__init__()
+        self.emb, self.ln, self.tied = nn.Embedding(vocab, d), nn.LayerNorm(d), tied
+        self.lin = nn.Linear(d, d, bias=False)
+        self.head = None if tied else nn.Linear(d, vocab, bias=False)
+
+    def forward(self, tokens):
+        h = self.ln(self.emb(tokens))
+        h = F.relu(self.lin(h))
+        return h @ self.emb.weight.t() if self.tied else self.head(h)
+
+
+def test_embedding_followed_by_layernorm():
+    tokens = torch.randint(0, 11, (3, 6))
+    assert_roles(TinyLM(), (tokens,), {"emb.weight": "filter", "lin.weight": "other", "head.weight": "classifier"},
+                 ["head.weight"])
+
+
+def test_weight_used_twice_is_invariant_only_if_every_use_is():
+    # tied embedding: normalised at the input, used raw as the output layer
+    tokens = torch.randint(0, 11, (3, 6))
+    assert_roles(TinyLM(tied=True), (tokens,), {"emb.weight": "classifier", "lin.weight": "other"}, ["emb.weight"])
+
+    class TwiceNormalized(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+            self.conv, self.bn1, self.bn2, self.head = nn.Conv2d(8, 8, 3, padding=1, bias=False), \
+                nn.BatchNorm2d(8), nn.BatchNorm2d(8), Head(8)
+
+        def forward(self, x):
+            h = F.relu(self.bn1(self.conv(self.stem(x))))
+            return self.head(F.relu(self.bn2(self.conv(h))))
+
+    # stem feeds conv with no norm between: its filters are mixed, so only the whole tensor is free
+    assert_roles(TwiceNormalized(), image(), {"stem.weight": "tensor", "conv.weight": "filter",
+                                              "head.fc.weight": "classifier"}, ["head.fc.weight"])
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, c=8):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, c, 3, bias=False), nn.BatchNorm2d(c)
+        self.se_reduce, self.se_expand = nn.Conv2d(c, 2, 1), nn.Conv2d(2, c, 1)
+        self.head = Head(c)
+
+    def forward(self, x):
+        h = F.silu(self.bn(self.conv(x)))
+        gate = torch.sigmoid(self.se_expand(F.silu(self.se_reduce(h.mean((2, 3), keepdim=True)))))
+        return self.head(h * gate)
+
+
+def test_squeeze_excite_gates_are_not_invariant():
+    assert_roles(SqueezeExcite(), image(), {"conv.weight": "filter", "se_reduce.weight": "other",
+                                            "se_expand.weight": "other", "head.fc.weight": "classifier"},
+                 ["head.fc.weight"])
+
+
+def test_transposed_convolution_is_invariant_per_tensor_only():
+    # weight is (in, out, k, k): slices along dim 0 are input channels, which BN does not normalise
+    model = nn.Sequential(nn.ConvTranspose2d(3, 6, 3, bias=False), nn.BatchNorm2d(6), Head(6))
+    assert_roles(model, image(), {"0.weight": "tensor", "2.fc.weight": "classifier"}, ["2.fc.weight"])
+
+
+def test_final_linear_followed_by_batchnorm_on_logits_is_not_a_classifier():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 5, bias=False), nn.BatchNorm1d(5, affine=False))
+    roles = assert_roles(model, image(), {"0.weight": "filter", "5.weight": "filter"}, [])
+    assert roles.final_layer == ["5.weight"]
+
+
+def test_dropout_randomness_does_not_fake_a_difference():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.Dropout(0.5), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Dropout2d(0.5), Head(8))
+    assert_roles(model, image(), {"0.weight": "filter", "5.fc.weight": "classifier"}, ["5.fc.weight"])
+
+
+def test_resnet50_is_analysed_in_seconds():
+    model = create_model("resnet50", num_classes=100)
+    start = time.perf_counter()
+    roles = analyze(model, torch.randn(2, 3, 64, 64))
+    elapsed = time.perf_counter() - start
+    convs = [n for n, p in model.named_parameters() if p.ndim == 4]
+    assert set(roles.scale_invariant) == set(convs) and all(v == "filter" for v in roles.scale_invariant.values())
+    assert roles.classifier == ["fc.weight"]
+    assert elapsed < 30, elapsed  # generous: seconds here, a guard against an O(n) forward-per-weight regression
+
+
+def test_analysis_leaves_the_model_untouched():
+    model = create_model("resnet20", num_classes=10)
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    analyze(model, torch.randn(2, 3, 16, 16))
+    assert not model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_table_lists_every_parameter_with_a_reason():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), Head(8))
+    text = analyze(model, image()).table()
+    for name, _ in model.named_parameters():
+        assert name in text
+    assert "classifier" in text and "filter" in text
+
+
+def test_overrides_force_and_exclude():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), Head(8))
+    roles = fixnorm.analyze(model, image(), overrides={"0.weight": "other", "2.fc.*": "tensor"})
+    assert roles.role("0.weight") == "other" and roles.role("2.fc.weight") == "tensor"
+    assert roles.role("2.fc.bias") == "other"  # a role for weights skips the 1-D matches
+    assert "override" in roles.reasons["0.weight"]
+    with pytest.raises(FixNormError, match="matches no parameter"):
+        analyze(model, image(), overrides={"nothing.*": "other"})
+    with pytest.raises(FixNormError, match="unknown role"):
+        analyze(model, image(), overrides={"0.weight": "frozen"})
+    with pytest.raises(FixNormError, match="ndim >= 2"):
+        analyze(model, image(), overrides={"1.weight": "tensor"})
+
+
+def test_unused_parameters_are_reported():
+    class WithSpare(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.spare = nn.Linear(4, 3), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.used(x)
+
+    roles = analyze(WithSpare(), torch.randn(3, 4))
+    assert roles.role("spare.weight") == "other" and "not used" in roles.reasons["spare.weight"]
+
+
+@pytest.mark.parametrize("bad", [{"x": torch.randn(2, 3)}, [], "tensor", None, [torch.randn(2, 3), 3]])
+def test_wrong_example_inputs_are_a_clear_error(bad):
+    with pytest.raises(FixNormError, match="example_inputs"):
+        analyze(nn.Linear(3, 2), bad)
+
+
+def test_example_input_of_the_wrong_shape_is_a_clear_error():
+    with pytest.raises(FixNormError, match="failed during analysis"):
+        analyze(nn.Linear(3, 2), torch.randn(2, 5))
+
+
+def test_roles_round_trip_through_a_dict():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), Head(8))
+    roles = analyze(model, image())
+    again = fixnorm.Roles.from_dict(roles.to_dict())
+    assert again == roles
