@@ -131,10 +131,23 @@ class FixNorm(torch.optim.Optimizer):
         for g in param_groups:
             if "angular_update" in g:
                 g["lr_ref"] = base_kwargs.get("lr", None)
-        self.base = base(param_groups, **base_kwargs)
+        try:
+            self.base = base(param_groups, **base_kwargs)
+        except ValueError as exc:
+            if "group" not in str(exc):
+                raise
+            raise FixNormError(f"{base.__name__} does not accept parameter groups ({exc}); FixNorm puts each role "
+                               "in its own group, so it cannot wrap this optimizer") from exc
+        except TypeError as exc:
+            raise FixNormError(f"{base.__name__} rejected the options {sorted(base_kwargs)}: {exc}. FixNorm's own "
+                               "options are fc_norm, roles, granularity, target, fc_granularity, others, "
+                               "others_weight_decay, nonfinite, angular_update") from exc
         for g in self.base.param_groups:
             if "angular_update" in g and g["lr_ref"] is None:
                 g["lr_ref"] = g["lr"]
+            # a base default such as AdamW's weight_decay=0.01 must not reach the groups we own
+            if "weight_decay" in g:
+                g["weight_decay"] = others_weight_decay if g["role"] == "other" else 0.0
         self._init_hooks()
         # hold the initial state exactly: a constant target moves the weights onto it now
         with torch.no_grad():
@@ -198,6 +211,7 @@ class FixNorm(torch.optim.Optimizer):
         self._check_settings()
         if closure is None:
             self._check_gradients()
+            self._raise_pending(wait=False)  # on CPU: raise before the base step touches the weights
         before = self._save_for_rotation()
         if closure is not None:
             with torch.enable_grad():

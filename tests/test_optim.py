@@ -1,0 +1,459 @@
+"""FixNorm against its definitions: norms held, angle per step, resume bit for bit, torch.optim compatibility."""
+import copy
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fixnorm
+from fixnorm import FixNorm, FixNormError, constrained_parameters, from_weight_decay
+from fixnorm.models import create_model
+
+
+def small_net(seed=0, bias=False):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=bias), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+
+def batches(n=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 4, (16,), generator=g)) for _ in range(n)]
+
+
+def train(model, opt, data, scheduler=None):
+    for x, y in data:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+
+
+def rel_err(a, b):
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max() / b.abs().max().detach())
+
+
+BASES = [
+    (torch.optim.SGD, {"lr": 0.5, "momentum": 0.9}),
+    (torch.optim.SGD, {"lr": 0.5, "momentum": 0.9, "nesterov": True}),
+    (torch.optim.Adam, {"lr": 0.05}),
+    (torch.optim.AdamW, {"lr": 0.05}),
+    (torch.optim.RMSprop, {"lr": 0.01, "momentum": 0.9}),
+]
+
+
+@pytest.mark.parametrize("base, kwargs", BASES, ids=lambda v: getattr(v, "__name__", str(v)))
+@pytest.mark.parametrize("granularity", ["tensor", "filter"])
+def test_constrained_norms_equal_their_targets_after_training(base, kwargs, granularity):
+    model = small_net()
+    x = torch.randn(4, 1, 8, 8)
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = FixNorm(model, x, base=base, fc_norm=3.0, granularity=granularity, **kwargs)
+    train(model, opt, batches(8))
+    params = dict(model.named_parameters())
+    for name in ("0.weight", "3.weight"):
+        p, p0 = params[name], initial[name]
+        if granularity == "filter":
+            got, want = p.flatten(1).norm(dim=1), p0.flatten(1).norm(dim=1)
+        else:
+            got, want = p.norm(), p0.norm()
+        assert rel_err(got, want) < 1e-6, name
+        assert not torch.allclose(p, p0)  # it did move, on the sphere
+    assert abs(float(params["8.weight"].detach().norm()) - 3.0) / 3.0 < 1e-6
+    # AdamW's default weight_decay=0.01 never reaches the constrained groups
+    assert all(g.get("weight_decay", 0.0) == 0.0 for g in opt.param_groups)
+
+
+def test_classifier_norm_per_class_and_constant_target():
+    model = small_net()
+    opt = FixNorm(model, torch.randn(4, 1, 8, 8), lr=0.3, fc_norm=2.0, fc_granularity="class", target=5.0,
+                  granularity="filter")
+    train(model, opt, batches(4))
+    fc = model[8].weight
+    assert torch.allclose(fc.norm(dim=1), torch.full((4,), 2.0 / 2.0), rtol=1e-6)  # 2 / sqrt(4 classes)
+    assert abs(float(fc.norm()) - 2.0) < 2e-6
+    conv = model[3].weight
+    assert torch.allclose(conv.flatten(1).norm(dim=1), torch.full((8,), 5.0 / math.sqrt(8)), rtol=1e-6)
+
+
+def tangential(g, w):
+    return g - (g * w).sum() / (w * w).sum() * w
+
+
+def angle_between(a, b):
+    """Angle in radians, in float64 with atan2 (arccos of a float32 cosine is useless for small angles)."""
+    a, b = a.detach().double().flatten(), b.detach().double().flatten()
+    along = (a @ b) / b.norm()
+    across = (a - along * b / b.norm()).norm()
+    return float(torch.atan2(across, along))
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.0])
+def test_angle_per_sgd_step_is_lr_over_norm_squared_times_unit_gradient(scale):
+    """Plain SGD on a scale-invariant weight of norm r turns it by atan(lr |g_t| / r) = atan(lr/r^2 |g~|)."""
+    model = small_net()
+    with torch.no_grad():
+        model[3].weight.mul_(scale)
+    x, y = batches(1)[0]
+    opt = FixNorm(model, x, lr=0.2)
+    w = model[3].weight
+    w0 = w.detach().clone()
+    F.cross_entropy(model(x), y).backward()
+    g_t = tangential(w.grad, w0)
+    r = w0.norm()
+    # gradient at unit norm: scale invariance makes the gradient scale as 1/r
+    unit_grad = g_t.norm() * r
+    opt.step()
+    angle = angle_between(w, w0)
+    expected = float(torch.atan(0.2 / r ** 2 * unit_grad))
+    assert abs(angle - expected) / expected < 1e-4
+    assert float(w.grad.flatten() @ w0.flatten()) / float(w.grad.norm() * r) < 1e-4  # the gradient is tangential
+
+
+def test_effective_lr_scales_as_one_over_norm_squared():
+    angles = []
+    for scale in (1.0, 2.0):
+        model = small_net()
+        with torch.no_grad():
+            model[3].weight.mul_(scale)
+        x, y = batches(1)[0]
+        opt = FixNorm(model, x, lr=0.01)
+        w0 = model[3].weight.detach().clone()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        w = model[3].weight
+        angles.append(angle_between(w, w0))
+    assert abs(angles[1] / angles[0] - 0.25) < 2e-3
+
+
+def save_and_load(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("base, kwargs", [BASES[0], BASES[2]], ids=["SGD", "Adam"])
+def test_resume_is_bit_identical(base, kwargs):
+    data = batches(8)
+    model = small_net(seed=0)
+    opt = FixNorm(model, data[0][0], base=base, fc_norm=2.0, **kwargs)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=8)
+    train(model, opt, data[:4], sched)
+    checkpoint = save_and_load({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()})
+
+    # a fresh model with another init: targets must come from the checkpoint, not from these weights
+    resumed = small_net(seed=123)
+    opt2 = FixNorm(resumed, data[0][0], base=base, fc_norm=2.0, **kwargs)
+    sched2 = torch.optim.lr_scheduler.CosineAnnealingLR(opt2, T_max=8)
+    resumed.load_state_dict(checkpoint["model"])
+    opt2.load_state_dict(checkpoint["opt"])
+    sched2.load_state_dict(checkpoint["sched"])
+
+    train(model, opt, data[4:], sched)
+    train(resumed, opt2, data[4:], sched2)
+    for (name, a), (_, b) in zip(model.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_load_state_dict_without_targets_is_an_error():
+    model = small_net()
+    opt = FixNorm(model, torch.randn(4, 1, 8, 8), lr=0.1)
+    plain = torch.optim.SGD(model.parameters(), lr=0.1).state_dict()
+    with pytest.raises(FixNormError, match="no 'fixnorm' entry"):
+        opt.load_state_dict(plain)
+    other = FixNorm(small_net(), torch.randn(4, 1, 8, 8), lr=0.1, granularity="filter").state_dict()
+    with pytest.raises(FixNormError, match="wrong shape"):
+        opt.load_state_dict(other)
+
+
+def test_lr_schedulers_drive_the_base_optimizer():
+    model = small_net()
+    opt = FixNorm(model, torch.randn(4, 1, 8, 8), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.1)
+    train(model, opt, batches(4), sched)
+    assert all(abs(g["lr"] - 0.001) < 1e-12 for g in opt.base.param_groups)
+    warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / 10))
+    warm.step()
+    assert all(g["lr"] == pytest.approx(g["initial_lr"] * 0.2) for g in opt.param_groups)
+
+
+def test_grad_scaler_steps_and_skips_overflowed_steps():
+    model = small_net()
+    x, y = batches(1)[0]
+    opt = FixNorm(model, x, lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler.scale(F.cross_entropy(model(x), y)).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    # an overflow: GradScaler must skip the step, FixNorm must not raise
+    opt.zero_grad()
+    scaler.scale(F.cross_entropy(model(x), y)).backward()
+    model[3].weight.grad[0, 0, 0, 0] = float("inf")
+    after_first = [p.detach().clone() for p in model.parameters()]
+    scaler.step(opt)
+    scaler.update()
+    assert all(torch.equal(a, p) for a, p in zip(after_first, model.parameters()))
+    assert scaler.get_scale() == 2.0 ** 7
+
+
+def test_step_hooks_closure_and_zero_grad():
+    model = small_net()
+    x, y = batches(1)[0]
+    opt = FixNorm(model, x, lr=0.1)
+    seen = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: seen.append(float(model[3].weight.norm())))
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    target = float(model[3].weight.norm())
+    loss = opt.step(closure)
+    assert isinstance(loss, torch.Tensor) and seen[0] == "pre"
+    assert abs(seen[1] - target) / target < 1e-6  # post hooks see the projected weight
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_base_without_parameter_groups_is_a_clear_error():
+    with pytest.raises(FixNormError, match="does not accept parameter groups"):
+        FixNorm(small_net(), torch.randn(4, 1, 8, 8), base=torch.optim.LBFGS, lr=0.1)
+
+
+def test_add_param_group_free_and_constrained():
+    model = small_net()
+    opt = FixNorm(model, torch.randn(4, 1, 8, 8), lr=0.1)
+    extra_free = nn.Parameter(torch.randn(3, 3))
+    extra_fixed = nn.Parameter(torch.randn(5, 4))
+    opt.add_param_group({"params": [extra_free]})
+    opt.add_param_group({"params": [extra_fixed], "constraint": "filter", "target_norm": 2.0})
+    (extra_free.sum() + (extra_fixed ** 3).sum()).backward()
+    opt.step()
+    # target_norm is the whole tensor's norm; per filter it is split equally: 2 / sqrt(5) per row
+    assert torch.allclose(extra_fixed.norm(dim=1), torch.full((5,), 2.0 / math.sqrt(5)), rtol=1e-6)
+    with pytest.raises(FixNormError, match="weight_decay"):
+        opt.add_param_group({"params": [nn.Parameter(torch.randn(2, 2))], "constraint": "tensor",
+                             "weight_decay": 1e-4})
+    with pytest.raises(FixNormError, match="unknown constraint"):
+        opt.add_param_group({"params": [nn.Parameter(torch.randn(2, 2))], "constraint": "sphere"})
+
+
+def test_weight_decay_on_constrained_weights_is_an_error():
+    model = small_net()
+    x = torch.randn(4, 1, 8, 8)
+    with pytest.raises(FixNormError, match="weight_decay"):
+        FixNorm(model, x, lr=0.1, weight_decay=5e-4)
+    opt = FixNorm(model, x, lr=0.1)
+    opt.param_groups[0]["weight_decay"] = 1e-4
+    F.cross_entropy(model(x), torch.zeros(4, dtype=torch.long)).backward()
+    with pytest.raises(FixNormError, match="weight_decay"):
+        opt.step()
+
+
+def test_others_policies():
+    x = torch.randn(4, 1, 8, 8)
+    model = small_net(bias=False)
+    opt = FixNorm(model, x, lr=0.1, others="decay", others_weight_decay=1e-3)
+    decayed = [g for g in opt.param_groups if g["role"] == "other"]
+    assert decayed and all(g["weight_decay"] == 1e-3 for g in decayed)
+    assert all(g["weight_decay"] == 0 for g in opt.param_groups if g["constraint"])
+    with pytest.raises(FixNormError, match="only used with others='decay'"):
+        FixNorm(model, x, lr=0.1, others_weight_decay=1e-3)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"granularity": "row"}, "unknown granularity"),
+    ({"fc_granularity": "row"}, "unknown fc_granularity"),
+    ({"others": "frozen"}, "unknown others"),
+    ({"nonfinite": "ignore"}, "unknown nonfinite"),
+    ({"target": -1.0}, "target must be"),
+    ({"fc_norm": 0.0}, "fc_norm must be"),
+    ({"momentun": 0.9}, "rejected the options"),
+    ({"angular_update": 2.0}, "angular_update"),
+])
+def test_unknown_or_bad_options_are_clear_errors(kwargs, match):
+    with pytest.raises(FixNormError, match=match):
+        FixNorm(small_net(), torch.randn(4, 1, 8, 8), lr=0.1, **kwargs)
+
+
+def test_bad_constructor_arguments():
+    with pytest.raises(FixNormError, match="example_inputs"):
+        FixNorm(small_net(), lr=0.1)
+    with pytest.raises(FixNormError, match="nn.Module"):
+        FixNorm(list(small_net().parameters()), torch.randn(4, 1, 8, 8), lr=0.1)
+    with pytest.raises(FixNormError, match="base must be"):
+        FixNorm(small_net(), torch.randn(4, 1, 8, 8), base="sgd", lr=0.1)
+    roles = fixnorm.analyze(small_net(), torch.randn(4, 1, 8, 8))
+    with pytest.raises(FixNormError, match="do not match"):
+        FixNorm(nn.Linear(3, 2), roles=roles, lr=0.1)
+
+
+def test_zero_norm_weight_at_construction_is_an_error():
+    model = small_net()
+    with torch.no_grad():
+        model[3].weight[2].zero_()
+    with pytest.raises(FixNormError, match="zero or non-finite norm.*filters \\[2\\]"):
+        FixNorm(model, torch.randn(4, 1, 8, 8), lr=0.1, granularity="filter")
+
+
+def test_nan_gradient_raises_before_touching_the_weights():
+    model = small_net()
+    x, y = batches(1)[0]
+    opt = FixNorm(model, x, lr=0.1)
+    F.cross_entropy(model(x), y).backward()
+    model[3].weight.grad[0, 0, 0, 0] = float("nan")
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(FixNormError, match="3.weight.*non-finite gradient"):
+        opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_skip_mode_counts_and_never_makes_a_nan_weight():
+    model = small_net()
+    x, y = batches(1)[0]
+    opt = FixNorm(model, x, lr=0.1, momentum=0.9, nonfinite="skip")
+    F.cross_entropy(model(x), y).backward()
+    model[3].weight.grad[0, 0, 0, 0] = float("nan")
+    opt.step()
+    assert opt.skipped_count == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    # a weight that became zero is left alone, not divided by zero
+    with torch.no_grad():
+        model[0].weight.zero_()
+    for group in opt.param_groups:
+        group["lr"] = 0.0  # the base step leaves the zero weight at zero; the projection must not divide by it
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert opt.skipped_count == 2 and torch.equal(model[0].weight, torch.zeros_like(model[0].weight))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_zero_norm_during_training_raises_in_raise_mode():
+    model = small_net()
+    x, y = batches(1)[0]
+    opt = FixNorm(model, x, lr=0.0)
+    with torch.no_grad():
+        model[0].weight.zero_()
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(FixNormError, match="0.weight.*zero or non-finite norm"):
+        opt.step()
+    assert torch.isfinite(model[0].weight).all()
+
+
+def test_bf16_weights_keep_their_norm_with_fp32_accumulation():
+    model = small_net().to(torch.bfloat16)
+    x, y = batches(1)[0]
+    opt = FixNorm(model, x.to(torch.bfloat16), lr=0.1, momentum=0.9)
+    target = float(opt._targets[model[3].weight])
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(x.to(torch.bfloat16)).float(), y).backward()
+        opt.step()
+    assert opt._targets[model[3].weight].dtype == torch.float32
+    assert abs(float(model[3].weight.float().norm()) - target) / target < 1e-2  # bf16 rounding of the weights
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_step_never_synchronises_with_the_host_on_cuda():
+    model = small_net().cuda()
+    x, y = (t.cuda() for t in batches(1)[0])
+    opt = FixNorm(model, x, lr=0.1, momentum=0.9)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()  # first step creates momentum buffers
+    F.cross_entropy(model(x), y).backward()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    opt.check()
+
+
+def test_from_weight_decay_matches_the_equilibrium_of_sgd_with_weight_decay():
+    """Train SGD+WD to equilibrium, measure its angular update, and compare with the formula and FixNorm."""
+    lr, wd, momentum = 0.5, 0.02, 0.9
+    settings = from_weight_decay(lr, wd, momentum)
+    assert settings["angular_update"] == pytest.approx(math.sqrt(2 * lr * wd / (1 + momentum)))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32, bias=False), nn.BatchNorm1d(32, affine=False), nn.ReLU(),
+                          nn.Linear(32, 4))
+    g = torch.Generator().manual_seed(0)
+    xs, ys = torch.randn(4096, 16, generator=g), torch.randint(0, 4, (4096,), generator=g)
+    sgd = torch.optim.SGD([{"params": [model[0].weight], "weight_decay": wd},
+                           {"params": model[3].parameters(), "weight_decay": 0.0}], lr=lr, momentum=momentum)
+    angles = []
+    for step in range(1500):
+        idx = torch.randint(0, 4096, (64,), generator=g)
+        w0 = model[0].weight.detach().clone()
+        sgd.zero_grad()
+        F.cross_entropy(model(xs[idx]), ys[idx]).backward()
+        sgd.step()
+        if step >= 1000:
+            w = model[0].weight.detach()
+            angles.append(angle_between(w, w0))
+    measured = sum(angles) / len(angles)
+    assert measured == pytest.approx(settings["angular_update"], rel=0.05)  # measured here: 0.1026 vs 0.1026
+
+    # FixNorm in angular mode turns by exactly that angle each step
+    opt = FixNorm(model, xs[:64], **settings)
+    w0 = model[0].weight.detach().clone()
+    F.cross_entropy(model(xs[:64]), ys[:64]).backward()
+    opt.step()
+    w = model[0].weight.detach()
+    angle = angle_between(w, w0)
+    assert angle == pytest.approx(settings["angular_update"], rel=1e-4)
+    assert float(w.norm()) == pytest.approx(float(w0.norm()), rel=1e-6)
+
+
+def test_angular_update_follows_the_lr_schedule():
+    model = small_net()
+    x, y = batches(1)[0]
+    opt = FixNorm(model, x, lr=0.1, angular_update=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+    w0 = model[3].weight.detach().clone()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    sched.step()
+    w = model[3].weight.detach()
+    angle = angle_between(w, w0)
+    assert angle == pytest.approx(0.005, rel=1e-4)
+
+
+@pytest.mark.parametrize("bad", [(0.0, 1e-4, 0.9), (0.1, -1.0, 0.9), (0.1, 1e-4, 1.0)])
+def test_from_weight_decay_rejects_bad_values(bad):
+    with pytest.raises(FixNormError):
+        from_weight_decay(*bad)
+
+
+def test_plan_table_and_repr_name_every_parameter():
+    model = create_model("resnet20", num_classes=10, in_channels=1)
+    opt = FixNorm(model, torch.randn(2, 1, 16, 16), lr=0.1, fc_norm=4.0)
+    text = repr(opt)
+    for name, _ in model.named_parameters():
+        assert name in text
+    assert "fc_norm=4" in text and "fix norm per tensor" in text
+    names = [n for n, _ in constrained_parameters(opt)]
+    assert "fc.weight" in names and all(not n.endswith("bias") for n in names)
+
+
+def test_is_a_torch_optimizer_and_pickles():
+    model = small_net()
+    opt = FixNorm(model, torch.randn(4, 1, 8, 8), lr=0.1, momentum=0.9)
+    assert isinstance(opt, torch.optim.Optimizer)
+    copied = copy.deepcopy(opt)
+    assert len(copied.param_groups) == len(opt.param_groups)
