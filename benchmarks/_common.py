@@ -111,6 +111,14 @@ def command_line() -> str:
     return " ".join(["python", shlex.quote(script)] + [shlex.quote(a) for a in sys.argv[1:]])
 
 
+def load_average() -> list[float] | None:
+    """1/5/15-minute load averages (other processes competing for the cores skew CPU timings)."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
 def machine_info(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {
         "date": _dt.datetime.now(_dt.timezone.utc).astimezone().isoformat(timespec="seconds"),
@@ -122,6 +130,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "torch_num_threads": torch.get_num_threads(),
         "device": str(device),
+        "loadavg_at_start": load_average(),
     }
     if device.type == "cuda":
         info["device_name"] = torch.cuda.get_device_name(device)

@@ -47,8 +47,8 @@ import fixnorm  # noqa: E402
 from fixnorm.models import create_model  # noqa: E402
 
 from _common import (RESULTS_DIR, atomic_write_json, atomic_write_text, command_line,  # noqa: E402
-                     interleaved_rounds, machine_info, markdown_table, median, paired_ratios, quantile,
-                     resolve_device)
+                     interleaved_rounds, load_average, machine_info, markdown_table, median, paired_ratios,
+                     quantile, resolve_device)
 
 LR = 0.01          # timing does not depend on it; small so hundreds of steps on a fixed gradient stay finite
 MOMENTUM = 0.9
@@ -66,10 +66,12 @@ VARIANT_LABELS = {
 # repeat = back-to-back calls timed as one sample.
 MODELS: dict[str, dict[str, Any]] = {
     "resnet20": {"num_classes": 10, "batch": 128, "size": 32,
-                 "full": {"step_rounds": 61, "step_repeat": 50, "train_rounds": 41, "train_repeat": 2},
+                 "full": {"step_rounds": 61, "step_repeat": 50, "train_rounds": 61, "train_repeat": 2},
                  "quick": {"step_rounds": 7, "step_repeat": 10, "train_rounds": 5, "train_repeat": 1}},
     "resnet50": {"num_classes": 1000, "batch": 8, "size": 112,
-                 "full": {"step_rounds": 41, "step_repeat": 8, "train_rounds": 61, "train_repeat": 2},
+                 "note": "ImageNet ResNet-50 (1000 classes) at batch {batch}, {size}x{size} inputs instead of "
+                         "224x224, so one training step stays under ~2 s on 2 CPU cores",
+                 "full": {"step_rounds": 41, "step_repeat": 8, "train_rounds": 81, "train_repeat": 2},
                  "quick": {"step_rounds": 5, "step_repeat": 2, "train_rounds": 5, "train_repeat": 1}},
 }
 
@@ -207,6 +209,9 @@ def bench_model(name: str, spec: dict[str, Any], plan: dict[str, int], device: t
     analyze_s = time.perf_counter() - t0
     print(f"# {name}: {n_params / 1e6:.2f}M params, batch {spec['batch']} x 3x{spec['size']}x{spec['size']}, "
           f"{spec['num_classes']} classes, device {device}; roles analysed in {analyze_s:.1f} s", flush=True)
+    spec["note"] = spec.get("note", "").format(**spec)
+    if spec["note"]:
+        print(f"# {name}: {spec['note']}", flush=True)
 
     def loss_of(model: nn.Module) -> torch.Tensor:
         return F.cross_entropy(model(x), y)
@@ -251,7 +256,7 @@ def bench_model(name: str, spec: dict[str, Any], plan: dict[str, int], device: t
         "config": {"params_M": round(n_params / 1e6, 3), "batch": spec["batch"],
                    "input": [3, spec["size"], spec["size"]], "num_classes": spec["num_classes"], **plan,
                    "analyze_s": round(analyze_s, 2), "step_phase_s": round(step_s, 1),
-                   "train_phase_s": round(train_s, 1)},
+                   "train_phase_s": round(train_s, 1), "note": spec.get("note", "")},
         "optimizer_step": summarize(step_samples),
         "train_step": summarize(train_samples),
         "ratios": {
@@ -311,6 +316,8 @@ def markdown(results: dict[str, dict[str, Any]], metrics: dict[str, float], targ
            "Variants interleaved in rounds (order rotated each round); medians over rounds. "
            "Optimizer step = `step()` on kept gradients; training step = zero_grad + forward + "
            "cross-entropy + backward + step.", ""]
+    out += [f"- `{name}`: {r['config']['params_M']}M parameters. {r['config']['note']}".rstrip(". ") + "."
+            for name, r in results.items()] + [""]
     rows = []
     for name, r in results.items():
         c = r["config"]
@@ -367,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {command}")
     print(f"# torch {info['torch']}, {info['cpu_count']} CPUs, {info['torch_num_threads']} torch threads, "
           f"device {device}" + (f" ({info['device_name']})" if "device_name" in info else ""))
+    if info["loadavg_at_start"] and info["loadavg_at_start"][0] > 0.5 * (os.cpu_count() or 1):
+        print(f"# warning: load average {info['loadavg_at_start'][0]} at start: other processes share the CPUs, "
+              "expect noisy timings")
     print("# variants: " + "; ".join(f"{k} = {VARIANT_LABELS[k]}" for k in VARIANTS), flush=True)
 
     started = time.perf_counter()
@@ -380,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
             plan["step_rounds"] = plan["train_rounds"] = args.repeats
         results[name] = bench_model(name, spec, plan, device, args.profile)
     elapsed = time.perf_counter() - started
+    info["loadavg_at_end"] = load_average()
 
     metrics, targets = build_report(results)
     for key, value in metrics.items():
@@ -391,7 +402,12 @@ def main(argv: list[str] | None = None) -> int:
     for t in targets:
         print(f"{'PASS' if t['pass'] else 'FAIL'}: {t['metric']} {t['op']} {t['threshold']} "
               f"(measured {t['value']:.4f})")
-    print(f"# total {elapsed:.0f} s")
+    print(f"# total {elapsed:.0f} s; load average at start {info['loadavg_at_start']}, at end {info['loadavg_at_end']}")
+    for name, r in results.items():
+        slowest = max(r["train_step"][k]["median_ms"] for k in VARIANTS)
+        if device.type == "cpu" and slowest > 2000:
+            print(f"# note: a {name} training step took {slowest / 1e3:.1f} s here (> 2 s); consider a smaller "
+                  "input (--resnet50-size / --resnet50-batch)")
     for name, r in results.items():
         for k, table in r["profiles"].items():
             print(f"\n# profile: {name} {k} optimizer step x20\n{table}")
