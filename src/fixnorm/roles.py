@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -317,17 +317,28 @@ def _children(node: Any) -> list[Any]:
     return [c for c, _ in getattr(node, "next_functions", ()) if c is not None]
 
 
-def _reachable_params(roots: list[Any], by_id: dict[int, str]) -> set[str]:
-    seen, stack, used = set(), list(roots), set()
+def _walk(roots: list[Any], visit: Callable[[Any], bool]) -> None:
+    """Depth-first over the autograd graph; ``visit(node)`` returns whether to go on past the node."""
+    seen, stack = set(), list(roots)
     while stack:
         node = stack.pop()
         if node in seen:
             continue
         seen.add(node)
+        if visit(node):
+            stack.extend(_children(node))
+
+
+def _reachable_params(roots: list[Any], by_id: dict[int, str]) -> set[str]:
+    used: set[str] = set()
+
+    def visit(node: Any) -> bool:
         var = getattr(node, "variable", None)
         if var is not None and id(var) in by_id:
             used.add(by_id[id(var)])
-        stack.extend(_children(node))
+        return True
+
+    _walk(roots, visit)
     return used
 
 
@@ -347,22 +358,21 @@ def _consumed_weights(node: Any, by_id: dict[int, str]) -> list[str]:
 
 def _final_weights(roots: list[Any], by_id: dict[int, str], module_outputs: dict[Any, list[str]]) -> set[str]:
     """Walk back from the outputs and stop at the first weight-bearing op on every path."""
-    seen, stack, final = set(), list(roots), set()
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
+    final: set[str] = set()
+
+    def visit(node: Any) -> bool:
         weights = module_outputs.get(node) or _consumed_weights(node, by_id)
         if weights:
             final.update(weights)
-            continue
+            return False
         var = getattr(node, "variable", None)
         if var is not None:
             if id(var) in by_id and var.ndim >= 2:
                 final.add(by_id[id(var)])
-            continue
-        stack.extend(_children(node))
+            return False
+        return True
+
+    _walk(roots, visit)
     return final
 
 
