@@ -226,6 +226,7 @@ def bench_model(name: str, spec: dict[str, Any], plan: dict[str, int], device: t
     step_samples = interleaved_rounds({k: opts[k].step for k in VARIANTS}, plan["step_rounds"],
                                       plan["step_repeat"], device)
     step_s = time.perf_counter() - t0
+    print(f"# {name}: optimizer-step phase done in {step_s:.0f} s", flush=True)
     profiles = {}
     if profile:
         profiles = {k: profile_step(opts[k].step, device) for k in ("fixnorm", "sgd_wd")}
@@ -247,6 +248,7 @@ def bench_model(name: str, spec: dict[str, Any], plan: dict[str, int], device: t
     train_samples = interleaved_rounds({k: train_step(models[k], opts[k]) for k in VARIANTS},
                                        plan["train_rounds"], plan["train_repeat"], device)
     train_s = time.perf_counter() - t0
+    print(f"# {name}: training-step phase done in {train_s:.0f} s", flush=True)
     if isinstance(opts["fixnorm"], fixnorm.FixNorm):
         opts["fixnorm"].check()  # any deferred non-finite flag would make the timings meaningless
     del models, opts
@@ -279,8 +281,13 @@ def profile_step(step: Callable[[], Any], device: torch.device, calls: int = 20)
             step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=sort, row_limit=18)
+    averages = prof.key_averages()
+    if device.type != "cuda":
+        return averages.table(sort_by="self_cpu_time_total", row_limit=18)
+    try:
+        return averages.table(sort_by="self_device_time_total", row_limit=18)
+    except (AttributeError, KeyError, ValueError):  # older torch names it after CUDA
+        return averages.table(sort_by="self_cuda_time_total", row_limit=18)
 
 
 # -- report -----------------------------------------------------------------------------------------

@@ -3,38 +3,103 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from .errors import FixNormError
 
-
-def _bar(step: int, total: int, loss: float) -> None:
-    """A bar on a terminal; in a log (CI, nohup) a plain line every tenth of the run."""
-    if sys.stderr.isatty():
-        width, done = 30, int(30 * step / total)
-        end = "\n" if step == total else ""
-        sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {step}/{total} loss {loss:.3f}{end}")
-    elif step == total or step % max(1, total // 10) == 0:
-        sys.stderr.write(f"step {step}/{total} loss {loss:.3f}\n")
-    sys.stderr.flush()
+# flags that are shortcuts for --set KEY=VALUE
+_SHORTCUTS = {"method": str, "model": str, "dataset": str, "data_dir": str, "epochs": int, "lr": float,
+              "fc_norm": float, "seed": int, "batch_size": int, "train_subset": int, "precision": str}
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+class _Progress:
+    """A tqdm bar per epoch on a terminal (or when asked); nothing between epoch lines otherwise."""
 
-    torch.set_num_threads(args.threads) if args.threads else None
-    result = run_demo(args.data_dir, model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                      fc_norm=args.fc_norm, train_subset=args.train_subset, seed=args.seed,
-                      progress=None if args.quiet else _bar)
+    def __init__(self, enabled: bool, label: str = ""):
+        self.enabled, self.label, self.bar = enabled, label, None
+
+    def step(self, epoch: int, step: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=f"{self.label}epoch {epoch + 1}", unit="step", leave=False,
+                            file=sys.stderr)
+        self.bar.update(1)
+        if step == total:
+            self.bar.close()
+            self.bar = None
+
+
+def _epoch_line(cfg_epochs: int, label: str = "") -> Any:
+    def show(r: dict[str, Any]) -> None:
+        extra = f"  ema acc {100 * r['ema_test_acc']:.2f}%" if "ema_test_acc" in r else ""
+        print(f"{label}epoch {r['epoch']}/{cfg_epochs}  train loss {r['train_loss']:.4f} acc {100 * r['train_acc']:.2f}%"
+              f"  test loss {r['test_loss']:.4f} acc {100 * r['test_acc']:.2f}%{extra}  lr {r['lr']:.4g}"
+              f"  {r['seconds']:.1f} s  {r['images_per_second']:.0f} img/s", flush=True)
+    return show
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    from .train.config import load_recipe, parse_overrides
+
+    settings = load_recipe(args.recipe)
+    settings.update(parse_overrides(args.set or []))
+    for key in _SHORTCUTS:
+        value = getattr(args, key, None)
+        if value is not None:
+            settings[key] = value
+    return settings
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import Trainer, make_config
+
+    if args.resume:
+        run_dir, cfg = Path(args.resume), None
+    else:
+        settings = _settings(args)
+        cfg = make_config(settings)
+        run_dir = Path(args.run_dir or Path("runs") / f"{args.recipe or 'custom'}-{cfg.method}-s{cfg.seed}-"
+                       f"{time.strftime('%Y%m%d-%H%M%S')}")
+    progress = _Progress(enabled=not args.quiet and sys.stderr.isatty())
+    trainer = Trainer(cfg, run_dir, resume=bool(args.resume), on_step=progress.step)  # type: ignore[arg-type]
     if not args.quiet:
-        print(result.plan_table)
-        print(f"train loss: {result.train_loss:.4f}")
-        print(f"seconds: {result.seconds:.1f}")
-        print(f"images per second: {result.images_per_second:.0f}")
-        print(f"test loss: {result.test_loss:.4f}")
-    print(f"test accuracy: {result.test_accuracy:.4f}")
+        trainer.on_epoch = _epoch_line(trainer.cfg.epochs)
+        if args.resume:
+            print(f"resuming {run_dir} after epoch {trainer.start_epoch}")
+    summary = trainer.fit()
+    if trainer.dist.is_main:
+        print(f"final test accuracy: {summary['final_test_acc']:.4f}")
+        print(f"best test accuracy: {summary['best_test_acc']:.4f}")
+        if not args.quiet:
+            print(f"run directory: {run_dir}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .train.compare import comparison_table, run_comparison
+
+    settings = _settings(args)
+    out = Path(args.out or Path("runs") / f"compare-{args.recipe or 'custom'}")
+
+    def callbacks(method: str, seed: int) -> dict[str, Any]:
+        if args.quiet:
+            return {}
+        label = f"[{method} seed {seed}] "
+        epochs = int(settings.get("epochs", 3))
+        return {"on_step": _Progress(sys.stderr.isatty(), label).step, "on_epoch": _epoch_line(epochs, label)}
+
+    result = run_comparison(settings, args.methods, args.seeds, out, make_callbacks=callbacks)
+    print(comparison_table(result["rows"], settings))
+    if not args.quiet:
+        print(f"written: {out / 'compare.md'}, {out / 'compare.json'}")
     return 0
 
 
@@ -49,23 +114,44 @@ def cmd_roles(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_list(args: argparse.Namespace) -> int:
+    from .methods import get_method, list_methods
+    from .models import list_models
+    from .train.config import RECIPES
+
+    print("methods: " + ", ".join(f"{m} ({get_method(m).description})" for m in list_methods()))
+    print("models: " + ", ".join(list_models()))
+    print("recipes: " + ", ".join(RECIPES))
+    return 0
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", default="fmnist-resnet20", help="built-in recipe name or YAML file "
+                   "(default: fmnist-resnet20; `fixnorm list` shows them)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting (YAML value), repeatable")
+    for key, kind in _SHORTCUTS.items():
+        if key != "method":
+            p.add_argument("--" + key.replace("_", "-"), dest=key, type=kind, default=None)
+    p.add_argument("--quiet", action="store_true", help="print only the final result")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fixnorm", description="Train without weight decay by fixing weight norms.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="train FixNorm on Fashion-MNIST and print the test accuracy")
-    demo.add_argument("--data-dir", default=None, help="folder with the four Fashion-MNIST IDX files "
-                      "(default: /usr/share/datasets/fashion-mnist, Debian package dataset-fashion-mnist)")
-    demo.add_argument("--model", default="small_cnn")
-    demo.add_argument("--epochs", type=int, default=1)
-    demo.add_argument("--batch-size", type=int, default=128)
-    demo.add_argument("--lr", type=float, default=0.2)
-    demo.add_argument("--fc-norm", type=float, default=None, help="classifier norm (default: its initial norm)")
-    demo.add_argument("--train-subset", type=int, default=None, help="use only the first N training images")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--threads", type=int, default=None)
-    demo.add_argument("--quiet", action="store_true", help="print only the test accuracy")
-    demo.set_defaults(func=cmd_demo)
+    train = sub.add_parser("train", help="train one run from a recipe; --resume RUN_DIR continues a run")
+    _add_run_options(train)
+    train.add_argument("--method", default=None, help="sgd, adamw, rmsprop, fixnorm (default: the recipe's)")
+    train.add_argument("--run-dir", default=None, help="where the run is written (default: runs/<recipe>-...)")
+    train.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR from last.pt")
+    train.set_defaults(func=cmd_train)
+
+    compare = sub.add_parser("compare", help="run methods x seeds on one recipe and print a comparison table")
+    _add_run_options(compare)
+    compare.add_argument("--methods", nargs="+", default=["sgd", "fixnorm"])
+    compare.add_argument("--seeds", nargs="+", type=int, default=[0])
+    compare.add_argument("--out", default=None, help="folder for the runs and the table (reruns reuse finished runs)")
+    compare.set_defaults(func=cmd_compare)
 
     roles = sub.add_parser("roles", help="print FixNorm's plan (or, with --why, the role analysis) for a model")
     roles.add_argument("--model", default="resnet20")
@@ -77,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     roles.add_argument("--fc-norm", type=float, default=None)
     roles.add_argument("--why", action="store_true", help="show the measured role and reason per parameter")
     roles.set_defaults(func=cmd_roles)
+
+    listing = sub.add_parser("list", help="list methods, models and recipes")
+    listing.set_defaults(func=cmd_list)
     return parser
 
 

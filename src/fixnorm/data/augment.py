@@ -47,6 +47,31 @@ def random_crop_flip(
     return padded[batch, chan, rows[:, None, :, None], cols[:, None, None, :]]
 
 
+def cutout(x: torch.Tensor, size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Zero one size x size square per sample, centred anywhere and clipped at the borders (DeVries & Taylor).
+
+    The centres are drawn once for the whole batch and turned into a broadcast
+    row/column mask, so there is no per-image loop; all channels are zeroed and
+    the result is reproducible for a seeded generator. `size=0` returns a copy of `x`.
+    """
+    if x.dim() != 4:
+        raise FixNormError(f"cutout needs an NCHW batch, got shape {tuple(x.shape)}")
+    if size < 0:
+        raise FixNormError(f"cutout size must be >= 0, got {size}")
+    if size == 0:
+        return x.clone()
+    n, _, h, w = x.shape
+    dev = x.device
+    top = _randint(h, n, generator, dev) - size // 2  # square spans [top, top + size) before clipping
+    left = _randint(w, n, generator, dev) - size // 2
+    rows = torch.arange(h, device=dev)[None, :] - top[:, None]  # (N, H) offset into the square
+    cols = torch.arange(w, device=dev)[None, :] - left[:, None]  # (N, W)
+    in_rows = (rows >= 0) & (rows < size)
+    in_cols = (cols >= 0) & (cols < size)
+    mask = in_rows[:, None, :, None] & in_cols[:, None, None, :]  # (N, 1, H, W)
+    return x.masked_fill(mask, 0)
+
+
 def normalize(
     x_uint8: torch.Tensor, mean: float | Sequence[float], std: float | Sequence[float]
 ) -> torch.Tensor:

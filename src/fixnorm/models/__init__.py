@@ -9,8 +9,12 @@ from torch import nn
 
 from fixnorm.errors import FixNormError
 from fixnorm.models.cifar_resnet import CifarResNet, resnet20, resnet32, resnet56, resnet110
+from fixnorm.models.efficientnet import EfficientNet, efficientnet_b0, efficientnet_b0_cifar
+from fixnorm.models.mobilenetv2 import MobileNetV2, mobilenetv2, mobilenetv2_cifar
+from fixnorm.models.preact_resnet import PreActResNet, preact_resnet18
 from fixnorm.models.resnet import ResNet, resnet50
 from fixnorm.models.small_cnn import SmallCNN
+from fixnorm.models.wide_resnet import wide_resnet, wrn16_4, wrn28_10
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 F = TypeVar("F", bound=Callable[..., nn.Module])
@@ -47,19 +51,37 @@ for _name, _factory in {
     "resnet56": resnet56,
     "resnet110": resnet110,
     "resnet50": resnet50,
+    "preact_resnet18": preact_resnet18,
+    "wrn16_4": wrn16_4,
+    "wrn28_10": wrn28_10,
+    "mobilenetv2": mobilenetv2,
+    "mobilenetv2_cifar": mobilenetv2_cifar,
+    "efficientnet_b0": efficientnet_b0,
+    "efficientnet_b0_cifar": efficientnet_b0_cifar,
 }.items():
     register_model(_name)(_factory)
 
 __all__ = [
     "CifarResNet",
+    "EfficientNet",
+    "MobileNetV2",
+    "PreActResNet",
     "ResNet",
     "SmallCNN",
     "create_model",
+    "efficientnet_b0",
+    "efficientnet_b0_cifar",
     "list_models",
+    "mobilenetv2",
+    "mobilenetv2_cifar",
+    "preact_resnet18",
     "register_model",
     "resnet20",
     "resnet32",
     "resnet56",
     "resnet110",
     "resnet50",
+    "wide_resnet",
+    "wrn16_4",
+    "wrn28_10",
 ]

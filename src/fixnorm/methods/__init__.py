@@ -1,0 +1,60 @@
+"""Training methods by name. A method builds the optimizer, may transform the model, and may add engine hooks.
+
+Adding a method is one file here plus ``register_method``; the engine never branches on a method's name.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..errors import FixNormError
+
+if TYPE_CHECKING:
+    from ..train.config import TrainConfig
+    from ..train.hooks import Hook
+
+
+def _same_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    return model
+
+
+def _no_hooks(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> list[Hook]:
+    return []
+
+
+@dataclass(frozen=True)
+class Method:
+    """How a training method plugs into the engine: three functions, all but the optimizer optional."""
+
+    name: str
+    description: str
+    build_optimizer: Callable[[nn.Module, "TrainConfig", torch.Tensor], torch.optim.Optimizer]
+    prepare_model: Callable[[nn.Module, "TrainConfig"], nn.Module] = field(default=_same_model)
+    hooks: Callable[[nn.Module, torch.optim.Optimizer, "TrainConfig"], list[Any]] = field(default=_no_hooks)
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    if method.name in _METHODS:
+        raise FixNormError(f"method {method.name!r} is already registered")
+    _METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    if name not in _METHODS:
+        raise FixNormError(f"unknown method {name!r}; known methods: {', '.join(sorted(_METHODS))}")
+    return _METHODS[name]
+
+
+def list_methods() -> list[str]:
+    return sorted(_METHODS)
+
+
+from . import baselines, fixnorm_method  # noqa: E402,F401  (registers the built-in methods)

@@ -1,0 +1,206 @@
+"""Training configuration: one dataclass, built-in recipes by name, YAML files, and `key=value` overrides."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import FixNormError
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; saved with the run as ``config.yaml``."""
+
+    # what to train
+    model: str = "resnet20"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    dataset: str = "fashion_mnist"
+    data_dir: str | None = None
+    train_subset: int | None = None
+    image_size: int = 224            # ImageFolder datasets only
+    workers: int | None = None       # ImageFolder DataLoader workers (default: from the CPU count)
+    # how long, how much
+    epochs: int = 3
+    batch_size: int = 128
+    eval_batch_size: int = 1000
+    # method and optimizer
+    method: str = "fixnorm"
+    base: str = "sgd"                # fixnorm's base optimizer: sgd, adam, adamw, rmsprop
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8                # adam/rmsprop epsilon
+    alpha: float = 0.9               # rmsprop smoothing constant (TF's "decay")
+    weight_decay: float = 5e-4       # for the weight-decay baselines; FixNorm replaces it
+    fc_norm: float | None = None
+    granularity: str = "tensor"
+    fc_granularity: str = "tensor"
+    others: str = "free"
+    others_weight_decay: float = 0.0
+    # schedule
+    schedule: str = "cosine"         # cosine, step, exponential, constant
+    warmup_epochs: float = 0.0
+    milestones: list[float] = field(default_factory=list)  # epochs, for "step"
+    gamma: float = 0.1               # factor per milestone ("step") or per decay_epochs ("exponential")
+    decay_epochs: float = 1.0        # "exponential": lr *= gamma every decay_epochs
+    min_lr_ratio: float = 0.0        # cosine floor, as a fraction of lr
+    # regularisation and augmentation
+    label_smoothing: float = 0.0
+    augment: str = "crop_flip"       # none, crop, crop_flip
+    crop_padding: int = 4
+    cutout: int = 0
+    ema_decay: float | None = None
+    grad_clip: float | None = None
+    # speed and reproducibility
+    precision: str = "fp32"          # fp32, bf16, fp16 (fp16 needs a GPU)
+    channels_last: bool = False
+    compile: bool = False
+    device: str = "auto"             # auto, cpu, cuda
+    threads: int | None = None
+    seed: int = 0
+    checkpoint_every: int = 1        # epochs
+
+    def validate(self) -> TrainConfig:
+        choices = {"schedule": ("cosine", "step", "exponential", "constant"), "augment": ("none", "crop", "crop_flip"),
+                   "precision": ("fp32", "bf16", "fp16"), "device": ("auto", "cpu", "cuda"),
+                   "base": ("sgd", "adam", "adamw", "rmsprop")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise FixNormError(f"{key}={getattr(self, key)!r} is not one of {allowed}")
+        positive = ("epochs", "batch_size", "eval_batch_size", "lr", "checkpoint_every")
+        for key in positive:
+            value = getattr(self, key)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise FixNormError(f"{key} must be a positive number, got {value!r}")
+        if self.schedule == "step" and not self.milestones:
+            raise FixNormError("schedule 'step' needs milestones (epochs), e.g. --set milestones=[60,120,160]")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["betas"] = list(self.betas)
+        return data
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+# Built-in recipes: the README's default, and GPU recipes with the settings of the published baselines.
+RECIPES: dict[str, dict[str, Any]] = {
+    # a few minutes on 2 CPU cores: ResNet-20, bf16 autocast, channels_last
+    "fmnist-resnet20": dict(model="resnet20", dataset="fashion_mnist", epochs=3, batch_size=128, lr=0.1,
+                            weight_decay=5e-4, schedule="cosine", augment="crop", crop_padding=2,
+                            precision="bf16", channels_last=True),
+    # one epoch of the small CNN, under a minute: the defaults ablation (benchmarks/defaults_ablation.py)
+    "fmnist-small-cnn": dict(model="small_cnn", dataset="fashion_mnist", epochs=1, batch_size=128, lr=0.2,
+                             weight_decay=5e-4, schedule="cosine", augment="crop", crop_padding=2),
+    # a smoke test: a small CNN on 2000 images, seconds
+    "fmnist-smoke": dict(model="small_cnn", model_kwargs={"width": 8}, dataset="fashion_mnist", train_subset=2000,
+                         epochs=2, batch_size=100, lr=0.1, augment="crop", crop_padding=2),
+    # He et al. 2016: ResNet-56 on CIFAR-10, SGD 0.1, momentum 0.9, wd 1e-4, batch 128, /10 at epochs 82 and 123 of 164
+    "cifar10-resnet56": dict(model="resnet56", dataset="cifar10", epochs=164, batch_size=128, lr=0.1, nesterov=False,
+                             weight_decay=1e-4, schedule="step", milestones=[82, 123], gamma=0.1, augment="crop_flip"),
+    # Zagoruyko & Komodakis 2016: WRN-28-10 on CIFAR-100, SGD Nesterov 0.1, wd 5e-4, /5 at 60, 120, 160 of 200
+    "cifar100-wrn28-10": dict(model="wrn28_10", dataset="cifar100", epochs=200, batch_size=128, lr=0.1,
+                              weight_decay=5e-4, schedule="step", milestones=[60, 120, 160], gamma=0.2,
+                              augment="crop_flip", precision="bf16", channels_last=True),
+    # Tan & Le 2019: EfficientNet-B0, RMSprop (decay 0.9, momentum 0.9, eps 1e-3), lr 0.016 per 256 images,
+    # 5 warm-up epochs, x0.97 every 2.4 epochs, wd 1e-5, BN momentum 0.99 (0.01 here), dropout 0.2,
+    # stochastic depth 0.2, EMA 0.9999, label smoothing 0.1, 350 epochs
+    "imagenet-efficientnet-b0": dict(model="efficientnet_b0", model_kwargs={"bn_momentum": 0.01},
+                                     dataset="imagenet", epochs=350, batch_size=256, method="rmsprop", base="rmsprop",
+                                     lr=0.016, momentum=0.9, alpha=0.9, eps=1e-3, weight_decay=1e-5,
+                                     schedule="exponential", gamma=0.97, decay_epochs=2.4, warmup_epochs=5,
+                                     label_smoothing=0.1, ema_decay=0.9999, precision="bf16", channels_last=True),
+    # Sandler et al. 2018: MobileNetV2, RMSprop (decay 0.9, momentum 0.9), lr 0.045 x0.98 per epoch, wd 4e-5
+    "imagenet-mobilenetv2": dict(model="mobilenetv2", dataset="imagenet", epochs=300, batch_size=256,
+                                 method="rmsprop", base="rmsprop", lr=0.045, momentum=0.9, alpha=0.9, eps=1e-3,
+                                 weight_decay=4e-5, schedule="exponential", gamma=0.98, decay_epochs=1.0,
+                                 label_smoothing=0.1, precision="bf16", channels_last=True),
+}
+
+
+def load_recipe(name_or_path: str | Path | None) -> dict[str, Any]:
+    """A built-in recipe by name, or a YAML file of TrainConfig fields."""
+    if name_or_path is None:
+        return {}
+    if str(name_or_path) in RECIPES:
+        return dict(RECIPES[str(name_or_path)])
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise FixNormError(f"no recipe {str(name_or_path)!r}: give a built-in name ({', '.join(RECIPES)}) "
+                           "or a YAML file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise FixNormError(f"recipe {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, Mapping):
+        raise FixNormError(f"recipe {path} must be a mapping of settings, got {type(data).__name__}")
+    return dict(data)
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """``["lr=0.05", "milestones=[60,120]"]`` -> typed values (YAML syntax for the value)."""
+    result = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise FixNormError(f"override {item!r} is not key=value")
+        try:
+            result[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as exc:
+            raise FixNormError(f"override {item!r}: cannot read the value ({exc})") from exc
+    return result
+
+
+def make_config(*layers: Mapping[str, Any]) -> TrainConfig:
+    """Merge settings (later layers win) into a validated TrainConfig; unknown keys are errors."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if key not in _FIELDS:
+                close = [k for k in _FIELDS if k.startswith(key[:3])]
+                raise FixNormError(f"unknown setting {key!r}" + (f"; did you mean {close}?" if close else ""))
+            merged[key] = value
+    for key, value in list(merged.items()):
+        merged[key] = _coerce(key, value)
+    return TrainConfig(**merged).validate()
+
+
+def _coerce(key: str, value: Any) -> Any:
+    kind = str(_FIELDS[key].type)
+    if value is None:
+        if "None" not in kind:
+            raise FixNormError(f"{key} cannot be null")
+        return None
+    if kind.startswith("bool"):
+        if not isinstance(value, bool):
+            raise FixNormError(f"{key} must be true or false, got {value!r}")
+        return value
+    if kind.startswith("float") or kind.startswith("int"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise FixNormError(f"{key} must be a number, got {value!r}")
+        if kind.startswith("int") and float(value) != int(value):
+            raise FixNormError(f"{key} must be an integer, got {value!r}")
+        return int(value) if kind.startswith("int") else float(value)
+    if kind.startswith("str"):
+        if not isinstance(value, str):
+            raise FixNormError(f"{key} must be a string, got {value!r}")
+        return value
+    if kind.startswith("tuple"):
+        return tuple(float(v) for v in value)
+    if kind.startswith("list"):
+        if not isinstance(value, (list, tuple)):
+            raise FixNormError(f"{key} must be a list, got {value!r}")
+        return [float(v) for v in value]
+    if kind.startswith("dict"):
+        if not isinstance(value, Mapping):
+            raise FixNormError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
+    return value

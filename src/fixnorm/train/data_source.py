@@ -1,0 +1,109 @@
+"""Where the engine's batches come from: uint8 tensors on the device, or an ImageFolder tree streamed from disk.
+
+Both hand out augmented uint8 batches for an epoch and this rank's share of the test set; the engine
+normalises. Every random draw depends only on (seed, epoch, rank), which makes resuming exact.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from ..data import DatasetInfo, cutout, imagefolder_loader, load_dataset, random_crop_flip
+from ..errors import FixNormError
+from .config import TrainConfig
+from .distributed import DistInfo
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+STREAMING = ("imagefolder", "imagenet")
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class InMemoryData:
+    """A dataset held as uint8 tensors on the device, augmented batch by batch there."""
+
+    def __init__(self, cfg: TrainConfig, dist: DistInfo, device: torch.device):
+        self.cfg, self.dist, self.device = cfg, dist, device
+        train_x, train_y, self.info = load_dataset(cfg.dataset, cfg.data_dir, "train")
+        test_x, test_y, _ = load_dataset(cfg.dataset, cfg.data_dir, "test")
+        if cfg.train_subset:
+            train_x, train_y = train_x[: cfg.train_subset], train_y[: cfg.train_subset]
+        self.train_x, self.train_y = train_x.to(device), train_y.to(device)
+        self.test_x, self.test_y = test_x.to(device), test_y.to(device)
+        self.per_rank = len(self.train_x) // dist.world_size  # equal shares: every rank takes as many steps
+        if self.per_rank == 0:
+            raise FixNormError(f"{len(self.train_x)} training images cannot be shared by {dist.world_size} ranks")
+        self.steps_per_epoch = math.ceil(self.per_rank / cfg.batch_size)
+        self.train_size = self.per_rank * dist.world_size
+        self.test_size = len(self.test_x)
+
+    def example(self) -> torch.Tensor:
+        return self.train_x[: min(32, len(self.train_x))]
+
+    def train_batches(self, epoch: int) -> Iterator[Batch]:
+        cfg, dist = self.cfg, self.dist
+        order = torch.randperm(len(self.train_x), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
+        mine = order[: self.train_size][dist.rank::dist.world_size].to(self.device)
+        gen = torch.Generator().manual_seed(cfg.seed * 104_729 + epoch * 31 + dist.rank)
+        for step in range(self.steps_per_epoch):
+            idx = mine[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            x = self.train_x[idx]
+            if cfg.augment != "none":
+                x = random_crop_flip(x, padding=cfg.crop_padding, flip=cfg.augment == "crop_flip", generator=gen)
+            if cfg.cutout:
+                x = cutout(x, cfg.cutout, generator=gen)
+            yield x, self.train_y[idx]
+
+    def test_batches(self) -> Iterator[Batch]:
+        idx = torch.arange(self.dist.rank, self.test_size, self.dist.world_size, device=self.device)
+        for i in range(0, len(idx), self.cfg.eval_batch_size):
+            batch = idx[i:i + self.cfg.eval_batch_size]
+            yield self.test_x[batch], self.test_y[batch]
+
+
+class ImageFolderData:
+    """``data_dir/train`` and ``data_dir/val`` class folders, decoded and augmented by DataLoader workers."""
+
+    def __init__(self, cfg: TrainConfig, dist: DistInfo, device: torch.device):
+        self.cfg, self.device = cfg, device
+        root = Path(cfg.data_dir or "")
+        if cfg.data_dir is None or not (root / "train").is_dir() or not (root / "val").is_dir():
+            raise FixNormError(f"dataset {cfg.dataset!r} needs --data-dir holding train/ and val/ folders of class "
+                               f"sub-folders (ImageNet layout); got {cfg.data_dir!r}")
+        if cfg.augment != "crop_flip":
+            raise FixNormError("ImageFolder training always uses random-resized crops and flips: set augment=crop_flip")
+        common = dict(image_size=cfg.image_size, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size,
+                      num_workers=cfg.workers, pin_memory=device.type == "cuda")
+        self.train_loader = imagefolder_loader(root / "train", cfg.batch_size, train=True, **common)
+        self.test_loader = imagefolder_loader(root / "val", cfg.eval_batch_size, train=False, **common)
+        classes = self.train_loader.dataset.classes
+        if self.test_loader.dataset.classes != classes:
+            raise FixNormError(f"train/ and val/ under {root} hold different class folders")
+        self.info = DatasetInfo(cfg.dataset, len(classes), 3, cfg.image_size, IMAGENET_MEAN, IMAGENET_STD)
+        self.steps_per_epoch = len(self.train_loader)
+        self.train_size = self.steps_per_epoch * cfg.batch_size * dist.world_size
+        self.test_size = len(self.test_loader.dataset)
+
+    def example(self) -> torch.Tensor:
+        return next(iter(self.test_loader))[0][:32].to(self.device)
+
+    def train_batches(self, epoch: int) -> Iterator[Batch]:
+        self.train_loader.sampler.set_epoch(epoch)
+        gen = torch.Generator().manual_seed(self.cfg.seed * 104_729 + epoch * 31)
+        for x, y in self.train_loader:
+            x = x.to(self.device, non_blocking=True)
+            if self.cfg.cutout:
+                x = cutout(x, self.cfg.cutout, generator=gen)
+            yield x, y.to(self.device, non_blocking=True)
+
+    def test_batches(self) -> Iterator[Batch]:
+        for x, y in self.test_loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def make_data(cfg: TrainConfig, dist: DistInfo, device: torch.device) -> InMemoryData | ImageFolderData:
+    return (ImageFolderData if cfg.dataset in STREAMING else InMemoryData)(cfg, dist, device)

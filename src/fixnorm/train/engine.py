@@ -1,0 +1,293 @@
+"""The one training loop. Methods plug in through `Method` (optimizer, model transform, hooks), never by forking it.
+
+Read top to bottom: data as uint8 tensors on the device, batched augmentation, a step,
+an epoch record, an atomic checkpoint. Every random draw of epoch ``e`` comes from
+seeds derived from ``(seed, e, rank)``, so a run resumed at an epoch boundary
+reaches the same weights, bit for bit, as one that never stopped.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import math
+import os
+import platform
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from ..data import normalize
+from ..errors import FixNormError
+from ..methods import get_method
+from ..models import create_model
+from .checkpoint import load_checkpoint, save_checkpoint, write_json_atomic, write_text_atomic
+from .config import TrainConfig, make_config
+from .data_source import make_data
+from .distributed import DistInfo, all_reduce_sum, broadcast_buffers, init_distributed, shutdown
+from .hooks import EmaHook, Hook
+
+StepCallback = Callable[[int, int, int], None]          # (epoch, step in epoch, steps per epoch)
+EpochCallback = Callable[[dict[str, Any]], None]
+
+
+def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """The LR multiplier at optimizer step ``s``: linear warm-up, then cosine / step / exponential / constant."""
+    warmup_steps = cfg.warmup_epochs * steps_per_epoch
+    total_steps = cfg.epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        epoch = step / steps_per_epoch
+        if cfg.schedule == "cosine":
+            t = (step - warmup_steps) / max(1.0, total_steps - warmup_steps)
+            return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+        if cfg.schedule == "step":
+            return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
+        if cfg.schedule == "exponential":
+            return cfg.gamma ** math.floor((epoch - cfg.warmup_epochs) / cfg.decay_epochs)
+        return 1.0
+
+    return factor
+
+
+class Trainer:
+    """Builds everything from a TrainConfig and runs it; ``fit()`` returns the summary."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
+                 on_step: StepCallback | None = None, on_epoch: EpochCallback | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        checkpoint = None
+        if resume:
+            checkpoint = load_checkpoint(self.run_dir / "last.pt")
+            cfg = make_config(checkpoint["config"])
+        elif (self.run_dir / "last.pt").exists():
+            raise FixNormError(f"{self.run_dir} already holds a run (last.pt); resume it with --resume "
+                               "or choose another run directory")
+        self.cfg, self.on_step, self.on_epoch = cfg, on_step, on_epoch
+        kind = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise FixNormError("device 'cuda' was asked for but torch sees no GPU")
+        if cfg.precision == "fp16" and kind != "cuda":
+            raise FixNormError("precision fp16 needs a GPU (GradScaler); use bf16 on the CPU")
+        self.dist: DistInfo = init_distributed(kind)
+        self.device = torch.device(f"cuda:{self.dist.local_rank}" if kind == "cuda" else "cpu")
+        if kind == "cuda":
+            torch.cuda.set_device(self.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        self.data = make_data(cfg, self.dist, self.device)
+        self.info, self.steps_per_epoch = self.data.info, self.data.steps_per_epoch
+        model = create_model(cfg.model, num_classes=self.info.num_classes, in_channels=self.info.in_channels,
+                             **cfg.model_kwargs)
+        self.method = get_method(cfg.method)
+        model = self.method.prepare_model(model, cfg).to(self.device)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        example = self._prepare(self.data.example())
+        self.optimizer = self.method.build_optimizer(model, cfg, example)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(cfg, self.steps_per_epoch))
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+        self.hooks: list[Hook] = ([EmaHook(model, cfg.ema_decay)] if cfg.ema_decay else []) + list(
+            self.method.hooks(model, self.optimizer, cfg))
+        self.forward_model: nn.Module = model
+        if self.dist.enabled:
+            self.forward_model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if kind == "cuda" else None)
+        if cfg.compile:
+            self.forward_model = torch.compile(self.forward_model)
+
+        self.history: list[dict[str, Any]] = []
+        self.start_epoch, self.best_acc, self.global_step = 0, -1.0, 0
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        elif self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        self.tensorboard = self._tensorboard_writer()
+
+    # -- data ----------------------------------------------------------------------------------
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """Augmented uint8 batch -> normalised float batch in the model's memory format."""
+        x = normalize(x, self.info.mean, self.info.std)
+        return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.cfg.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    # -- the loop ----------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        for hook in self.hooks:
+            hook.on_train_start(self)
+        start = time.perf_counter()
+        try:
+            for epoch in range(self.start_epoch, self.cfg.epochs):
+                record = self._train_epoch(epoch)
+                record["test_loss"], record["test_acc"] = self.evaluate(self.model)
+                for hook in self.hooks:
+                    hook.on_epoch_end(self, record)
+                self._end_epoch(epoch, record)
+            summary = self._summary(time.perf_counter() - start)
+        finally:
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+            shutdown(self.dist)
+        return summary
+
+    def _train_epoch(self, epoch: int) -> dict[str, Any]:
+        cfg, dist = self.cfg, self.dist
+        # all randomness of this epoch from (seed, epoch, rank): resuming at an epoch boundary is exact
+        torch.manual_seed(cfg.seed * 1_000_003 + epoch * 1009 + dist.rank)
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        start = time.perf_counter()
+        for step, (x_uint8, y) in enumerate(self.data.train_batches(epoch)):
+            x = self._prepare(x_uint8)
+            with self._autocast():
+                logits = self.forward_model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                if cfg.grad_clip:
+                    self.scaler.unscale_(self.optimizer)
+                    nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                loss.backward()
+                if cfg.grad_clip:
+                    nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                self.optimizer.step()
+            self.scheduler.step()
+            self.global_step += 1
+            for hook in self.hooks:
+                hook.after_step(self)
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.detach().argmax(1) == y).sum()
+            if self.on_step is not None and dist.is_main:
+                self.on_step(epoch, step + 1, self.steps_per_epoch)
+        seconds = time.perf_counter() - start
+        broadcast_buffers(self.model, dist)  # one model for evaluation and checkpoints, whatever the rank
+        totals = all_reduce_sum(torch.stack([loss_sum.float(), correct.float()]), dist)
+        seen = self.data.train_size
+        return {"epoch": epoch + 1, "train_loss": float(totals[0]) / seen, "train_acc": float(totals[1]) / seen,
+                "lr": self.optimizer.param_groups[0]["lr"], "seconds": seconds, "images_per_second": seen / seconds}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> tuple[float, float]:
+        """(mean loss, accuracy) on the test set, sharded across ranks and summed."""
+        was_training = model.training
+        model.eval()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device)
+        for x, y in self.data.test_batches():
+            with self._autocast():
+                logits = model(self._prepare(x)).float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum")
+            correct += (logits.argmax(1) == y).sum()
+        model.train(was_training)
+        totals = all_reduce_sum(torch.stack([loss_sum, correct]), self.dist)
+        return float(totals[0]) / self.data.test_size, float(totals[1]) / self.data.test_size
+
+    # -- records and checkpoints ---------------------------------------------------------------
+    def _end_epoch(self, epoch: int, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        improved = record["test_acc"] > self.best_acc
+        self.best_acc = max(self.best_acc, record["test_acc"])
+        if self.dist.is_main:
+            self._write_metrics()
+            if self.tensorboard is not None:
+                for key, value in record.items():
+                    if key != "epoch":
+                        self.tensorboard.add_scalar(key, value, epoch + 1)
+                self.tensorboard.flush()
+            last = epoch + 1 == self.cfg.epochs
+            if (epoch + 1) % self.cfg.checkpoint_every == 0 or last:
+                save_checkpoint(self.run_dir / "last.pt", self._state(epoch + 1))
+            if improved:
+                save_checkpoint(self.run_dir / "best.pt", {"epoch": epoch + 1, "config": self.cfg.to_dict(),
+                                                           "model": self.model.state_dict(),
+                                                           "test_acc": record["test_acc"]})
+        if self.on_epoch is not None and self.dist.is_main:
+            self.on_epoch(record)
+
+    def _state(self, epochs_done: int) -> dict[str, Any]:
+        return {"epoch": epochs_done, "global_step": self.global_step, "config": self.cfg.to_dict(),
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "hooks": [h.state_dict() for h in self.hooks], "history": self.history, "best_acc": self.best_acc}
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        if len(state["hooks"]) != len(self.hooks):
+            raise FixNormError("the checkpoint's hooks do not match this run's (EMA or method settings changed?)")
+        for hook, hook_state in zip(self.hooks, state["hooks"]):
+            hook.load_state_dict(hook_state)
+        self.history = list(state["history"])
+        self.start_epoch, self.global_step, self.best_acc = state["epoch"], state["global_step"], state["best_acc"]
+
+    def _write_metrics(self) -> None:
+        columns: list[str] = []
+        for row in self.history:
+            columns += [k for k in row if k not in columns]
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(self.history)
+        write_text_atomic(self.run_dir / "metrics.csv", buffer.getvalue())
+
+    def _tensorboard_writer(self) -> Any:
+        if not self.dist.is_main:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return None
+        return SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=self.start_epoch + 1)
+
+    def _summary(self, seconds: float) -> dict[str, Any]:
+        final = self.history[-1] if self.history else {}
+        train_seconds = sum(r["seconds"] for r in self.history)
+        summary = {
+            "method": self.cfg.method, "model": self.cfg.model, "dataset": self.cfg.dataset, "seed": self.cfg.seed,
+            "epochs": len(self.history), "final_test_acc": final.get("test_acc"), "best_test_acc": self.best_acc,
+            "final_train_loss": final.get("train_loss"), "final_ema_test_acc": final.get("ema_test_acc"),
+            "train_seconds": train_seconds, "seconds_per_epoch": train_seconds / max(1, len(self.history)),
+            "images_per_second": (sum(r["images_per_second"] for r in self.history) / len(self.history)
+                                  if self.history else None),
+            "wall_seconds_this_process": seconds,
+            "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                            "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
+                            else platform.processor() or platform.machine(),
+                            "threads": torch.get_num_threads(), "world_size": self.dist.world_size,
+                            "host": socket.gethostname(), "pid": os.getpid()},
+        }
+        if self.dist.is_main:
+            write_json_atomic(self.run_dir / "summary.json", summary)
+        return summary
+
+
+def train(cfg: TrainConfig, run_dir: str | Path, **kwargs: Any) -> dict[str, Any]:
+    """Train one run and return its summary (see Trainer)."""
+    return Trainer(cfg, run_dir, **kwargs).fit()

@@ -1,0 +1,242 @@
+"""The training engine, for real: runs on Fashion-MNIST files, resume bit for bit, SIGKILL, torchrun with 2 ranks."""
+import csv
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fixnorm import FixNormError
+from fixnorm.data import DEFAULT_FASHION_MNIST_DIR
+from fixnorm.train import (RECIPES, Trainer, load_checkpoint, load_recipe, lr_factor, make_config, parse_overrides,
+                           train)
+from fixnorm.train.compare import run_comparison
+
+needs_fmnist = pytest.mark.skipif(not DEFAULT_FASHION_MNIST_DIR.exists(),
+                                  reason="apt-get install dataset-fashion-mnist")
+HERE = Path(__file__).resolve().parent
+
+# a tiny but real run: small CNN, 1000 Fashion-MNIST images, about a second per epoch
+TINY = dict(load_recipe("fmnist-smoke"), train_subset=1000, epochs=3, threads=1)
+
+
+def weights(path):
+    return load_checkpoint(path)["model"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+# -- configuration -------------------------------------------------------------------------------
+def test_overrides_are_typed_and_unknown_keys_are_errors():
+    values = parse_overrides(["lr=0.05", "milestones=[60, 120]", "fc_norm=null", "nesterov=false", "method=sgd"])
+    cfg = make_config(RECIPES["fmnist-resnet20"], values)
+    assert cfg.lr == 0.05 and cfg.milestones == [60.0, 120.0] and cfg.fc_norm is None and cfg.nesterov is False
+    with pytest.raises(FixNormError, match="unknown setting 'lr_rate'"):
+        make_config({"lr_rate": 0.1})
+    with pytest.raises(FixNormError, match="epochs must be an integer"):
+        make_config({"epochs": 2.5})
+    with pytest.raises(FixNormError, match="schedule"):
+        make_config({"schedule": "linear"})
+    with pytest.raises(FixNormError, match="milestones"):
+        make_config({"schedule": "step"})
+    with pytest.raises(FixNormError, match="not key=value"):
+        parse_overrides(["lr"])
+
+
+def test_recipes_from_names_and_yaml_files(tmp_path):
+    for name in RECIPES:
+        make_config(load_recipe(name))
+    path = tmp_path / "r.yaml"
+    path.write_text("model: small_cnn\nepochs: 2\nlr: 0.05\n")
+    assert make_config(load_recipe(path)).lr == 0.05
+    path.write_text("- not a mapping\n")
+    with pytest.raises(FixNormError, match="mapping"):
+        load_recipe(path)
+    with pytest.raises(FixNormError, match="no recipe"):
+        load_recipe("no-such-recipe")
+
+
+def test_lr_schedules():
+    cfg = make_config({"epochs": 10, "warmup_epochs": 1, "schedule": "cosine"})
+    f = lr_factor(cfg, steps_per_epoch=10)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.5) and f(99) < 0.001
+    step = lr_factor(make_config({"epochs": 10, "schedule": "step", "milestones": [3, 6], "gamma": 0.1}), 10)
+    assert step(29) == 1.0 and step(30) == pytest.approx(0.1) and step(60) == pytest.approx(0.01)
+    exp = lr_factor(make_config({"epochs": 10, "schedule": "exponential", "gamma": 0.97, "decay_epochs": 2.4}), 10)
+    assert exp(23) == 1.0 and exp(24) == pytest.approx(0.97) and exp(48) == pytest.approx(0.97 ** 2)
+
+
+# -- runs ----------------------------------------------------------------------------------------
+@needs_fmnist
+def test_a_run_writes_its_directory(tmp_path):
+    summary = train(make_config(TINY, {"epochs": 2, "ema_decay": 0.9, "label_smoothing": 0.1, "grad_clip": 5.0}),
+                    tmp_path / "run")
+    run = tmp_path / "run"
+    for name in ("config.yaml", "metrics.csv", "summary.json", "last.pt", "best.pt"):
+        assert (run / name).is_file(), name
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert {"train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds", "ema_test_acc"} <= rows[0].keys()
+    saved = json.loads((run / "summary.json").read_text())
+    assert saved["final_test_acc"] == summary["final_test_acc"] > 0.2  # chance is 0.1
+    assert saved["best_test_acc"] >= saved["final_test_acc"] and saved["images_per_second"] > 0
+    assert saved["environment"]["torch"] == torch.__version__
+    assert load_checkpoint(run / "last.pt")["epoch"] == 2
+    pytest.importorskip("tensorboard")
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    with pytest.raises(FixNormError, match="already holds a run"):
+        Trainer(make_config(TINY), run)
+
+
+@needs_fmnist
+@pytest.mark.parametrize("method", ["fixnorm", "sgd"])
+def test_resume_reaches_the_same_weights_bit_for_bit(tmp_path, method):
+    cfg = make_config(TINY, {"method": method, "ema_decay": 0.9})
+    train(cfg, tmp_path / "straight")
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first(record):
+        if record["epoch"] == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        Trainer(cfg, tmp_path / "stopped", on_epoch=stop_after_first).fit()
+    assert load_checkpoint(tmp_path / "stopped" / "last.pt")["epoch"] == 1
+    Trainer(None, tmp_path / "stopped", resume=True).fit()
+    assert_same_weights(weights(tmp_path / "straight" / "last.pt"), weights(tmp_path / "stopped" / "last.pt"))
+    straight = list(csv.DictReader((tmp_path / "straight" / "metrics.csv").open()))
+    resumed = list(csv.DictReader((tmp_path / "stopped" / "metrics.csv").open()))
+    assert [r["test_acc"] for r in straight] == [r["test_acc"] for r in resumed]
+
+
+@needs_fmnist
+def test_sigkill_loses_at_most_the_epoch_in_progress(tmp_path):
+    settings = dict(TINY, epochs=4)
+    train(make_config(settings), tmp_path / "straight")
+    run = tmp_path / "killed"
+    args = [f"--set={k}={json.dumps(v)}" for k, v in settings.items()]
+    cmd = [sys.executable, "-m", "fixnorm", "train", "--recipe", "fmnist-smoke", *args, "--run-dir", str(run), "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until two epochs are on disk, then kill without warning
+        metrics = run / "metrics.csv"
+        if metrics.exists() and len(metrics.read_text().strip().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kept = load_checkpoint(run / "last.pt")["epoch"]
+    assert 2 <= kept < 4, kept
+    resumed = subprocess.run([sys.executable, "-m", "fixnorm", "train", "--resume", str(run), "--quiet"],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_weights(weights(tmp_path / "straight" / "last.pt"), weights(run / "last.pt"))
+    assert not list(run.glob(".*.tmp"))  # no temp file left behind by the atomic writes that completed
+
+
+@needs_fmnist
+def test_torchrun_two_ranks_keep_identical_weights(tmp_path):
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    out = tmp_path / "ddp"
+    proc = subprocess.run([torchrun, "--nproc_per_node=2", "--standalone",
+                           str(HERE / "ddp_worker.py"), str(out)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0, rank1 = torch.load(out / "rank0.pt", weights_only=True), torch.load(out / "rank1.pt", weights_only=True)
+    assert_same_weights(rank0, rank1)
+    assert load_checkpoint(out / "run" / "last.pt")["epoch"] == 2  # written by rank 0 only
+    summary = json.loads((out / "run" / "summary.json").read_text())
+    assert summary["environment"]["world_size"] == 2
+    conv = [k for k in rank0 if k.endswith("weight") and rank0[k].ndim == 4][1]
+    initial = torch.load(out / "initial.pt", weights_only=True)[conv]
+    assert torch.allclose(rank0[conv].norm(), initial.norm(), rtol=1e-6)  # FixNorm held the norm across ranks
+    assert not torch.equal(rank0[conv], initial)
+
+
+# -- checkpoints -----------------------------------------------------------------------------------
+@needs_fmnist
+def test_truncated_or_tampered_checkpoints_are_clear_errors(tmp_path):
+    train(make_config(TINY, {"epochs": 1}), tmp_path / "run")
+    last = tmp_path / "run" / "last.pt"
+    data = last.read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(FixNormError, match="truncated"):
+        load_checkpoint(tmp_path / "truncated.pt")
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"format": "fixnorm-checkpoint", "model": Evil()}, tmp_path / "evil.pt", pickle_module=pickle)
+    with pytest.raises(FixNormError, match="cannot be read safely"):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not marker.exists()
+    shutil.copy(last, tmp_path / "copy.pt")
+    torch.save({"something": torch.zeros(1)}, tmp_path / "foreign.pt")
+    with pytest.raises(FixNormError, match="not a fixnorm checkpoint"):
+        load_checkpoint(tmp_path / "foreign.pt")
+
+
+# -- compare ---------------------------------------------------------------------------------------
+@needs_fmnist
+def test_compare_runs_methods_and_seeds_and_reuses_finished_runs(tmp_path):
+    settings = dict(TINY, epochs=1)
+    result = run_comparison(settings, ["sgd", "fixnorm"], [0, 1], tmp_path / "cmp")
+    assert [r["method"] for r in result["rows"]] == ["sgd", "fixnorm"] and all(r["runs"] == 2 for r in result["rows"])
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "| sgd | 2 |" in table and "| fixnorm | 2 |" in table
+    assert len(json.loads((tmp_path / "cmp" / "compare.json").read_text())["runs"]) == 4
+    before = (tmp_path / "cmp" / "sgd-s0" / "last.pt").stat().st_mtime_ns
+    run_comparison(settings, ["sgd", "fixnorm"], [0, 1], tmp_path / "cmp")
+    assert (tmp_path / "cmp" / "sgd-s0" / "last.pt").stat().st_mtime_ns == before
+
+
+def test_unknown_method_lists_the_known_ones(tmp_path):
+    with pytest.raises(FixNormError, match="known methods: adamw, fixnorm, rmsprop, sgd"):
+        from fixnorm.methods import get_method
+
+        get_method("lamb")
+
+
+def test_imagefolder_tree_trains_and_resumes(tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+    g = torch.Generator().manual_seed(0)
+    for split, count in (("train", 12), ("val", 4)):
+        for label, tint in (("cat", 0), ("dog", 2)):
+            folder = tmp_path / "data" / split / label
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = torch.randint(0, 100, (40, 48, 3), generator=g, dtype=torch.uint8)
+                pixels[..., tint] += 120  # a colour the classes differ by
+                Image.fromarray(pixels.numpy()).save(folder / f"{i}.png")
+    settings = dict(model="small_cnn", dataset="imagefolder", data_dir=str(tmp_path / "data"), image_size=32,
+                    batch_size=8, eval_batch_size=8, epochs=2, lr=0.1, workers=0, threads=1)
+    summary = train(make_config(settings), tmp_path / "straight")
+    assert summary["epochs"] == 2 and 0.0 <= summary["final_test_acc"] <= 1.0
+
+    def stop(record):
+        if record["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(make_config(settings), tmp_path / "stopped", on_epoch=stop).fit()
+    Trainer(None, tmp_path / "stopped", resume=True).fit()
+    assert_same_weights(weights(tmp_path / "straight" / "last.pt"), weights(tmp_path / "stopped" / "last.pt"))
+    with pytest.raises(FixNormError, match="train/ and val/"):
+        Trainer(make_config(settings, {"data_dir": str(tmp_path)}), tmp_path / "bad")
