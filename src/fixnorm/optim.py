@@ -101,9 +101,10 @@ class FixNorm(torch.optim.Optimizer):
         self.nonfinite = nonfinite
         self._targets: dict[torch.Tensor, torch.Tensor] = {}
         self._skipped: dict[torch.device, torch.Tensor] = {}
-        self._pending: list[tuple[torch.Tensor, Any, list[str], str]] = []
+        self._pending: list[tuple[torch.Tensor, Any, list[torch.Tensor], str]] = []
         self._names: dict[torch.Tensor, str] = {p: n for n, p in named.items()}
-        self._kernels: list[tuple[str, list[torch.Tensor], Any, list[str]]] | None = None
+        self._kernels: list[tuple[str, list[torch.Tensor], Any]] | None = None
+        self._grad_params: list[list[torch.Tensor]] | None = None
 
         groups: OrderedDict[tuple[str, str | None], dict[str, Any]] = OrderedDict()
         for entry in self.plan.entries:
@@ -251,7 +252,7 @@ class FixNorm(torch.optim.Optimizer):
                 if p.ndim < 2 and constraint == "filter":
                     raise FixNormError(f"{self._names[p]}: a 'filter' constraint needs ndim >= 2")
                 self._targets[p] = initial_targets(p, self._names[p], constraint, target_norm)
-        self._kernels = None
+        self._kernels = self._grad_params = None
 
     def _check_settings(self) -> None:
         for g in self.param_groups:
@@ -260,7 +261,7 @@ class FixNorm(torch.optim.Optimizer):
                                    f"{g['weight_decay']}; the projection would undo it. Set it to 0")
 
     # -- kernels ---------------------------------------------------------------------------
-    def _kernel_plan(self) -> list[tuple[str, list[torch.Tensor], Any, list[str]]]:
+    def _kernel_plan(self) -> list[tuple[str, list[torch.Tensor], Any]]:
         """Constrained parameters bucketed by (rule, device, dtype) for multi-tensor kernels."""
         if self._kernels is None:
             buckets: OrderedDict[tuple[str, torch.device, torch.dtype], list[torch.Tensor]] = OrderedDict()
@@ -275,27 +276,39 @@ class FixNorm(torch.optim.Optimizer):
                     targets: Any = torch.stack([self._targets[p].reshape(()) for p in params])
                 else:
                     targets = [self._targets[p] for p in params]
-                kernels.append((constraint, params, targets, [self._names[p] for p in params]))
+                kernels.append((constraint, params, targets))
             self._kernels = kernels
         return self._kernels
 
     def _project(self) -> None:
-        for constraint, params, targets, names in self._kernel_plan():
+        flags: OrderedDict[torch.device, tuple[list[torch.Tensor], list[torch.Tensor]]] = OrderedDict()
+        for constraint, params, targets in self._kernel_plan():
             if constraint == "tensor":
                 bad = fix_tensor_norms_(params, targets)
             else:
                 bad = fix_filter_norms_(params, targets)
-            self._flag(bad, names, "has a zero or non-finite norm after the step")
+            device_flags, device_params = flags.setdefault(bad.device, ([], []))
+            device_flags.append(bad)
+            device_params.extend(params)
+        for device_flags, device_params in flags.values():  # one check per device, not one per bucket
+            bad = device_flags[0] if len(device_flags) == 1 else torch.cat(device_flags)
+            self._flag(bad, device_params, "has a zero or non-finite norm after the step")
+
+    def _grad_buckets(self) -> list[list[torch.Tensor]]:
+        """All optimised parameters bucketed by device (cached with the kernel plan)."""
+        if self._grad_params is None:
+            buckets: OrderedDict[torch.device, list[torch.Tensor]] = OrderedDict()
+            for g in self.param_groups:
+                for p in g["params"]:
+                    buckets.setdefault(p.device, []).append(p)
+            self._grad_params = list(buckets.values())
+        return self._grad_params
 
     def _check_gradients(self) -> None:
-        buckets: OrderedDict[torch.device, list[torch.Tensor]] = OrderedDict()
-        for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is not None:
-                    if p.grad.is_sparse:
-                        continue
-                    buckets.setdefault(p.grad.device, []).append(p)
-        for params in buckets.values():
+        for bucket in self._grad_buckets():
+            params = [p for p in bucket if p.grad is not None and not p.grad.is_sparse]
+            if not params:
+                continue
             grads = [p.grad for p in params]
             try:
                 norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
@@ -305,37 +318,36 @@ class FixNorm(torch.optim.Optimizer):
             if self.nonfinite == "skip":
                 for g, b in zip(grads, bad.unbind(0)):
                     g.copy_(torch.where(b, torch.zeros_like(g), g))
-            self._flag(bad, [self._names.get(p, "?") for p in params], "has a non-finite gradient")
+            self._flag(bad, params, "has a non-finite gradient")
 
-    def _flag(self, bad: torch.Tensor, names: list[str], what: str) -> None:
-        """Count bad entries on the device; in 'raise' mode check them without stalling the device."""
-        device = bad.device
-        count = self._skipped.get(device)
-        self._skipped[device] = bad.sum() if count is None else count + bad.sum()
-        if self.nonfinite != "raise":
+    def _flag(self, bad: torch.Tensor, params: list[torch.Tensor], what: str) -> None:
+        """'skip': count bad entries on the device. 'raise': check them without stalling the device."""
+        if self.nonfinite == "skip":
+            count = self._skipped.get(bad.device)
+            self._skipped[bad.device] = bad.sum() if count is None else count + bad.sum()
             return
-        if device.type == "cpu":
-            self._pending.append((bad, None, names, what))
+        if bad.device.type == "cpu":
+            self._pending.append((bad, None, params, what))
             return
         host = torch.empty(bad.shape, dtype=bad.dtype, pin_memory=True)
         host.copy_(bad, non_blocking=True)
-        event = torch.cuda.Event() if device.type == "cuda" else None
+        event = torch.cuda.Event() if bad.device.type == "cuda" else None
         if event is not None:
             event.record()
-        self._pending.append((host, event, names, what))
+        self._pending.append((host, event, params, what))
 
     def _raise_pending(self, wait: bool = True) -> None:
         """Raise for flags that are ready: CPU ones at once, device ones when their copy has landed."""
         still = []
-        for host, event, names, what in self._pending:
+        for host, event, params, what in self._pending:
             if event is not None and not (wait or event.query()):
-                still.append((host, event, names, what))
+                still.append((host, event, params, what))
                 continue
             if event is not None:
                 event.synchronize()
             if bool(host.any()):
                 self._pending = []
-                bad_names = [n for n, b in zip(names, host.tolist()) if b]
+                bad_names = [self._names.get(p, "?") for p, b in zip(params, host.tolist()) if b]
                 raise FixNormError(f"parameter(s) {bad_names[:6]} {what}. A NaN/inf gradient usually means the "
                                    "learning rate is too high or the loss overflowed (fp16 without GradScaler); "
                                    "use nonfinite='skip' to skip such updates instead")
@@ -404,7 +416,7 @@ class FixNorm(torch.optim.Optimizer):
         for i, value in saved_targets.items():
             p = params[i]
             self._targets[p] = value.to(device=p.device, dtype=torch.float32).clone()
-        self._kernels = None
+        self._kernels = self._grad_params = None
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 

@@ -62,13 +62,15 @@ def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
 class Trainer:
     """Builds everything from a TrainConfig and runs it; ``fit()`` returns the summary."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
+    def __init__(self, cfg: TrainConfig | None, run_dir: str | Path, *, resume: bool = False,
                  on_step: StepCallback | None = None, on_epoch: EpochCallback | None = None) -> None:
         self.run_dir = Path(run_dir)
         checkpoint = None
         if resume:
             checkpoint = load_checkpoint(self.run_dir / "last.pt")
             cfg = make_config(checkpoint["config"])
+        elif cfg is None:
+            raise FixNormError("Trainer needs a TrainConfig, or resume=True to take the one saved in the run")
         elif (self.run_dir / "last.pt").exists():
             raise FixNormError(f"{self.run_dir} already holds a run (last.pt); resume it with --resume "
                                "or choose another run directory")
@@ -136,7 +138,7 @@ class Trainer:
         start = time.perf_counter()
         try:
             for epoch in range(self.start_epoch, self.cfg.epochs):
-                record = self._train_epoch(epoch)
+                record = self.train_epoch(epoch)
                 record["test_loss"], record["test_acc"] = self.evaluate(self.model)
                 for hook in self.hooks:
                     hook.on_epoch_end(self, record)
@@ -148,7 +150,8 @@ class Trainer:
             shutdown(self.dist)
         return summary
 
-    def _train_epoch(self, epoch: int) -> dict[str, Any]:
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        """One pass over this rank's share of the training data; returns the epoch's record (no eval, no I/O)."""
         cfg, dist = self.cfg, self.dist
         # all randomness of this epoch from (seed, epoch, rank): resuming at an epoch boundary is exact
         torch.manual_seed(cfg.seed * 1_000_003 + epoch * 1009 + dist.rank)
