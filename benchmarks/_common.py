@@ -63,6 +63,42 @@ def time_block(fn: Callable[[], Any], repeat: int, device: torch.device) -> floa
     return (t1 - t0) / repeat
 
 
+class SectionTimer:
+    """Times a section inside a timed block without adding host syncs: CUDA events on CUDA, perf_counter on CPU.
+
+    ``start()`` / ``stop(token)`` around the section; ``take()`` (after the block's final
+    synchronize) returns the seconds of every section since the last ``take()``.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._open: list[Any] = []
+
+    def start(self) -> Any:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def stop(self, token: Any) -> None:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self._open.append((token, ev))
+        else:
+            self._open.append((token, time.perf_counter()))
+
+    def take(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            out = [a.elapsed_time(b) / 1e3 for a, b in self._open]
+        else:
+            out = [b - a for a, b in self._open]
+        self._open = []
+        return out
+
+
 def interleaved_rounds(variants: Mapping[str, Callable[[], Any]], rounds: int, repeat: int,
                        device: torch.device, warmup: int = 2) -> dict[str, list[float]]:
     """Time every variant once per round, rotating the order each round; returns seconds/call samples.
@@ -149,6 +185,9 @@ def atomic_write_text(path: str, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; give it a normal file's mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

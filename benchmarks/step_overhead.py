@@ -46,9 +46,9 @@ from torch.optim.optimizer import Optimizer  # noqa: E402
 import fixnorm  # noqa: E402
 from fixnorm.models import create_model  # noqa: E402
 
-from _common import (RESULTS_DIR, atomic_write_json, atomic_write_text, command_line,  # noqa: E402
-                     interleaved_rounds, load_average, machine_info, markdown_table, median, paired_ratios,
-                     quantile, resolve_device)
+from _common import (RESULTS_DIR, SectionTimer, atomic_write_json, atomic_write_text,  # noqa: E402
+                     command_line, interleaved_rounds, load_average, machine_info, markdown_table, median,
+                     paired_ratios, quantile, resolve_device)
 
 LR = 0.01          # timing does not depend on it; small so hundreds of steps on a fixed gradient stay finite
 MOMENTUM = 0.9
@@ -73,6 +73,21 @@ MODELS: dict[str, dict[str, Any]] = {
                          "224x224, so one training step stays under ~2 s on 2 CPU cores",
                  "full": {"step_rounds": 41, "step_repeat": 8, "train_rounds": 81, "train_repeat": 2},
                  "quick": {"step_rounds": 5, "step_repeat": 2, "train_rounds": 5, "train_repeat": 1}},
+}
+
+# what is measured: phase -> label, ratio -> label
+PHASES = {
+    "optimizer_step": "optimizer step alone (kept gradients, step() in a loop)",
+    "train_step": "training step (zero_grad + forward + loss + backward + step)",
+    "optimizer_step_in_training": "optimizer step inside the training loop (step() timed alone)",
+}
+RATIOS = {
+    "optimizer_step_ratio": "FixNorm / SGD+WD, optimizer step alone",
+    "train_step_ratio": "FixNorm / SGD+WD, training step",
+    "vs_sgdp_ratio": "FixNorm / SGDP, optimizer step alone",
+    "train_step_vs_sgdp_ratio": "FixNorm / SGDP, training step",
+    "optimizer_step_in_training_ratio": "FixNorm / SGD+WD, optimizer step inside the training loop",
+    "vs_sgdp_in_training_ratio": "FixNorm / SGDP, optimizer step inside the training loop",
 }
 
 # (metric suffix, comparison, threshold) -- from the issue
@@ -237,18 +252,27 @@ def bench_model(name: str, spec: dict[str, Any], plan: dict[str, int], device: t
     models = {k: copy.deepcopy(base_model) for k in VARIANTS}
     opts = {k: make_optimizer(k, models[k], roles) for k in VARIANTS}
 
-    def train_step(model: nn.Module, opt: torch.optim.Optimizer) -> Callable[[], None]:
+    # the optimizer step inside the training loop, timed on its own (no extra syncs): the same
+    # step() call, but with the allocator and caches in the state that forward/backward leave
+    timers = {k: SectionTimer(device) for k in VARIANTS}
+
+    def train_step(model: nn.Module, opt: torch.optim.Optimizer, timer: SectionTimer) -> Callable[[], None]:
         def run() -> None:
             opt.zero_grad(set_to_none=True)
             loss_of(model).backward()
+            token = timer.start()
             opt.step()
+            timer.stop(token)
         return run
 
     t0 = time.perf_counter()
-    train_samples = interleaved_rounds({k: train_step(models[k], opts[k]) for k in VARIANTS},
+    train_samples = interleaved_rounds({k: train_step(models[k], opts[k], timers[k]) for k in VARIANTS},
                                        plan["train_rounds"], plan["train_repeat"], device)
     train_s = time.perf_counter() - t0
     print(f"# {name}: training-step phase done in {train_s:.0f} s", flush=True)
+    # every call, warm-up included, was recorded: keep the last rounds * repeat (the timed ones)
+    n_timed = plan["train_rounds"] * plan["train_repeat"]
+    insitu_samples = {k: timers[k].take()[-n_timed:] for k in VARIANTS}
     if isinstance(opts["fixnorm"], fixnorm.FixNorm):
         opts["fixnorm"].check()  # any deferred non-finite flag would make the timings meaningless
     del models, opts
@@ -261,7 +285,10 @@ def bench_model(name: str, spec: dict[str, Any], plan: dict[str, int], device: t
                    "train_phase_s": round(train_s, 1), "note": spec.get("note", "")},
         "optimizer_step": summarize(step_samples),
         "train_step": summarize(train_samples),
+        "optimizer_step_in_training": summarize(insitu_samples),
         "ratios": {
+            "optimizer_step_in_training_ratio": ratio_stats(insitu_samples, "fixnorm", "sgd_wd"),
+            "vs_sgdp_in_training_ratio": ratio_stats(insitu_samples, "fixnorm", "sgdp"),
             "optimizer_step_ratio": ratio_stats(step_samples, "fixnorm", "sgd_wd"),
             "train_step_ratio": ratio_stats(train_samples, "fixnorm", "sgd_wd"),
             "vs_sgdp_ratio": ratio_stats(step_samples, "fixnorm", "sgdp"),
@@ -298,13 +325,14 @@ def check(value: float, op: str, threshold: float) -> bool:
 def build_report(results: dict[str, dict[str, Any]]) -> tuple[dict[str, float], list[dict[str, Any]]]:
     metrics: dict[str, float] = {}
     for name, r in results.items():
-        for ratio in ("optimizer_step_ratio", "train_step_ratio", "vs_sgdp_ratio", "train_step_vs_sgdp_ratio"):
+        for ratio in RATIOS:
             metrics[f"{name}.{ratio}"] = round(r["ratios"][ratio]["ratio_of_medians"], 4)
-        for phase in ("optimizer_step", "train_step"):
+        for phase in PHASES:
             for k in VARIANTS:
                 metrics[f"{name}.{phase}_ms.{k}"] = round(r[phase][k]["median_ms"], 4)
-        metrics[f"{name}.optimizer_step_overhead_ms"] = round(
-            r["optimizer_step"]["fixnorm"]["median_ms"] - r["optimizer_step"]["sgd_wd"]["median_ms"], 4)
+        for phase in ("optimizer_step", "optimizer_step_in_training"):
+            metrics[f"{name}.{phase}_overhead_ms"] = round(
+                r[phase]["fixnorm"]["median_ms"] - r[phase]["sgd_wd"]["median_ms"], 4)
     targets = []
     for name in results:
         for suffix, op, threshold in TARGETS:
@@ -321,15 +349,19 @@ def markdown(results: dict[str, dict[str, Any]], metrics: dict[str, float], targ
            f"({info['torch_num_threads']} torch threads), device `{info['device']}`"
            + (f" ({info['device_name']})" if "device_name" in info else "") + ".", "",
            "Variants interleaved in rounds (order rotated each round); medians over rounds. "
-           "Optimizer step = `step()` on kept gradients; training step = zero_grad + forward + "
-           "cross-entropy + backward + step.", ""]
+           "*Optimizer step alone* = `step()` called in a loop on the kept gradients of one backward pass; "
+           "*training step* = zero_grad + forward + cross-entropy + backward + step; *optimizer step inside "
+           "the training loop* = the `step()` call of each training step, timed on its own. The two optimizer-step "
+           "numbers can differ: in a tight `step()` loop nothing else allocates, so temporaries (SGD's weight decay "
+           "makes a fresh copy of every gradient) go to and from the OS each call, while in training they reuse "
+           "memory that forward/backward freed.", ""]
     out += [f"- `{name}`: {r['config']['params_M']}M parameters. {r['config']['note']}".rstrip(". ") + "."
             for name, r in results.items()] + [""]
     rows = []
     for name, r in results.items():
         c = r["config"]
         shape = f"batch {c['batch']} x {'x'.join(map(str, c['input']))}"
-        for phase, label in (("optimizer_step", "optimizer step"), ("train_step", "training step")):
+        for phase, label in PHASES.items():
             s = r[phase]
             rows.append([name, shape, label] + [f"{s[k]['median_ms']:.3f} ({s[k]['p25_ms']:.3f}-{s[k]['p75_ms']:.3f})"
                                                 for k in VARIANTS])
@@ -337,10 +369,7 @@ def markdown(results: dict[str, dict[str, Any]], metrics: dict[str, float], targ
             markdown_table(["model", "input", "what"] + [VARIANT_LABELS[k] for k in VARIANTS], rows), ""]
     rows = []
     for name, r in results.items():
-        for ratio, label in (("optimizer_step_ratio", "FixNorm / SGD+WD, optimizer step"),
-                             ("train_step_ratio", "FixNorm / SGD+WD, training step"),
-                             ("vs_sgdp_ratio", "FixNorm / SGDP, optimizer step"),
-                             ("train_step_vs_sgdp_ratio", "FixNorm / SGDP, training step")):
+        for ratio, label in RATIOS.items():
             st = r["ratios"][ratio]
             rows.append([f"`{name}.{ratio}`", label, f"{st['ratio_of_medians']:.4f}",
                          f"{st['paired_median']:.4f} ({st['paired_p25']:.4f}-{st['paired_p75']:.4f})"])
@@ -381,9 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {command}")
     print(f"# torch {info['torch']}, {info['cpu_count']} CPUs, {info['torch_num_threads']} torch threads, "
           f"device {device}" + (f" ({info['device_name']})" if "device_name" in info else ""))
-    if info["loadavg_at_start"] and info["loadavg_at_start"][0] > 0.5 * (os.cpu_count() or 1):
-        print(f"# warning: load average {info['loadavg_at_start'][0]} at start: other processes share the CPUs, "
-              "expect noisy timings")
+    if info["loadavg_at_start"] and info["loadavg_at_start"][0] > (os.cpu_count() or 1):
+        print(f"# warning: 1-minute load average {info['loadavg_at_start'][0]} > {os.cpu_count()} CPUs: other "
+              "processes compete for the cores, expect noisy timings")
     print("# variants: " + "; ".join(f"{k} = {VARIANT_LABELS[k]}" for k in VARIANTS), flush=True)
 
     started = time.perf_counter()
@@ -403,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in metrics.items():
         print(f"{key}: {value}")
     for name, r in results.items():
-        for ratio in ("optimizer_step_ratio", "train_step_ratio", "vs_sgdp_ratio"):
+        for ratio in RATIOS:
             st = r["ratios"][ratio]
             print(f"{name}.{ratio}.paired_iqr: {st['paired_p25']:.4f}..{st['paired_p75']:.4f}")
     for t in targets:

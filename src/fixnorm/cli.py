@@ -119,7 +119,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     from .models import list_models
     from .train.config import RECIPES
 
-    print("methods: " + ", ".join(f"{m} ({get_method(m).description})" for m in list_methods()))
+    print("methods:")
+    for name in list_methods():
+        print(f"  {name:10s} {get_method(name).description}")
     print("models: " + ", ".join(list_models()))
     print("recipes: " + ", ".join(RECIPES))
     return 0

@@ -43,9 +43,10 @@ class FixNorm(torch.optim.Optimizer):
         others: policy for the remaining parameters: "free" (default), "fixed" (weights
             with ndim >= 2 held at their initial norm, 1-D ones free) or "decay"
             (the base optimizer's weight decay ``others_weight_decay`` on them).
-        nonfinite: "raise" (default) raises FixNormError on a non-finite gradient or a
-            zero/non-finite norm; "skip" zeroes a non-finite gradient, leaves a tensor
-            with a bad norm untouched, and counts both in ``skipped_count``.
+        nonfinite: "raise" (default) raises FixNormError, after the step, on a non-finite
+            gradient or a zero/non-finite norm; "skip" zeroes a non-finite gradient before
+            the step, leaves a tensor with a bad norm untouched, and counts both in
+            ``skipped_count``. Neither ever divides by a zero norm.
         angular_update: when given, every scale-invariant weight turns by exactly this
             many radians per step (scaled by lr / the lr at construction, so schedules
             apply); see :func:`from_weight_decay`.
@@ -104,7 +105,7 @@ class FixNorm(torch.optim.Optimizer):
         self._pending: list[tuple[torch.Tensor, Any, list[torch.Tensor], str]] = []
         self._names: dict[torch.Tensor, str] = {p: n for n, p in named.items()}
         self._kernels: list[tuple[str, list[torch.Tensor], Any]] | None = None
-        self._grad_params: list[list[torch.Tensor]] | None = None
+        self._grad_params: dict[bool | None, list[list[torch.Tensor]]] | None = None
 
         groups: OrderedDict[tuple[str, str | None], dict[str, Any]] = OrderedDict()
         for entry in self.plan.entries:
@@ -205,14 +206,14 @@ class FixNorm(torch.optim.Optimizer):
     def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
         """One base step, then every constrained parameter back to its target norm.
 
-        With a closure the gradients do not exist before the base step, so a non-finite
-        gradient is caught afterwards, through the weight norm it spoils.
+        In "raise" mode nothing is read before the base step (it would cost a pass over every
+        gradient): a non-finite gradient is caught afterwards, through the norm it spoils
+        (constrained weights) or the gradient itself (the rest), and the error names it.
         """
         self._raise_pending()
         self._check_settings()
-        if closure is None:
-            self._check_gradients()
-            self._raise_pending(wait=False)  # on CPU: raise before the base step touches the weights
+        if closure is None and self.nonfinite == "skip":
+            self._check_gradients(self._grad_buckets(constrained=None))  # zero bad gradients before the step
         before = self._save_for_rotation()
         if closure is not None:
             with torch.enable_grad():
@@ -221,6 +222,10 @@ class FixNorm(torch.optim.Optimizer):
             loss = self.base.step()
         self._rotate(before)
         self._project()
+        if self.nonfinite == "raise":
+            # constrained weights were checked by the projection's norms (a NaN gradient spoils them);
+            # the unconstrained ones (biases, norm parameters: a sliver of the elements) through their gradients
+            self._check_gradients(self._grad_buckets(constrained=False))
         self._raise_pending(wait=False)
         return loss
 
@@ -292,20 +297,23 @@ class FixNorm(torch.optim.Optimizer):
             device_params.extend(params)
         for device_flags, device_params in flags.values():  # one check per device, not one per bucket
             bad = device_flags[0] if len(device_flags) == 1 else torch.cat(device_flags)
-            self._flag(bad, device_params, "has a zero or non-finite norm after the step")
+            self._flag(bad, device_params, "has a zero or non-finite norm after the step (a NaN/inf gradient?)")
 
-    def _grad_buckets(self) -> list[list[torch.Tensor]]:
-        """All optimised parameters bucketed by device (cached with the kernel plan)."""
+    def _grad_buckets(self, constrained: bool | None) -> list[list[torch.Tensor]]:
+        """Parameters by device: all of them (None) or only the unconstrained ones (False); cached."""
         if self._grad_params is None:
-            buckets: OrderedDict[torch.device, list[torch.Tensor]] = OrderedDict()
+            every: OrderedDict[torch.device, list[torch.Tensor]] = OrderedDict()
+            free: OrderedDict[torch.device, list[torch.Tensor]] = OrderedDict()
             for g in self.param_groups:
                 for p in g["params"]:
-                    buckets.setdefault(p.device, []).append(p)
-            self._grad_params = list(buckets.values())
-        return self._grad_params
+                    every.setdefault(p.device, []).append(p)
+                    if not g.get("constraint"):
+                        free.setdefault(p.device, []).append(p)
+            self._grad_params = {None: list(every.values()), False: list(free.values())}
+        return self._grad_params[constrained]
 
-    def _check_gradients(self) -> None:
-        for bucket in self._grad_buckets():
+    def _check_gradients(self, buckets: list[list[torch.Tensor]]) -> None:
+        for bucket in buckets:
             params = [p for p in bucket if p.grad is not None and not p.grad.is_sparse]
             if not params:
                 continue
@@ -348,9 +356,10 @@ class FixNorm(torch.optim.Optimizer):
             if bool(host.any()):
                 self._pending = []
                 bad_names = [self._names.get(p, "?") for p, b in zip(params, host.tolist()) if b]
-                raise FixNormError(f"parameter(s) {bad_names[:6]} {what}. A NaN/inf gradient usually means the "
-                                   "learning rate is too high or the loss overflowed (fp16 without GradScaler); "
-                                   "use nonfinite='skip' to skip such updates instead")
+                raise FixNormError(f"parameter(s) {bad_names[:6]} {what}. The step was applied: reload the last "
+                                   "checkpoint. A NaN/inf gradient usually means the learning rate is too high or "
+                                   "the loss overflowed (fp16 without GradScaler); nonfinite='skip' skips such "
+                                   "updates instead")
         self._pending = still
 
     def check(self) -> None:
