@@ -240,3 +240,19 @@ def test_imagefolder_tree_trains_and_resumes(tmp_path):
     assert_same_weights(weights(tmp_path / "straight" / "last.pt"), weights(tmp_path / "stopped" / "last.pt"))
     with pytest.raises(FixNormError, match="train/ and val/"):
         Trainer(make_config(settings, {"data_dir": str(tmp_path)}), tmp_path / "bad")
+
+
+def test_cifar10_files_train_through_the_engine(tmp_path):
+    """The CIFAR-10 binary layout (records of 1 label byte + 3072 pixels), generated small, through a real run."""
+    folder = tmp_path / "cifar-10-batches-bin"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = torch.randint(0, 10, (20, 1), generator=g, dtype=torch.uint8)
+        pixels = torch.randint(0, 256, (20, 3072), generator=g, dtype=torch.uint8)
+        (folder / f"{name}.bin").write_bytes(torch.cat([labels, pixels], 1).numpy().tobytes())
+    settings = dict(model="small_cnn", dataset="cifar10", data_dir=str(tmp_path), epochs=1, batch_size=25,
+                    augment="crop_flip", cutout=8, threads=1)
+    summary = train(make_config(settings), tmp_path / "run")
+    assert summary["epochs"] == 1 and summary["images_per_second"] > 0
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["config"]["dataset"] == "cifar10"
