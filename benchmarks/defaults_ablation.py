@@ -25,7 +25,7 @@ from fixnorm.train import load_recipe, make_config, train
 VARIANTS = {
     "default (tensor, initial, fc initial)": {},
     "granularity=filter": {"granularity": "filter"},
-    "target=constant 1.0 per tensor": {"target": 1.0},
+    "target_norm=1.0 per tensor": {"target_norm": 1.0},
     "fc_norm=2": {"fc_norm": 2.0},
     "fc_norm=8": {"fc_norm": 8.0},
     "fc_norm=8, per class": {"fc_norm": 8.0, "fc_granularity": "class"},

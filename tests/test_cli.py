@@ -67,3 +67,13 @@ def test_readme_has_the_two_setup_commands_that_ci_runs():
     assert "pytest" in commands["test-command"] and "constraints-cpu.txt" in commands["test-command"]
     assert "torch==2.13.0" in (ROOT / "constraints-cpu.txt").read_text()
     assert "test-command" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_the_readme_python_example_runs(tmp_path, monkeypatch):
+    readme = (ROOT / "README.md").read_text()
+    code = re.search(r"```python\n(.+?)\n```", readme, re.S).group(1)
+    assert "range(100)" in code
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code.replace("range(100)", "range(2)"), "README.md", "exec"), {})
+    saved = __import__("torch").load(tmp_path / "ckpt.pt", weights_only=True)
+    assert "fixnorm" in saved["opt"]

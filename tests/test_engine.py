@@ -50,6 +50,10 @@ def test_overrides_are_typed_and_unknown_keys_are_errors():
         make_config({"schedule": "linear"})
     with pytest.raises(FixNormError, match="milestones"):
         make_config({"schedule": "step"})
+    with pytest.raises(FixNormError, match="target_norm must be a number"):
+        make_config({"target_norm": "big"})
+    for variant in ({"granularity": "filter"}, {"target_norm": 1.0}, {"fc_norm": 8.0, "fc_granularity": "class"}):
+        make_config(variant)  # every variant benchmarks/defaults_ablation.py trains is a valid setting
     with pytest.raises(FixNormError, match="not key=value"):
         parse_overrides(["lr"])
 

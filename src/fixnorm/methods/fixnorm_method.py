@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 
 def build_fixnorm(model: nn.Module, cfg: TrainConfig, example: torch.Tensor) -> torch.optim.Optimizer:
     cls, kwargs = base_optimizer(cfg)
-    return FixNorm(model, example, base=cls, fc_norm=cfg.fc_norm, granularity=cfg.granularity,
+    target = "initial" if cfg.target_norm is None else cfg.target_norm
+    return FixNorm(model, example, base=cls, fc_norm=cfg.fc_norm, granularity=cfg.granularity, target=target,
                    fc_granularity=cfg.fc_granularity, others=cfg.others, others_weight_decay=cfg.others_weight_decay,
                    **kwargs)
 

@@ -41,6 +41,7 @@ class TrainConfig:
     weight_decay: float = 5e-4       # for the weight-decay baselines; FixNorm replaces it
     fc_norm: float | None = None
     granularity: str = "tensor"
+    target_norm: float | None = None  # fixnorm: scale-invariant weights' norm; None keeps each one's initial norm
     fc_granularity: str = "tensor"
     others: str = "free"
     others_weight_decay: float = 0.0
