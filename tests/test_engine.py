@@ -260,3 +260,12 @@ def test_cifar10_files_train_through_the_engine(tmp_path):
     summary = train(make_config(settings), tmp_path / "run")
     assert summary["epochs"] == 1 and summary["images_per_second"] > 0
     assert load_checkpoint(tmp_path / "run" / "last.pt")["config"]["dataset"] == "cifar10"
+
+
+@needs_fmnist
+def test_torch_compile_trains_like_eager(tmp_path):
+    """compile=true goes through torch.compile (about 20 s of compilation here) and follows the eager run."""
+    settings = dict(TINY, epochs=1)
+    eager = train(make_config(settings), tmp_path / "eager")
+    compiled = train(make_config(settings, {"compile": True}), tmp_path / "compiled")
+    assert compiled["final_train_loss"] == pytest.approx(eager["final_train_loss"], rel=1e-2)
