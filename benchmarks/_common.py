@@ -7,19 +7,20 @@ from __future__ import annotations
 
 import datetime as _dt
 import gc
-import json
 import math
 import os
 import platform
 import shlex
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
+
+from fixnorm.train.checkpoint import write_json_atomic as atomic_write_json  # noqa: F401
+from fixnorm.train.checkpoint import write_text_atomic as atomic_write_text  # noqa: F401
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -175,30 +176,6 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 
 
 # -- result files ----------------------------------------------------------------------------------
-def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to a temporary file in the same folder, then ``os.replace`` it onto ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; give it a normal file's mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: str, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
-
-
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     def cell(v: Any) -> str:
         return str(v).replace("|", "\\|")

@@ -10,7 +10,6 @@ mean +- std over seeds.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 
 from fixnorm.train import load_recipe, make_config, train
+from fixnorm.train.checkpoint import write_json_atomic, write_text_atomic
 
 VARIANTS = {
     "default (tensor, initial, fc initial)": {},
@@ -54,19 +54,13 @@ def main() -> None:
         print(f"{row['variant']}: {row['mean']:.4f} +- {row['std']:.4f}")
     meta = {"command": " ".join([sys.executable] + sys.argv), "torch": torch.__version__,
             "machine": platform.machine(), "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(args.out + ".json.tmp")
-    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    os.replace(tmp, args.out + ".json")
+    write_json_atomic(args.out + ".json", {"meta": meta, "rows": rows})
     lines = ["| variant | test accuracy (mean +- std) | per seed |", "|---|---|---|"]
     lines += [f"| {r['variant']} | {r['mean']:.4f} +- {r['std']:.4f} | {', '.join(f'{a:.4f}' for a in r['accuracies'])} |"
               for r in rows]
     lines.append(f"\nCommand: `{meta['command']}` (torch {meta['torch']}, {meta['cpus']} CPUs, {meta['date']}); "
                  "recipe `fmnist-small-cnn`: one epoch, small CNN, FixNorm(SGD Nesterov 0.9), lr 0.2 cosine, batch 128.")
-    tmp = Path(args.out + ".md.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, args.out + ".md")
-
+    write_text_atomic(args.out + ".md", "\n".join(lines) + "\n")
 
 if __name__ == "__main__":
     main()

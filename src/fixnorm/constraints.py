@@ -20,7 +20,7 @@ GRANULARITIES = ("tensor", "filter")
 OTHERS_POLICIES = ("free", "fixed", "decay")
 
 
-def _norms_fp32(params: Sequence[torch.Tensor]) -> torch.Tensor:
+def tensor_norms_fp32(params: Sequence[torch.Tensor]) -> torch.Tensor:
     """Whole-tensor L2 norms, accumulated in fp32, stacked into one device vector."""
     try:
         norms = torch._foreach_norm(list(params), 2, dtype=torch.float32)
@@ -39,7 +39,7 @@ def fix_tensor_norms_(params: Sequence[torch.Tensor], targets: torch.Tensor) -> 
 
     All tensors share one device; ``targets`` is an fp32 vector on it.
     """
-    norms = _norms_fp32(params)
+    norms = tensor_norms_fp32(params)
     ok = torch.isfinite(norms) & (norms > 0)
     factors = torch.where(ok, targets / norms, torch.ones_like(norms))
     torch._foreach_mul_(list(params), list(factors.unbind(0)))

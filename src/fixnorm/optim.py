@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .constraints import (Plan, build_plan, fix_filter_norms_, fix_tensor_norms_, initial_targets,
-                          rotate_by_angle_)
+                          rotate_by_angle_, tensor_norms_fp32)
 from .errors import FixNormError
 from .roles import Roles, analyze
 
@@ -318,11 +318,7 @@ class FixNorm(torch.optim.Optimizer):
             if not params:
                 continue
             grads = [p.grad for p in params]
-            try:
-                norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
-            except (TypeError, RuntimeError):
-                norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
-            bad = ~torch.isfinite(torch.stack(norms))
+            bad = ~torch.isfinite(tensor_norms_fp32(grads))
             if self.nonfinite == "skip":
                 for g, b in zip(grads, bad.unbind(0)):
                     g.copy_(torch.where(b, torch.zeros_like(g), g))
