@@ -34,6 +34,14 @@ def _atomic_write(path: Path, write: Any) -> None:
         raise
 
 
+def remove_stale_temp_files(folder: Path) -> list[Path]:
+    """Delete the temp files that writes in ``folder`` left when the process was killed before the rename."""
+    stale = [p for p in Path(folder).glob(".*.tmp") if p.is_file()]
+    for path in stale:
+        path.unlink()
+    return stale
+
+
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     _atomic_write(Path(path), lambda handle: torch.save({"format": FORMAT, "version": 1, **state}, handle))
 

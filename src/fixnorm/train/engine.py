@@ -28,7 +28,8 @@ from ..data import normalize
 from ..errors import FixNormError
 from ..methods import get_method
 from ..models import create_model
-from .checkpoint import load_checkpoint, save_checkpoint, write_json_atomic, write_text_atomic
+from .checkpoint import (load_checkpoint, remove_stale_temp_files, save_checkpoint, write_json_atomic,
+                         write_text_atomic)
 from .config import TrainConfig, make_config
 from .data_source import make_data
 from .distributed import DistInfo, all_reduce_sum, broadcast_buffers, init_distributed, shutdown
@@ -114,6 +115,8 @@ class Trainer:
         self.start_epoch, self.best_acc, self.global_step = 0, -1.0, 0
         if checkpoint is not None:
             self._restore(checkpoint)
+            if self.dist.is_main:
+                remove_stale_temp_files(self.run_dir)  # a kill during an atomic write leaves its temp file
         elif self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_text_atomic(self.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
