@@ -93,9 +93,6 @@ class Plan:
 
     entries: list[PlanEntry]
 
-    def by_name(self) -> dict[str, PlanEntry]:
-        return {e.name: e for e in self.entries}
-
     def table(self) -> str:
         rows = [("parameter", "shape", "role", "rule", "target")]
         for e in self.entries:

@@ -1,6 +1,7 @@
 """The weight-decay baselines: SGD, AdamW and RMSprop with decay on weights only (not biases or norm parameters)."""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -32,8 +33,6 @@ def base_optimizer(cfg: TrainConfig) -> tuple[type[torch.optim.Optimizer], dict[
 
 def _with_decay(base: str):
     def build(model: nn.Module, cfg: TrainConfig, example: torch.Tensor) -> torch.optim.Optimizer:
-        from dataclasses import replace
-
         cls, kwargs = base_optimizer(replace(cfg, base=base))
         return cls(decay_groups(model, cfg.weight_decay), **kwargs)
 

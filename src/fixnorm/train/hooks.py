@@ -48,10 +48,3 @@ class EmaHook(Hook):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.ema.load_state_dict(state["ema"])
 
-
-def ema_model(hooks: list[Hook]) -> nn.Module | None:
-    for hook in hooks:
-        if isinstance(hook, EmaHook):
-            return hook.ema.module
-    return None
-
