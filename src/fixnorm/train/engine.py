@@ -217,12 +217,7 @@ class Trainer:
         improved = record["test_acc"] > self.best_acc
         self.best_acc = max(self.best_acc, record["test_acc"])
         if self.dist.is_main:
-            self._write_metrics()
-            if self.tensorboard is not None:
-                for key, value in record.items():
-                    if key != "epoch":
-                        self.tensorboard.add_scalar(key, value, epoch + 1)
-                self.tensorboard.flush()
+            # checkpoints first: an epoch that metrics.csv shows is already in last.pt, whenever a kill lands
             last = epoch + 1 == self.cfg.epochs
             if (epoch + 1) % self.cfg.checkpoint_every == 0 or last:
                 save_checkpoint(self.run_dir / "last.pt", self._state(epoch + 1))
@@ -230,6 +225,12 @@ class Trainer:
                 save_checkpoint(self.run_dir / "best.pt", {"epoch": epoch + 1, "config": self.cfg.to_dict(),
                                                            "model": self.model.state_dict(),
                                                            "test_acc": record["test_acc"]})
+            self._write_metrics()
+            if self.tensorboard is not None:
+                for key, value in record.items():
+                    if key != "epoch":
+                        self.tensorboard.add_scalar(key, value, epoch + 1)
+                self.tensorboard.flush()
         if self.on_epoch is not None and self.dist.is_main:
             self.on_epoch(record)
 
