@@ -31,6 +31,7 @@ class TrainConfig:
     eval_batch_size: int = 1000
     # method and optimizer
     method: str = "fixnorm"
+    method_kwargs: dict[str, Any] = field(default_factory=dict)  # settings of methods other than fixnorm/sgd
     base: str = "sgd"                # fixnorm's base optimizer: sgd, adam, adamw, rmsprop
     lr: float = 0.1
     momentum: float = 0.9

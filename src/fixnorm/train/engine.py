@@ -170,15 +170,20 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
+                if cfg.grad_clip or self.hooks:
+                    self.scaler.unscale_(self.optimizer)  # hooks see true gradients
                 if cfg.grad_clip:
-                    self.scaler.unscale_(self.optimizer)
                     nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                for hook in self.hooks:
+                    hook.before_step(self)
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
             else:
                 loss.backward()
                 if cfg.grad_clip:
                     nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                for hook in self.hooks:
+                    hook.before_step(self)
                 self.optimizer.step()
             self.scheduler.step()
             self.global_step += 1

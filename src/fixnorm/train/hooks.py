@@ -15,8 +15,11 @@ class Hook:
     def on_train_start(self, trainer: Trainer) -> None:
         pass
 
+    def before_step(self, trainer: Trainer) -> None:
+        """After backward (and clipping), before ``optimizer.step()``: gradients are in ``.grad``."""
+
     def after_step(self, trainer: Trainer) -> None:
-        pass
+        """After ``optimizer.step()`` and the scheduler step."""
 
     def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
         """Add entries to ``record``: they become columns of metrics.csv."""
