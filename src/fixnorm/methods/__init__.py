@@ -57,4 +57,18 @@ def list_methods() -> list[str]:
     return sorted(_METHODS)
 
 
+def method_settings(cfg: TrainConfig, name: str, defaults: dict[str, Any]) -> dict[str, Any]:
+    """The settings of method ``name``: ``cfg.method_kwargs[name]`` over ``defaults``; unknown keys are errors.
+
+    Keyed by method so that one config can carry the settings of several methods (``fixnorm compare``).
+    """
+    given = cfg.method_kwargs.get(name) or {}
+    if not isinstance(given, dict):
+        raise FixNormError(f"method_kwargs.{name} must be a mapping of settings, got {given!r}")
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise FixNormError(f"unknown setting(s) {unknown} for method {name!r}; known: {sorted(defaults)}")
+    return {**defaults, **given}
+
+
 from . import baselines, fixnorm_method  # noqa: E402,F401  (registers the built-in methods)

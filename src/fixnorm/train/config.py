@@ -31,7 +31,7 @@ class TrainConfig:
     eval_batch_size: int = 1000
     # method and optimizer
     method: str = "fixnorm"
-    method_kwargs: dict[str, Any] = field(default_factory=dict)  # settings of methods other than fixnorm/sgd
+    method_kwargs: dict[str, Any] = field(default_factory=dict)  # {method name: {setting: value}}
     base: str = "sgd"                # fixnorm's base optimizer: sgd, adam, adamw, rmsprop
     lr: float = 0.1
     momentum: float = 0.9
@@ -81,6 +81,11 @@ class TrainConfig:
             value = getattr(self, key)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise FixNormError(f"{key} must be a positive number, got {value!r}")
+        from ..methods import list_methods  # late: the methods import this module
+        unknown = sorted(set(self.method_kwargs) - set(list_methods()))
+        if unknown:
+            raise FixNormError(f"method_kwargs has settings for unknown method(s) {unknown}; "
+                               f"write them as method_kwargs.<method>.<setting>, methods: {list_methods()}")
         if self.schedule == "step" and not self.milestones:
             raise FixNormError("schedule 'step' needs milestones (epochs), e.g. --set milestones=[60,120,160]")
         return self
@@ -155,10 +160,27 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
         if not sep or not key.strip():
             raise FixNormError(f"override {item!r} is not key=value")
         try:
-            result[key.strip()] = yaml.safe_load(value) if value.strip() else None
+            parsed = yaml.safe_load(value) if value.strip() else None
         except yaml.YAMLError as exc:
             raise FixNormError(f"override {item!r}: cannot read the value ({exc})") from exc
+        # a dotted key sets one entry of a mapping: method_kwargs.lawn.warmup_epochs=1
+        *parents, leaf = key.strip().split(".")
+        target = result
+        for part in parents:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise FixNormError(f"override {item!r} conflicts with an earlier override of {part!r}")
+        target[leaf] = parsed
     return result
+
+
+def _deep_merge(base: Any, update: Any) -> Any:
+    if isinstance(base, Mapping) and isinstance(update, Mapping):
+        merged = dict(base)
+        for key, value in update.items():
+            merged[key] = _deep_merge(merged.get(key), value)
+        return merged
+    return update
 
 
 def make_config(*layers: Mapping[str, Any]) -> TrainConfig:
@@ -169,7 +191,7 @@ def make_config(*layers: Mapping[str, Any]) -> TrainConfig:
             if key not in _FIELDS:
                 close = [k for k in _FIELDS if k.startswith(key[:3])]
                 raise FixNormError(f"unknown setting {key!r}" + (f"; did you mean {close}?" if close else ""))
-            merged[key] = value
+            merged[key] = _deep_merge(merged[key], value) if key in merged else value
     for key, value in list(merged.items()):
         merged[key] = _coerce(key, value)
     return TrainConfig(**merged).validate()
