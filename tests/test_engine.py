@@ -56,6 +56,15 @@ def test_overrides_are_typed_and_unknown_keys_are_errors():
         make_config(variant)  # every variant benchmarks/defaults_ablation.py trains is a valid setting
     with pytest.raises(FixNormError, match="not key=value"):
         parse_overrides(["lr"])
+    # method settings are keyed by method; dotted keys set one entry and merge with the recipe's
+    values = parse_overrides(["method_kwargs.sgd.x=2", "model_kwargs.width=8"])
+    assert values == {"method_kwargs": {"sgd": {"x": 2}}, "model_kwargs": {"width": 8}}
+    cfg = make_config({"model_kwargs": {"width": 4, "depth": 2}}, values)
+    assert cfg.model_kwargs == {"width": 8, "depth": 2} and cfg.method_kwargs == {"sgd": {"x": 2}}
+    with pytest.raises(FixNormError, match="unknown method"):
+        make_config({"method_kwargs": {"alpha": 2}})
+    with pytest.raises(FixNormError, match="holdout"):
+        make_config({"holdout": -1})
 
 
 def test_recipes_from_names_and_yaml_files(tmp_path):
@@ -213,10 +222,11 @@ def test_compare_runs_methods_and_seeds_and_reuses_finished_runs(tmp_path):
 
 
 def test_unknown_method_lists_the_known_ones(tmp_path):
-    with pytest.raises(FixNormError, match="known methods: adamw, fixnorm, rmsprop, sgd"):
-        from fixnorm.methods import get_method
+    from fixnorm.methods import get_method, list_methods
 
+    with pytest.raises(FixNormError, match="known methods: " + ", ".join(list_methods())):
         get_method("lamb")
+    assert {"adamw", "fixnorm", "rmsprop", "sgd"} <= set(list_methods())
 
 
 def test_imagefolder_tree_trains_and_resumes(tmp_path):
@@ -270,3 +280,18 @@ def test_torch_compile_trains_like_eager(tmp_path):
     eager = train(make_config(settings), tmp_path / "eager")
     compiled = train(make_config(settings, {"compile": True}), tmp_path / "compiled")
     assert compiled["final_train_loss"] == pytest.approx(eager["final_train_loss"], rel=1e-2)
+
+
+@needs_fmnist
+def test_holdout_evaluates_on_training_images_and_never_on_the_test_set(tmp_path):
+    cfg = make_config(TINY, {"holdout": 500, "epochs": 1})
+    trainer = Trainer(cfg, tmp_path / "run")
+    from fixnorm.data import load_dataset
+
+    train_x, _, _ = load_dataset("fashion_mnist", None, "train")
+    assert trainer.data.test_size == 500 and torch.equal(trainer.data.test_x.cpu(), train_x[-500:])
+    assert torch.equal(trainer.data.train_x.cpu(), train_x[:1000])  # train_subset from the rest
+    summary = trainer.fit()
+    assert summary["evaluated_on"] == "holdout of 500 training images"
+    with pytest.raises(FixNormError, match="leaves no training images"):
+        Trainer(make_config(TINY, {"holdout": 60000}), tmp_path / "r2")

@@ -103,6 +103,70 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import make_report
+
+    out = Path(args.out or (Path(args.run_dirs[0]) / "report" if len(args.run_dirs) == 1 else "runs/report"))
+    path = make_report(args.run_dirs, out)
+    print(path.read_text())
+    print(f"written: {path} and its plots in {out}")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from .report import plot_best_so_far
+    from .train.checkpoint import write_json_atomic, write_text_atomic
+    from .tune import Tuner, search_space, training_objective
+
+    settings = _settings(args)
+    method = args.method or settings.get("method", "fixnorm")
+    settings["method"] = method
+    sampler = args.sampler or ("coordinate" if method == "fixnorm" else "tpe")
+    out = Path(args.out or Path("runs") / f"tune-{args.recipe or 'custom'}-{method}-{sampler}")
+    space = search_space(settings, lr_range=args.lr_range, second_range=args.second_range, ratio=args.ratio)
+    if not args.quiet:
+        print("search space: " + "; ".join(f"{a.name} {a.value(a.low):.3g} .. {a.value(a.high):.3g} "
+                                          f"({a.high - a.low + 1} points, start {a.center:.3g})" for a in space.axes))
+    objective = training_objective(settings, out / "runs")
+
+    def show(trial: dict[str, Any]) -> None:
+        if args.quiet:
+            return
+        values = ", ".join(f"{a.name}={trial[a.name]:.4g}" for a in space.axes)
+        score = f"{trial['value']:.4f}" if trial["value"] is not None else trial["state"]
+        print(f"trial {trial['number']}: {values} -> {score} ({trial['seconds'] or 0:.0f} s)", flush=True)
+
+    tuner = Tuner(space, objective, tuner=sampler, n_trials=args.trials, out_dir=out, storage=args.storage,
+                  study_name=args.study or f"{method}-{sampler}", seed=args.tuner_seed, settings=settings,
+                  pruner=args.pruner)
+    result = tuner.run(on_trial=show)
+    names = [a.name for a in space.axes]
+    lines = ["| trial | state | " + " | ".join(names) + " | accuracy | seconds |",
+             "|---|---|" + "---|" * len(names) + "---|---|"]
+    for t in result.trials:
+        value = f"{t['value']:.4f}" if t["value"] is not None else "-"
+        lines.append(f"| {t['number']} | {t['state']} | " + " | ".join(f"{t[n]:.4g}" for n in names) +
+                     f" | {value} | {t['seconds'] or 0:.0f} |")
+    table = "\n".join(lines)
+    write_text_atomic(out / "trials.md", table + "\n")
+    write_json_atomic(out / "tune.json", {"method": method, "tuner": sampler, "space": space.to_dict(),
+                                          "settings": settings, "trials": result.trials, "best": result.best,
+                                          "finished": result.finished})
+    if result.trials:
+        try:
+            plot_best_so_far({f"{sampler} ({method})": result.best_so_far()}, out / "best_so_far.png")
+        except FixNormError as exc:
+            print(f"no plot: {exc}")
+    print(table)
+    if result.best is not None:
+        best = ", ".join(f"{n}={result.best[n]:.4g}" for n in names)
+        print(f"best: {best} -> {result.best['value']:.4f} (trial {result.best['number']})")
+    if not args.quiet:
+        print(f"written: {out / 'trials.md'}, {out / 'tune.json'}, {out / 'best_so_far.png'}; study in "
+              f"{args.storage or out / 'study.db'}")
+    return 0
+
+
 def cmd_roles(args: argparse.Namespace) -> int:
     from .models import create_model
     from .optim import FixNorm
@@ -165,6 +229,35 @@ def build_parser() -> argparse.ArgumentParser:
     roles.add_argument("--fc-norm", type=float, default=None)
     roles.add_argument("--why", action="store_true", help="show the measured role and reason per parameter")
     roles.set_defaults(func=cmd_roles)
+
+    report = sub.add_parser("report", help="plots and a Markdown summary from run directories (overlaid)")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    report.add_argument("--out", default=None, help="folder for report.md and the PNGs "
+                        "(default: RUN_DIR/report for one run, runs/report for several)")
+    report.set_defaults(func=cmd_report)
+
+    tune = sub.add_parser("tune", help="tune lr and the classifier norm (fixnorm) or weight decay (baselines)")
+    _add_run_options(tune)
+    tune.set_defaults(recipe="fmnist-tune")
+    tune.add_argument("--method", default=None, help="fixnorm (lr x classifier norm) or sgd/adamw/rmsprop "
+                      "(lr x weight decay); default: the recipe's")
+    tune.add_argument("--sampler", choices=["coordinate", "tpe", "random", "grid"], default=None,
+                      help="coordinate: FixNorm's few-trial search (default for fixnorm); tpe (default otherwise), "
+                      "random, grid: Optuna samplers")
+    tune.add_argument("--trials", type=int, default=12, help="budget of finished trials, shared by all workers")
+    tune.add_argument("--out", default=None, help="folder for the study, the trial runs and the results")
+    tune.add_argument("--storage", default=None, help="Optuna storage URL, e.g. postgresql://user:pw@host/db "
+                      "for workers on several machines (default: SQLite OUT/study.db)")
+    tune.add_argument("--study", default=None, help="study name in the storage (default: METHOD-SAMPLER)")
+    tune.add_argument("--pruner", choices=["none", "median", "halving"], default="none",
+                      help="stop poor trials early (Optuna samplers only)")
+    tune.add_argument("--lr-range", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
+                      help="default: the recipe's lr / 16 .. x 16")
+    tune.add_argument("--second-range", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
+                      help="fc_norm range (default initial / 4 .. x 16) or weight-decay range (default wd / 30 .. x 30)")
+    tune.add_argument("--ratio", type=float, default=2 ** 0.5, help="factor between neighbouring lattice points")
+    tune.add_argument("--tuner-seed", type=int, default=0)
+    tune.set_defaults(func=cmd_tune)
 
     listing = sub.add_parser("list", help="list methods, models and recipes")
     listing.set_defaults(func=cmd_list)

@@ -18,7 +18,7 @@ from torch import nn
 
 from .constraints import (Plan, build_plan, fix_filter_norms_, fix_tensor_norms_, initial_targets,
                           rotate_by_angle_, tensor_norms_fp32)
-from .errors import FixNormError
+from .errors import FixNormError, NonFiniteError
 from .roles import Roles, analyze
 
 NONFINITE_POLICIES = ("raise", "skip")
@@ -352,7 +352,7 @@ class FixNorm(torch.optim.Optimizer):
             if bool(host.any()):
                 self._pending = []
                 bad_names = [self._names.get(p, "?") for p, b in zip(params, host.tolist()) if b]
-                raise FixNormError(f"parameter(s) {bad_names[:6]} {what}. The step was applied: reload the last "
+                raise NonFiniteError(f"parameter(s) {bad_names[:6]} {what}. The step was applied: reload the last "
                                    "checkpoint. A NaN/inf gradient usually means the learning rate is too high or "
                                    "the loss overflowed (fp16 without GradScaler); nonfinite='skip' skips such "
                                    "updates instead")

@@ -29,7 +29,14 @@ class InMemoryData:
     def __init__(self, cfg: TrainConfig, dist: DistInfo, device: torch.device):
         self.cfg, self.dist, self.device = cfg, dist, device
         train_x, train_y, self.info = load_dataset(cfg.dataset, cfg.data_dir, "train")
-        test_x, test_y, _ = load_dataset(cfg.dataset, cfg.data_dir, "test")
+        if cfg.holdout:
+            # a validation set for tuning: the last `holdout` training images; the test set stays unseen
+            if cfg.holdout >= len(train_x):
+                raise FixNormError(f"holdout={cfg.holdout} leaves no training images (the set has {len(train_x)})")
+            train_x, train_y, test_x, test_y = (train_x[:-cfg.holdout], train_y[:-cfg.holdout],
+                                                train_x[-cfg.holdout:], train_y[-cfg.holdout:])
+        else:
+            test_x, test_y, _ = load_dataset(cfg.dataset, cfg.data_dir, "test")
         if cfg.train_subset:
             train_x, train_y = train_x[: cfg.train_subset], train_y[: cfg.train_subset]
         self.train_x, self.train_y = train_x.to(device), train_y.to(device)
@@ -76,6 +83,9 @@ class ImageFolderData:
                                f"sub-folders (ImageNet layout); got {cfg.data_dir!r}")
         if cfg.augment != "crop_flip":
             raise FixNormError("ImageFolder training always uses random-resized crops and flips: set augment=crop_flip")
+        if cfg.holdout:
+            raise FixNormError("holdout works with in-memory datasets; for an ImageFolder tree, put a validation "
+                               "split in its own folder and point data_dir at it")
         common = dict(image_size=cfg.image_size, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size,
                       num_workers=cfg.workers, pin_memory=device.type == "cuda")
         self.train_loader = imagefolder_loader(root / "train", cfg.batch_size, train=True, **common)

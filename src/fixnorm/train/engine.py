@@ -98,12 +98,15 @@ class Trainer:
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
-        example = self._prepare(self.data.example())
+        example = self.prepare_batch(self.data.example())
         self.optimizer = self.method.build_optimizer(model, cfg, example)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(cfg, self.steps_per_epoch))
         self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
         self.hooks: list[Hook] = ([EmaHook(model, cfg.ema_decay)] if cfg.ema_decay else []) + list(
             self.method.hooks(model, self.optimizer, cfg))
+        if cfg.diagnostics:  # last: it sees the step every other hook has shaped
+            from ..diagnostics import DiagnosticsHook
+            self.hooks.append(DiagnosticsHook(every=cfg.diagnostics_every, probe_size=cfg.probe_size))
         self.forward_model: nn.Module = model
         if self.dist.enabled:
             self.forward_model = nn.parallel.DistributedDataParallel(
@@ -123,12 +126,12 @@ class Trainer:
         self.tensorboard = self._tensorboard_writer()
 
     # -- data ----------------------------------------------------------------------------------
-    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+    def prepare_batch(self, x: torch.Tensor) -> torch.Tensor:
         """Augmented uint8 batch -> normalised float batch in the model's memory format."""
         x = normalize(x, self.info.mean, self.info.std)
         return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
+    def autocast(self) -> contextlib.AbstractContextManager:
         if self.cfg.precision == "fp32":
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16
@@ -163,8 +166,8 @@ class Trainer:
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         start = time.perf_counter()
         for step, (x_uint8, y) in enumerate(self.data.train_batches(epoch)):
-            x = self._prepare(x_uint8)
-            with self._autocast():
+            x = self.prepare_batch(x_uint8)
+            with self.autocast():
                 logits = self.forward_model(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
             self.optimizer.zero_grad(set_to_none=True)
@@ -208,8 +211,8 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device)
         for x, y in self.data.test_batches():
-            with self._autocast():
-                logits = model(self._prepare(x)).float()
+            with self.autocast():
+                logits = model(self.prepare_batch(x)).float()
             loss_sum += F.cross_entropy(logits, y, reduction="sum")
             correct += (logits.argmax(1) == y).sum()
         model.train(was_training)
@@ -283,6 +286,7 @@ class Trainer:
         train_seconds = sum(r["seconds"] for r in self.history)
         summary = {
             "method": self.cfg.method, "model": self.cfg.model, "dataset": self.cfg.dataset, "seed": self.cfg.seed,
+            "evaluated_on": f"holdout of {self.cfg.holdout} training images" if self.cfg.holdout else "test set",
             "epochs": len(self.history), "final_test_acc": final.get("test_acc"), "best_test_acc": self.best_acc,
             "final_train_loss": final.get("train_loss"), "final_ema_test_acc": final.get("ema_test_acc"),
             "train_seconds": train_seconds, "seconds_per_epoch": train_seconds / max(1, len(self.history)),

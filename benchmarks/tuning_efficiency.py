@@ -1,0 +1,191 @@
+"""How many trials each tuner needs: FixNorm's coordinate search against Optuna TPE / random on SGD + weight decay.
+
+Phase 1 (``--phase grid``, the expensive part): train every point of two 8 x 7 lattices with the
+`fmnist-tune` recipe (small CNN, 15k Fashion-MNIST images, 3 epochs, accuracy on a 5k holdout of
+the training set), once each:
+
+    SGD + WD:  lr 0.0125 .. 1.6 (x2 steps)  x  weight decay 1e-5 .. 1e-2 (x sqrt(10) steps)
+    FixNorm:   lr 0.0125 .. 1.6 (x2 steps)  x  classifier norm 0.5 .. 32 (x2 steps)
+
+Every trial is a real run directory (reused when finished, resumed when interrupted); the table of
+accuracies is written after each trial, so the phase can be stopped and continued.
+
+Phase 2 (``--phase tuners``, seconds): run the tuners of ``fixnorm.tune`` on that table (a tabular
+benchmark: a trial looks its accuracy up instead of training again) through the same `Tuner`
+class and Optuna storage as ``fixnorm tune``, over many tuner seeds. Reported per tuner: trials
+needed to come within 0.3 points of the method's grid best, and the best accuracy found at equal
+numbers of trials. The lookup removes trial-to-trial noise; each grid point was trained once.
+
+    python benchmarks/tuning_efficiency.py --phase grid [--max-new N]
+    python benchmarks/tuning_efficiency.py --phase tuners [--tuner-seeds 20]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import atomic_write_json, atomic_write_text, command_line, machine_info, markdown_table  # noqa: E402
+
+import torch  # noqa: E402
+
+from fixnorm.train.config import load_recipe  # noqa: E402
+from fixnorm.tune import Axis, SearchSpace, Tuner, run_key, training_objective  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+TOLERANCE = 0.003  # 0.3 points of accuracy
+
+SPACES = {
+    "sgd": SearchSpace((Axis("lr", 0.1, 2.0, -3, 4), Axis("weight_decay", 10 ** -3.5, math.sqrt(10), -3, 3))),
+    "fixnorm": SearchSpace((Axis("lr", 0.1, 2.0, -3, 4), Axis("fc_norm", 2.0, 2.0, -2, 4))),
+}
+# (label, method, tuner); the coordinate search is deterministic, the samplers get many seeds
+TUNERS = [("FixNorm coordinate search", "fixnorm", "coordinate"), ("TPE on SGD+WD", "sgd", "tpe"),
+          ("TPE on FixNorm", "fixnorm", "tpe"), ("random on SGD+WD", "sgd", "random"),
+          ("random on FixNorm", "fixnorm", "random")]
+
+
+def grid_phase(args: argparse.Namespace) -> None:
+    table_path = RESULTS / "tuning_grid.json"
+    table = json.loads(table_path.read_text()) if table_path.exists() else {"meta": {}, "methods": {}}
+    settings = {**load_recipe("fmnist-tune"), "threads": args.threads}
+    new = 0
+    for method, space in SPACES.items():
+        objective = training_objective({**settings, "method": method, "seed": args.seed}, Path(args.runs) / method)
+        rows = table["methods"].setdefault(method, {})
+        for point in space.grid():
+            values = space.values(point)
+            key = run_key(values)
+            if key in rows:
+                continue
+            if args.max_new is not None and new >= args.max_new:
+                print(f"stopping after {new} new trials (--max-new)")
+                return
+            start = time.perf_counter()
+            rows[key] = {"point": list(point), **values, "accuracy": objective(values, None)}
+            new += 1
+            print(f"{method} {key}: {rows[key]['accuracy']:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
+            table["meta"] = {"recipe": "fmnist-tune", "settings": settings, "seed": args.seed,
+                             "spaces": {m: s.to_dict() for m, s in SPACES.items()}, "machine": machine_info(
+                                 torch.device("cpu")), "command": command_line()}
+            atomic_write_json(table_path, table)
+    print("grid complete")
+
+
+def tuners_phase(args: argparse.Namespace) -> None:
+    table = json.loads((RESULTS / "tuning_grid.json").read_text())
+    grid_best = {m: max(r["accuracy"] for r in rows.values()) for m, rows in table["methods"].items()}
+    for method, space in SPACES.items():
+        if len(table["methods"].get(method, {})) != len(space.grid()):
+            raise SystemExit(f"the {method} grid is incomplete: run --phase grid first")
+    budget = args.budget
+    results = []
+    for label, method, tuner in TUNERS:
+        rows = table["methods"][method]
+        seeds = [0] if tuner == "coordinate" else list(range(args.tuner_seeds))
+        curves, needed = [], []
+        for seed in seeds:
+            with tempfile.TemporaryDirectory() as tmp:
+                run = Tuner(SPACES[method], lambda values, trial, rows=rows: rows[run_key(values)]["accuracy"],
+                            tuner=tuner, n_trials=budget, out_dir=tmp, seed=seed, steps=(2, 1), poll_seconds=0)
+                result = run.run()
+            curve = result.best_so_far()
+            curve += [curve[-1]] * (budget - len(curve))  # a finished search keeps its best
+            curves.append(curve)
+            hit = next((i + 1 for i, v in enumerate(curve) if v >= grid_best[method] - TOLERANCE), None)
+            needed.append(hit)
+            if tuner == "coordinate":
+                coordinate_trials = len(result.trials)
+        reached = [n for n in needed if n is not None]
+        entry = {"tuner": label, "method": method, "sampler": tuner, "seeds": len(seeds),
+                 "grid_best": grid_best[method], "trials_to_within_0.3": needed,
+                 "median_trials": statistics.median(reached) if len(reached) == len(needed) else None,
+                 "reached_fraction": len(reached) / len(needed),
+                 "mean_best_at": {str(k): statistics.mean(c[k - 1] for c in curves) for k in args.at if k <= budget},
+                 "mean_curve": [statistics.mean(c[i] for c in curves) for i in range(budget)]}
+        if tuner == "coordinate":
+            entry["search_length"] = coordinate_trials
+        results.append(entry)
+        print(f"{label}: trials to within 0.3 points of the grid best {grid_best[method]:.4f}: "
+              f"median {entry['median_trials']} (reached in {entry['reached_fraction']:.0%} of {len(seeds)} seeds)")
+    by_label = {r["tuner"]: r for r in results}
+    fix, tpe = by_label["FixNorm coordinate search"], by_label["TPE on SGD+WD"]
+    if fix["median_trials"] and tpe["median_trials"]:
+        print(f"trials ratio FixNorm coordinate / TPE on SGD+WD: {fix['median_trials'] / tpe['median_trials']:.2f} "
+              "(target <= 0.5)")
+    print(f"grid best FixNorm - SGD+WD: {100 * (grid_best['fixnorm'] - grid_best['sgd']):+.2f} points (target >= 0)")
+    out = {"meta": {"command": command_line(), "budget": budget, "tolerance": TOLERANCE,
+                    "grid": table["meta"]}, "grid_best": grid_best, "tuners": results}
+    atomic_write_json(RESULTS / "tuning_efficiency.json", out)
+    atomic_write_text(RESULTS / "tuning_efficiency.md", _markdown(out, args.at) + "\n")
+    _plot(out, RESULTS / "tuning_efficiency.png")
+
+
+def _markdown(out: dict, at: list[int]) -> str:
+    headers = ["tuner", "seeds", "trials to within 0.3 pt (median)", "reached"] + [f"best @ {k}" for k in at]
+    rows = [[r["tuner"], r["seeds"], r["median_trials"] if r["median_trials"] is not None else "not always",
+             f"{r['reached_fraction']:.0%}"] + [f"{100 * r['mean_best_at'][str(k)]:.2f}" for k in at
+                                                if str(k) in r["mean_best_at"]] for r in out["tuners"]]
+    lines = ["# Tuning efficiency (Fashion-MNIST, small CNN, recipe fmnist-tune)", "",
+             f"Command: `{out['meta']['command']}` after `python benchmarks/tuning_efficiency.py --phase grid`.", "",
+             f"Grid best (holdout accuracy): SGD+WD {100 * out['grid_best']['sgd']:.2f}%, "
+             f"FixNorm {100 * out['grid_best']['fixnorm']:.2f}%.", "",
+             markdown_table(headers, rows), "",
+             "Trials are looked up in the trained grid (`tuning_grid.json`), so tuners differ only in where they "
+             "look. \"best @ k\": mean over tuner seeds of the best holdout accuracy (%) after k trials."]
+    return "\n".join(lines)
+
+
+def _plot(out: dict, path: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in out["tuners"]:
+        xs = range(1, len(r["mean_curve"]) + 1)
+        ax.plot(xs, [100 * v for v in r["mean_curve"]], marker="o" if r["sampler"] == "coordinate" else None,
+                label=f"{r['tuner']} ({r['seeds']} seed{'s' if r['seeds'] > 1 else ''})")
+    for method, best in out["grid_best"].items():
+        ax.axhline(100 * best, ls=":", lw=1, color="gray")
+        ax.text(1, 100 * best, f" grid best {method}", va="bottom", fontsize=8, color="gray")
+    ax.set_xlabel("trials")
+    ax.set_ylabel("best holdout accuracy so far (%)")
+    ax.set_title("Tuning efficiency: best-so-far accuracy against trials")
+    low = min(min(r["mean_curve"][2:] or r["mean_curve"]) for r in out["tuners"])
+    ax.set_ylim(100 * low - 0.5, 100 * max(out["grid_best"].values()) + 0.5)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--phase", choices=("grid", "tuners"), required=True)
+    parser.add_argument("--runs", default="runs/tuning_efficiency", help="run directories of the grid phase")
+    parser.add_argument("--seed", type=int, default=0, help="training seed of every grid point")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per trial (1 keeps trials steady on a shared machine)")
+    parser.add_argument("--max-new", type=int, default=None, help="grid phase: stop after this many new trials")
+    parser.add_argument("--tuner-seeds", type=int, default=20)
+    parser.add_argument("--budget", type=int, default=30, help="trials per tuner run")
+    parser.add_argument("--at", type=int, nargs="+", default=[5, 10, 15, 20, 30])
+    args = parser.parse_args()
+    grid_phase(args) if args.phase == "grid" else tuners_phase(args)
+
+
+if __name__ == "__main__":
+    main()

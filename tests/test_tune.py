@@ -1,0 +1,197 @@
+"""Tuners: the coordinate search's logic, real SQLite studies shared by real processes, and SIGKILL + restart."""
+import json
+import math
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+optuna = pytest.importorskip("optuna")
+
+from fixnorm import FixNormError  # noqa: E402
+from fixnorm.data import DEFAULT_FASHION_MNIST_DIR  # noqa: E402
+from fixnorm.tune import (Axis, SearchSpace, Tuner, coordinate_search_best, coordinate_search_next,  # noqa: E402
+                          search_space)
+
+needs_fmnist = pytest.mark.skipif(not DEFAULT_FASHION_MNIST_DIR.exists(),
+                                  reason="apt-get install dataset-fashion-mnist")
+SPACE = SearchSpace((Axis("lr", 0.1, 2.0, -3, 4), Axis("fc_norm", 2.0, 2.0, -2, 4)))
+
+
+def bowl(point, optimum=(2, 3)):
+    """A separable, unimodal 'accuracy' over the lattice, highest at ``optimum``."""
+    return 0.9 - 0.01 * ((point[0] - optimum[0]) ** 2 + 0.5 * (point[1] - optimum[1]) ** 2)
+
+
+def run_search(space, f, steps=(2, 1)):
+    results, order = {}, []
+    while True:
+        pending = coordinate_search_next(space, results, steps)
+        if not pending:
+            return results, order
+        for p in pending:
+            results[p] = f(p)
+            order.append(p)
+
+
+@pytest.mark.parametrize("optimum", [(2, 3), (-3, -2), (4, 4), (0, 0), (-1, 1)])
+def test_coordinate_search_finds_a_separable_optimum_in_few_trials(optimum):
+    results, order = run_search(SPACE, lambda p: bowl(p, optimum))
+    assert coordinate_search_best(SPACE, results, (2, 1)) == optimum
+    assert max(results, key=results.get) == optimum
+    assert len(order) == len(set(order)) <= 16  # the full lattice has 56 points
+    assert all(SPACE.contains(p) for p in order)
+
+
+def test_coordinate_search_is_a_pure_function_of_the_results():
+    results, order = run_search(SPACE, bowl)
+    for k in range(len(order)):
+        partial = {p: results[p] for p in order[:k]}
+        pending = coordinate_search_next(SPACE, partial, (2, 1))
+        assert order[k] in pending  # the same next point, whoever asks and whenever
+
+
+def test_axes_and_spaces_refuse_bad_ranges():
+    with pytest.raises(FixNormError, match="centre"):
+        Axis("lr", 0.1, 2.0, 1, 3)
+    with pytest.raises(FixNormError, match="ratio"):
+        Axis("lr", 0.1, 1.0, -1, 1)
+    axis = Axis.spanning("lr", 0.1, 0.01, 1.0, ratio=2.0)
+    assert axis.value(axis.low) >= 0.01 and axis.value(axis.high) <= 1.0 and (axis.low, axis.high) == (-3, 3)
+    with pytest.raises(FixNormError, match="tuning knows methods"):
+        search_space({"method": "powerprop-like"})
+
+
+def tabular(values, trial):
+    point = (round(math.log2(values["lr"] / 0.1)), round(math.log2(values["fc_norm"] / 2.0)))
+    return bowl(point)
+
+
+def test_tuner_on_sqlite_matches_the_pure_search_and_refuses_other_settings(tmp_path):
+    expected, order = run_search(SPACE, bowl)
+    tuner = Tuner(SPACE, tabular, tuner="coordinate", n_trials=100, out_dir=tmp_path, steps=(2, 1), poll_seconds=0)
+    result = tuner.run()
+    assert result.finished and len(result.trials) == len(order)
+    assert result.best["value"] == pytest.approx(max(expected.values()))
+    assert (tmp_path / "study.db").is_file()
+    # an existing study with other settings is refused, not silently mixed
+    other = SearchSpace((Axis("lr", 0.2, 2.0, -3, 4), Axis("fc_norm", 2.0, 2.0, -2, 4)))
+    with pytest.raises(FixNormError, match="other settings"):
+        Tuner(other, tabular, tuner="coordinate", n_trials=10, out_dir=tmp_path, steps=(2, 1))
+    with pytest.raises(FixNormError, match="pruning needs a sampler"):
+        Tuner(SPACE, tabular, tuner="coordinate", n_trials=10, out_dir=tmp_path / "b", pruner="median")
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random", "grid"])
+def test_optuna_samplers_spend_exactly_the_budget(tmp_path, sampler):
+    result = Tuner(SPACE, tabular, tuner=sampler, n_trials=8, out_dir=tmp_path, seed=3, poll_seconds=0).run()
+    assert len(result.trials) == 8 and all(t["state"] == "complete" for t in result.trials)
+    curve = result.best_so_far()
+    assert curve == sorted(curve) and curve[-1] == result.best["value"]
+
+
+def test_median_pruner_stops_poor_trials(tmp_path):
+    def objective(values, trial):
+        final = tabular(values, trial)
+        for epoch in range(1, 4):
+            trial.report(final * epoch / 3, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+        return final
+
+    result = Tuner(SPACE, objective, tuner="random", n_trials=14, out_dir=tmp_path, seed=0, pruner="median",
+                   poll_seconds=0).run()
+    states = [t["state"] for t in result.trials]
+    assert "pruned" in states and states.count("complete") >= 3
+
+
+WORKER = textwrap.dedent("""
+    import math, sys, time
+    from fixnorm.tune import Axis, SearchSpace, Tuner
+    space = SearchSpace((Axis("lr", 0.1, 2.0, -3, 4), Axis("fc_norm", 2.0, 2.0, -2, 4)))
+    def objective(values, trial):
+        time.sleep(0.3)
+        p = (round(math.log2(values["lr"] / 0.1)), round(math.log2(values["fc_norm"] / 2.0)))
+        return 0.9 - 0.01 * ((p[0] - 2) ** 2 + 0.5 * (p[1] - 3) ** 2)
+    Tuner(space, objective, tuner=sys.argv[2], n_trials=int(sys.argv[3]), out_dir=sys.argv[1], steps=(2, 1),
+          poll_seconds=0.1, seed=int(sys.argv[4])).run()
+""")
+
+
+@pytest.mark.parametrize("sampler", ["coordinate", "tpe"])
+def test_two_worker_processes_share_one_study_without_repeating_a_point(tmp_path, sampler):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    budget = 30 if sampler == "coordinate" else 10
+    workers = [subprocess.Popen([sys.executable, str(script), str(tmp_path), sampler, str(budget), str(seed)])
+               for seed in (0, 1)]
+    assert [w.wait(timeout=240) for w in workers] == [0, 0]
+    study = optuna.load_study(study_name=sampler, storage=f"sqlite:///{tmp_path / 'study.db'}")
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    points = [(t.params["lr_index"], t.params["fc_norm_index"]) for t in done]
+    workers_seen = {t.user_attrs["worker"] for t in done}
+    if sampler == "coordinate":
+        expected, order = run_search(SPACE, bowl)
+        # the same search split across two workers: every point it needs, none twice (a worker may have
+        # started a point that the other's result made unnecessary a moment later)
+        assert len(points) == len(set(points)) and set(order) <= set(points) and len(points) <= len(order) + 2
+        assert len(workers_seen) == 2
+    else:
+        assert len(done) == budget
+
+
+def completed(db):
+    if not db.exists():
+        return 0
+    con = sqlite3.connect(db)
+    try:
+        return con.execute("select count(*) from trials where state = 'COMPLETE'").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+    finally:
+        con.close()
+
+
+@needs_fmnist
+def test_sigkill_during_a_trial_loses_no_completed_trial_and_repeats_none(tmp_path):
+    """A real `fixnorm tune` (real training trials, SQLite) killed mid-trial and started again."""
+    args = [sys.executable, "-m", "fixnorm", "tune", "--recipe", "fmnist-smoke", "--method", "fixnorm",
+            "--set", "train_subset=600", "--set", "epochs=2", "--set", "threads=1", "--set", "holdout=500",
+            "--trials", "5", "--ratio", "2", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    straight = subprocess.run(args + ["--out", str(tmp_path / "straight")], env=env, capture_output=True, text=True,
+                              timeout=300)
+    assert straight.returncode == 0, straight.stderr
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(args + ["--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while completed(out / "study.db") < 2 and time.time() < deadline:
+        time.sleep(0.2)
+    # kill inside the third trial, once its run directory holds a checkpoint (nothing of it may be lost either)
+    while not list(out.glob("runs/*/last.pt"))[2:] and time.time() < deadline:
+        time.sleep(0.05)
+    before = completed(out / "study.db")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert before >= 2
+    again = subprocess.run(args + ["--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+
+    def trials(folder):
+        data = json.loads((folder / "tune.json").read_text())
+        return [(t["lr"], t["fc_norm"], t["value"]) for t in data["trials"]]
+
+    resumed, reference = trials(out), trials(tmp_path / "straight")
+    points = [(lr, fc) for lr, fc, _ in resumed]
+    assert len(points) == len(set(points)) == 5  # no completed point repeated, the budget met
+    assert sorted(resumed) == sorted(reference)  # same points, same accuracies: the resumed trial was exact
+    study = optuna.load_study(study_name="fixnorm-coordinate", storage=f"sqlite:///{out / 'study.db'}")
+    failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert len(failed) <= 1  # the trial the kill interrupted, failed on restart and redone
