@@ -35,6 +35,7 @@ from _common import atomic_write_json, atomic_write_text, command_line, machine_
 
 import torch  # noqa: E402
 
+from fixnorm.report import plot_best_so_far  # noqa: E402
 from fixnorm.train.config import load_recipe  # noqa: E402
 from fixnorm.tune import Axis, SearchSpace, Tuner, run_key, training_objective  # noqa: E402
 
@@ -52,7 +53,7 @@ TUNERS = [("FixNorm coordinate search", "fixnorm", "coordinate"), ("TPE on SGD+W
 
 
 def grid_phase(args: argparse.Namespace) -> None:
-    table_path = RESULTS / "tuning_grid.json"
+    table_path = Path(args.results) / "tuning_grid.json"
     table = json.loads(table_path.read_text()) if table_path.exists() else {"meta": {}, "methods": {}}
     settings = {**load_recipe("fmnist-tune"), "threads": args.threads}
     new = 0
@@ -79,7 +80,8 @@ def grid_phase(args: argparse.Namespace) -> None:
 
 
 def tuners_phase(args: argparse.Namespace) -> None:
-    table = json.loads((RESULTS / "tuning_grid.json").read_text())
+    results_dir = Path(args.results)
+    table = json.loads((results_dir / "tuning_grid.json").read_text())
     grid_best = {m: max(r["accuracy"] for r in rows.values()) for m, rows in table["methods"].items()}
     for method, space in SPACES.items():
         if len(table["methods"].get(method, {})) != len(space.grid()):
@@ -103,9 +105,12 @@ def tuners_phase(args: argparse.Namespace) -> None:
             if tuner == "coordinate":
                 coordinate_trials = len(result.trials)
         reached = [n for n in needed if n is not None]
+        # a seed that never got there counts as "more than the budget": the median stays defined while most do
+        censored = sorted(n if n is not None else math.inf for n in needed)
+        median_trials = statistics.median(censored)
         entry = {"tuner": label, "method": method, "sampler": tuner, "seeds": len(seeds),
                  "grid_best": grid_best[method], "trials_to_within_0.3": needed,
-                 "median_trials": statistics.median(reached) if len(reached) == len(needed) else None,
+                 "median_trials": median_trials if math.isfinite(median_trials) else None,
                  "reached_fraction": len(reached) / len(needed),
                  "mean_best_at": {str(k): statistics.mean(c[k - 1] for c in curves) for k in args.at if k <= budget},
                  "mean_curve": [statistics.mean(c[i] for c in curves) for i in range(budget)]}
@@ -122,14 +127,17 @@ def tuners_phase(args: argparse.Namespace) -> None:
     print(f"grid best FixNorm - SGD+WD: {100 * (grid_best['fixnorm'] - grid_best['sgd']):+.2f} points (target >= 0)")
     out = {"meta": {"command": command_line(), "budget": budget, "tolerance": TOLERANCE,
                     "grid": table["meta"]}, "grid_best": grid_best, "tuners": results}
-    atomic_write_json(RESULTS / "tuning_efficiency.json", out)
-    atomic_write_text(RESULTS / "tuning_efficiency.md", _markdown(out, args.at) + "\n")
-    _plot(out, RESULTS / "tuning_efficiency.png")
+    atomic_write_json(results_dir / "tuning_efficiency.json", out)
+    atomic_write_text(results_dir / "tuning_efficiency.md", _markdown(out, args.at) + "\n")
+    plot_best_so_far({f"{r['tuner']} ({r['seeds']} seed{'s' if r['seeds'] > 1 else ''})": r["mean_curve"]
+                      for r in out["tuners"]}, results_dir / "tuning_efficiency.png",
+                     references={f"grid best {m}": v for m, v in grid_best.items()},
+                     title="Tuning efficiency on Fashion-MNIST (mean over tuner seeds)")
 
 
 def _markdown(out: dict, at: list[int]) -> str:
     headers = ["tuner", "seeds", "trials to within 0.3 pt (median)", "reached"] + [f"best @ {k}" for k in at]
-    rows = [[r["tuner"], r["seeds"], r["median_trials"] if r["median_trials"] is not None else "not always",
+    rows = [[r["tuner"], r["seeds"], r["median_trials"] if r["median_trials"] is not None else f"> {out['meta']['budget']}",
              f"{r['reached_fraction']:.0%}"] + [f"{100 * r['mean_best_at'][str(k)]:.2f}" for k in at
                                                 if str(k) in r["mean_best_at"]] for r in out["tuners"]]
     lines = ["# Tuning efficiency (Fashion-MNIST, small CNN, recipe fmnist-tune)", "",
@@ -142,40 +150,11 @@ def _markdown(out: dict, at: list[int]) -> str:
     return "\n".join(lines)
 
 
-def _plot(out: dict, path: Path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot")
-        return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in out["tuners"]:
-        xs = range(1, len(r["mean_curve"]) + 1)
-        ax.plot(xs, [100 * v for v in r["mean_curve"]], marker="o" if r["sampler"] == "coordinate" else None,
-                label=f"{r['tuner']} ({r['seeds']} seed{'s' if r['seeds'] > 1 else ''})")
-    for method, best in out["grid_best"].items():
-        ax.axhline(100 * best, ls=":", lw=1, color="gray")
-        ax.text(1, 100 * best, f" grid best {method}", va="bottom", fontsize=8, color="gray")
-    ax.set_xlabel("trials")
-    ax.set_ylabel("best holdout accuracy so far (%)")
-    ax.set_title("Tuning efficiency: best-so-far accuracy against trials")
-    low = min(min(r["mean_curve"][2:] or r["mean_curve"]) for r in out["tuners"])
-    ax.set_ylim(100 * low - 0.5, 100 * max(out["grid_best"].values()) + 0.5)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--phase", choices=("grid", "tuners"), required=True)
     parser.add_argument("--runs", default="runs/tuning_efficiency", help="run directories of the grid phase")
+    parser.add_argument("--results", default=str(RESULTS), help="folder of tuning_grid.json and the results")
     parser.add_argument("--seed", type=int, default=0, help="training seed of every grid point")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per trial (1 keeps trials steady on a shared machine)")
