@@ -13,6 +13,11 @@ forward passes instead of hundreds.
 The *classifier* is found from the autograd graph: the weights of the last
 layer(s) on every path to the output. It is a classifier only when it is not
 scale-invariant (a final linear followed by a BatchNorm on the logits is not).
+
+The *final homogeneous sub-network* (LAWN, Gupta et al. 2021) is also read from the
+graph: the weights after the last normalisation or non-homogeneous op, such that
+the output is positively homogeneous in them (scaling them all by c scales the
+output by c**k, biases set to zero). See ``_final_homogeneous``.
 """
 from __future__ import annotations
 
@@ -50,6 +55,8 @@ class Roles:
     ``scale_invariant`` maps a parameter name to ``"filter"`` or ``"tensor"``;
     ``classifier`` lists the final-layer weights that are not scale-invariant;
     ``reasons`` says why for every parameter, and ``table()`` prints it all.
+    ``final_homogeneous`` lists the weights (ndim >= 2) of the final homogeneous
+    sub-network, the ones LAWN holds at fixed norms (empty when there is none).
     """
 
     scale_invariant: dict[str, str]
@@ -57,6 +64,7 @@ class Roles:
     shapes: dict[str, tuple[int, ...]]
     reasons: dict[str, str]
     final_layer: list[str] = field(default_factory=list)
+    final_homogeneous: list[str] = field(default_factory=list)
 
     def role(self, name: str) -> str:
         if name in self.scale_invariant:
@@ -75,6 +83,7 @@ class Roles:
             lines.append("  ".join(c.ljust(w) for c, w in zip(row[:3], widths)) + "  " + row[3])
             if i == 0:
                 lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 3)
+        lines.append("final homogeneous sub-network: " + (", ".join(self.final_homogeneous) or "none"))
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -82,14 +91,15 @@ class Roles:
 
     def to_dict(self) -> dict[str, Any]:
         return {"scale_invariant": dict(self.scale_invariant), "classifier": list(self.classifier),
-                "final_layer": list(self.final_layer),
+                "final_layer": list(self.final_layer), "final_homogeneous": list(self.final_homogeneous),
                 "shapes": {k: list(v) for k, v in self.shapes.items()}, "reasons": dict(self.reasons)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Roles:
         return cls(scale_invariant=dict(data["scale_invariant"]), classifier=list(data["classifier"]),
                    shapes={k: tuple(v) for k, v in data["shapes"].items()},
-                   reasons=dict(data["reasons"]), final_layer=list(data.get("final_layer", [])))
+                   reasons=dict(data["reasons"]), final_layer=list(data.get("final_layer", [])),
+                   final_homogeneous=list(data.get("final_homogeneous", [])))
 
 
 def analyze(
@@ -168,7 +178,8 @@ def analyze(
             reasons[name] = "final layer, " + reasons[name]
 
     roles = Roles(scale_invariant=invariant, classifier=classifier, shapes=shapes, reasons=reasons,
-                  final_layer=[n for n in candidates if n in final])
+                  final_layer=[n for n in candidates if n in final],
+                  final_homogeneous=[n for n in named if n in probe.final_homogeneous])
     return apply_overrides(roles, overrides)
 
 
@@ -252,6 +263,7 @@ class _Probe:
             raise FixNormError("the model's output on the example input is not finite (a BatchNorm over a "
                                "single value? use a batch of at least 2 with spatial size > 1)")
         self.scale = float(self.reference.abs().max()) or 1.0
+        self.final_homogeneous: set[str] = set()  # filled by trace_graph
 
     def perturb(self) -> None:
         """Move every parameter to a generic point so no zero or symmetric value hides a dependence."""
@@ -310,6 +322,7 @@ class _Probe:
         roots = [o.grad_fn for o in outs if o.grad_fn is not None]
         used = _reachable_params(roots, by_id)
         final = _final_weights(roots, by_id, module_outputs)
+        self.final_homogeneous = _final_homogeneous(roots, params)
         return used, {n for n in final if params[n].ndim >= 2}
 
 
@@ -374,6 +387,158 @@ def _final_weights(roots: list[Any], by_id: dict[int, str], module_outputs: dict
 
     _walk(roots, visit)
     return final
+
+
+# -- the final homogeneous sub-network (LAWN) ---------------------------------------------------
+# Explicit allow-lists: an autograd node not named here stops the walk (the sub-network ends after it).
+# Positively homogeneous of degree 1 in their one tensor input (ReLU(c x) = c ReLU(x) for c > 0):
+_HOMOGENEOUS_UNARY_NODES = _PASS_THROUGH_NODES + (
+    "ReluBackward", "LeakyReluBackward", "NegBackward", "NativeDropoutBackward", "MeanBackward", "SumBackward",
+    "MaxPool1DWithIndicesBackward", "MaxPool2DWithIndicesBackward", "MaxPool3DWithIndicesBackward",
+    "AvgPool2DBackward", "AvgPool3DBackward", "AdaptiveAvgPool2DBackward", "AdaptiveAvgPool3DBackward",
+    "AdaptiveMaxPool2DBackward", "AdaptiveMaxPool3DBackward", "IndexBackward", "RepeatBackward", "FlipBackward",
+    "SplitBackward", "SplitWithSizesBackward", "UnbindBackward", "UnsafeSplitBackward", "NarrowBackward",
+)
+# sums: homogeneous when every summand has the same degree (a 1-D parameter, a bias, counts as zero)
+_SUM_NODES = ("AddBackward", "SubBackward", "CatBackward", "StackBackward")
+# multilinear in their operands: the degrees add up; a weight operand adds 1
+_PRODUCT_NODES = ("MulBackward", "MmBackward", "BmmBackward", "MvBackward", "DotBackward")
+# (summand index, product indices): addmm(bias, x, W^T) and convolution(x, W, bias)
+_AFFINE_NODES = {"AddmmBackward": (0, (1, 2)), "BaddbmmBackward": (0, (1, 2)), "AddmvBackward": (0, (1, 2)),
+                 "ConvolutionBackward": (2, (0, 1))}
+
+
+def _node_kind(node: Any) -> str:
+    return type(node).__name__.rstrip("0123456789")
+
+
+def _final_homogeneous(roots: list[Any], params: dict[str, torch.Tensor]) -> set[str]:
+    """Weights (ndim >= 2) of the final homogeneous sub-network, walking back from the outputs.
+
+    Every node gets a degree k and a set of weights S such that its value is positively
+    homogeneous of degree k in S (biases at zero), given the values where the walk stopped:
+    a normalisation, a non-homogeneous op (sigmoid, SiLU, GELU, ReLU6, softmax, division by
+    a tensor, ...) or any node not on the allow-lists above. A node whose inputs disagree on
+    the degree (``x + W2 relu(W1 x)`` without a norm), or whose stopped values depend on S
+    (a squeeze-excite gate computed from its own input, a weight shared with the body),
+    becomes a stop itself: the sub-network is only what lies after it.
+    """
+    bit = {id(p): 1 << i for i, p in enumerate(params.values())}
+    names = list(params)
+    ndims = {id(p): p.ndim for p in params.values()}
+    reach_memo: dict[Any, int] = {}
+
+    def reach(start: Any) -> int:
+        """Bitmask of the parameters ``start``'s value depends on."""
+        stack = [(start, False)]
+        while stack:
+            node, expanded = stack.pop()
+            if node in reach_memo:
+                continue
+            children = _children(node)
+            if not expanded:
+                stack.append((node, True))
+                stack.extend((c, False) for c in children if c not in reach_memo)
+                continue
+            var = getattr(node, "variable", None)
+            mask = bit.get(id(var), 0) if var is not None else 0
+            for c in children:
+                mask |= reach_memo[c]
+            reach_memo[node] = mask
+        return reach_memo[start]
+
+    # a result is ("leaf", var) for a parameter seen through reshapes and casts, or
+    # ("h", degree or None (a zero-able bias: any degree), weights mask, mask of the parameters the stops read)
+    CONST = ("h", 0, 0, 0)
+
+    def stop(node: Any) -> tuple:
+        return ("h", 0, 0, reach(node))
+
+    def as_factor(r: tuple) -> tuple:
+        if r[0] == "leaf":
+            var = r[1]
+            return ("h", 1, bit[id(var)], 0) if ndims[id(var)] >= 2 else CONST
+        return ("h", r[1] or 0, r[2], r[3])
+
+    def as_summand(r: tuple) -> tuple:
+        if r[0] == "leaf":
+            return ("h", None, 0, 0) if ndims[id(r[1])] < 2 else CONST
+        return r
+
+    def as_value(r: tuple) -> tuple:
+        return CONST if r[0] == "leaf" else r
+
+    def checked(node: Any, degree: int | None, weights: int, tainted: int) -> tuple:
+        return stop(node) if weights & tainted else ("h", degree, weights, tainted)
+
+    def combine_sum(node: Any, parts: list[tuple]) -> tuple:
+        degrees = {p[1] for p in parts if p[1] is not None}
+        if len(degrees) > 1:
+            return stop(node)
+        weights = tainted = 0
+        for p in parts:
+            weights, tainted = weights | p[2], tainted | p[3]
+        return checked(node, degrees.pop() if degrees else None, weights, tainted)
+
+    def combine_product(node: Any, parts: list[tuple]) -> tuple:
+        weights = tainted = degree = 0
+        for p in parts:
+            degree, weights, tainted = degree + (p[1] or 0), weights | p[2], tainted | p[3]
+        return checked(node, degree, weights, tainted)
+
+    memo: dict[Any, tuple] = {}
+
+    def inputs(node: Any) -> list[Any]:
+        return [c for c, _ in getattr(node, "next_functions", ())]
+
+    def result(child: Any) -> tuple:
+        return CONST if child is None else memo[child]
+
+    def evaluate(node: Any) -> tuple:
+        kind = _node_kind(node)
+        var = getattr(node, "variable", None)
+        if var is not None:  # AccumulateGrad: a parameter, or an input that requires grad (a constant here)
+            return ("leaf", var) if id(var) in bit else CONST
+        args = inputs(node)
+        if kind in _AFFINE_NODES:
+            summand, factors = _AFFINE_NODES[kind]
+            if len(args) <= max(summand, *factors):
+                return stop(node)
+            product = combine_product(node, [as_factor(result(args[i])) for i in factors])
+            return combine_sum(node, [product, as_summand(result(args[summand]))])
+        if kind in _PRODUCT_NODES:
+            return combine_product(node, [as_factor(result(c)) for c in args])
+        if kind in _SUM_NODES:
+            return combine_sum(node, [as_summand(result(c)) for c in args])
+        if kind == "DivBackward" and len(args) == 2 and args[1] is None and args[0] is not None:
+            return as_value(result(args[0]))  # division by a constant
+        if kind in _HOMOGENEOUS_UNARY_NODES and len([c for c in args if c is not None]) == 1:
+            child = result(next(c for c in args if c is not None))
+            return child if kind in _PASS_THROUGH_NODES else as_value(child)
+        return stop(node)
+
+    def walks_into(node: Any) -> bool:
+        kind = _node_kind(node)
+        return (kind in _AFFINE_NODES or kind in _PRODUCT_NODES or kind in _SUM_NODES or kind == "DivBackward"
+                or kind in _HOMOGENEOUS_UNARY_NODES)
+
+    stack = [(r, False) for r in roots]
+    while stack:
+        node, expanded = stack.pop()
+        if node in memo:
+            continue
+        if not expanded and walks_into(node):
+            stack.append((node, True))
+            stack.extend((c, False) for c in inputs(node) if c is not None and c not in memo)
+            continue
+        memo[node] = evaluate(node)
+    tops = [as_value(memo[r]) for r in roots]
+    weights = tainted = 0
+    for top in tops:
+        weights, tainted = weights | top[2], tainted | top[3]
+    if len({top[1] for top in tops if top[1] is not None}) > 1 or weights & tainted:
+        return set()  # several outputs of different degrees, or outputs that read each other's sub-network
+    return {names[i] for i in range(len(names)) if weights >> i & 1 and params[names[i]].ndim >= 2}
 
 
 class _GroupTester:

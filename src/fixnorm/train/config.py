@@ -119,6 +119,14 @@ RECIPES: dict[str, dict[str, Any]] = {
     "fmnist-tune": dict(model="small_cnn", dataset="fashion_mnist", train_subset=15000, holdout=5000, epochs=3,
                         batch_size=64, lr=0.1, weight_decay=5e-4, schedule="cosine", augment="crop", crop_padding=2,
                         precision="bf16", channels_last=True, checkpoint_every=1),
+    # LAWN's setting: Adam at a large batch; held classifier norm after a 1-epoch free warm-up (docs/lawn.md)
+    "fmnist-lawn-adam": dict(model="small_cnn", dataset="fashion_mnist", epochs=3, batch_size=1024, method="lawn",
+                             base="adam", lr=3e-3, weight_decay=0.0, warmup_epochs=0.5, schedule="cosine",
+                             augment="crop", crop_padding=2, method_kwargs={"lawn": {"warmup_epochs": 1}}),
+    # Powerpropagation, alpha 2, before magnitude pruning (docs/powerprop.md, benchmarks/powerprop_sparsity.py)
+    "fmnist-powerprop": dict(model="small_cnn", dataset="fashion_mnist", epochs=2, batch_size=128, lr=0.2,
+                             weight_decay=5e-4, schedule="cosine", augment="crop", crop_padding=2,
+                             method="powerprop", method_kwargs={"powerprop": {"alpha": 2.0}}),
     # a smoke test: a small CNN on 2000 images, seconds
     "fmnist-smoke": dict(model="small_cnn", model_kwargs={"width": 8}, dataset="fashion_mnist", train_subset=2000,
                          epochs=2, batch_size=100, lr=0.1, augment="crop", crop_padding=2),

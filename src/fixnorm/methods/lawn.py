@@ -1,0 +1,352 @@
+"""LAWN (Logit Attenuating Weight Normalization, Gupta et al. 2021, arXiv 2108.05839), stacked on any optimizer.
+
+Train freely for a warm-up; then hold every weight of the *final homogeneous sub-network* (the layers after
+the last normalisation whose ops are positively homogeneous, found by :func:`fixnorm.analyze`) at the norm
+it had at the end of the warm-up, projecting back after every step, with weight decay off for those weights.
+The logits are then a degree-k homogeneous function of weights whose norms cannot grow: their scale is
+bounded ("attenuated"), which keeps the loss from collapsing and the network adaptive; the paper reports
+the largest gains for Adam and for large batches.
+
+``LAWN`` works without the engine: it attaches to an optimizer through ``register_step_post_hook``.
+The ``lawn`` method wraps it for the engine (settings ``warmup_epochs`` and ``layers``).
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+import weakref
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..constraints import fix_tensor_norms_, tensor_norms_fp32
+from ..errors import FixNormError
+from ..roles import Roles, analyze
+from ..train.hooks import Hook
+from . import Method, method_settings, register_method
+from .baselines import base_optimizer, decay_groups
+
+if TYPE_CHECKING:
+    from ..train.config import TrainConfig
+    from ..train.engine import Trainer
+
+FINAL_HOMOGENEOUS = "final_homogeneous"
+
+
+class LAWN:
+    """Hold chosen weights at their end-of-warm-up norms after every step of ``optimizer``.
+
+    Args:
+        model: the model the optimizer trains (for parameter names and the analysis).
+        optimizer: any torch optimizer, ``fixnorm.FixNorm`` included, that owns the parameters.
+        example_inputs: a batch for ``model(*example_inputs)``; needed only to find the final
+            homogeneous sub-network when neither ``roles`` nor a list of names is given.
+        warmup_steps: optimizer steps of free training. The norms are recorded right after step
+            ``warmup_steps`` (0: at construction) and restored after every later step. ``None``
+            defers it: set ``lawn.warmup_steps`` before the first step (the engine does, once it
+            knows the steps per epoch).
+        params: ``None`` or ``"final_homogeneous"`` (the analysis decides) or a list of parameter names.
+        roles: a :class:`fixnorm.Roles` from ``analyze``, to skip the analysis.
+
+    Weight decay: after the warm-up the constrained weights get ``weight_decay = 0`` (the paper's
+    constrained phase uses no weight decay; decay, coupled or decoupled, would only fight the
+    projection). A param group with weight decay that mixes constrained and other parameters is
+    split at construction, the constrained ones moving to a copy of the group, so that decay can be
+    turned off for them alone. Build LAWN before an LR scheduler, so that the scheduler sees the split.
+    The step counter counts calls of ``optimizer.step()`` (a step GradScaler skips is not counted).
+    """
+
+    check_every = 100  # steps between host-side checks of the projection's flags on a GPU
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        *,
+        warmup_steps: int | None,
+        params: str | Sequence[str] | None = None,
+        roles: Roles | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise FixNormError(f"LAWN needs the model (an nn.Module), got {type(model).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise FixNormError(f"LAWN needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        named = dict(model.named_parameters())
+        self.names = _resolve_names(model, named, example_inputs, params, roles)
+        self.params = [named[n] for n in self.names]
+        owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        missing = [n for n, p in zip(self.names, self.params) if id(p) not in owned]
+        if missing:
+            raise FixNormError(f"parameter(s) {missing[:6]} are not trained by this optimizer; LAWN constrains only "
+                               "parameters the optimizer steps")
+        _check_warmup(warmup_steps)
+        self.optimizer = optimizer
+        self.step_count = 0
+        self._warmup_steps: int | None = None
+        self._targets: list[torch.Tensor] | None = None  # one fp32 vector per device bucket
+        self._bad: list[torch.Tensor] = []
+        buckets: OrderedDict[torch.device, list[int]] = OrderedDict()
+        for i, p in enumerate(self.params):
+            buckets.setdefault(p.device, []).append(i)
+        self._buckets = list(buckets.values())
+        if warmup_steps == 0:
+            self._checked_norms()  # fail before touching the optimizer
+        self._split_decay_groups()
+        self.warmup_steps = warmup_steps
+        self._handle = optimizer.register_step_post_hook(self._after_step)
+
+    # -- the warm-up length ------------------------------------------------------------------
+    @property
+    def warmup_steps(self) -> int | None:
+        return self._warmup_steps
+
+    @warmup_steps.setter
+    def warmup_steps(self, value: int | None) -> None:
+        _check_warmup(value)
+        if self._targets is not None and value != self._warmup_steps:
+            raise FixNormError(f"the warm-up already ended at step {self._warmup_steps} and the norms are recorded; "
+                               f"warmup_steps cannot change to {value}")
+        self._warmup_steps = value
+        if value is not None and self._targets is None and self.step_count >= value:
+            self._record()
+
+    @property
+    def constrained(self) -> bool:
+        """Whether the warm-up is over and the norms are held."""
+        return self._targets is not None
+
+    # -- the step ----------------------------------------------------------------------------
+    def _split_decay_groups(self) -> None:
+        """Move constrained weights out of decayed groups they share with others (see the class docstring)."""
+        mine = {id(p) for p in self.params}
+        for group in list(self.optimizer.param_groups):
+            inside = [p for p in group["params"] if id(p) in mine]
+            if not inside or len(inside) == len(group["params"]) or not group.get("weight_decay"):
+                continue
+            group["params"] = [p for p in group["params"] if id(p) not in mine]
+            settings = {k: v for k, v in group.items() if k != "params"}
+            self.optimizer.add_param_group({**settings, "params": inside})
+
+    def _decay_off(self) -> None:
+        mine = {id(p) for p in self.params}
+        for group in self.optimizer.param_groups:
+            if group.get("weight_decay") and any(id(p) in mine for p in group["params"]):
+                if not all(id(p) in mine for p in group["params"]):
+                    raise FixNormError("a param group with weight decay mixes LAWN's weights with others (was a "
+                                       "group added after LAWN was built?); give LAWN's weights their own group")
+                group["weight_decay"] = 0.0
+
+    @torch.no_grad()
+    def _checked_norms(self) -> list[torch.Tensor]:
+        targets = [tensor_norms_fp32([self.params[i] for i in bucket]) for bucket in self._buckets]
+        bad = [self.names[i] for bucket, t in zip(self._buckets, targets)
+               for i, ok in zip(bucket, (torch.isfinite(t) & (t > 0)).tolist()) if not ok]
+        if bad:
+            raise FixNormError(f"parameter(s) {bad[:6]} have a zero or non-finite norm at the end of LAWN's warm-up "
+                               f"(step {self.step_count}): a zero weight has no direction to hold. Initialise them, "
+                               "lower the learning rate, or leave them out with params=[...]")
+        return targets
+
+    def _record(self) -> None:
+        self._targets = [t.clone() for t in self._checked_norms()]
+        self._decay_off()
+
+    @torch.no_grad()
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._warmup_steps is None:
+            raise FixNormError("LAWN.warmup_steps is not set: set it before the first optimizer step")
+        self.step_count += 1
+        if self._targets is None:
+            if self.step_count >= self._warmup_steps:
+                self._record()
+            return
+        for bucket, target in zip(self._buckets, self._targets):
+            bad = fix_tensor_norms_([self.params[i] for i in bucket], target)
+            if bad.device.type == "cpu":
+                self._raise_if_bad([bad])
+            else:
+                self._bad.append(bad.any().reshape(1))
+        if self._bad and self.step_count % self.check_every == 0:
+            self.check()
+
+    def _raise_if_bad(self, flags: list[torch.Tensor]) -> None:
+        if bool(torch.cat([f.reshape(-1) for f in flags]).any()):
+            raise FixNormError(f"a LAWN-constrained weight ({', '.join(self.names[:4])}...) got a zero or non-finite "
+                               "norm after a step (a NaN/inf gradient?); the step was applied: reload the last "
+                               "checkpoint and lower the learning rate")
+
+    def check(self) -> None:
+        """Raise if a projection since the last check met a zero or non-finite norm (syncs with the device)."""
+        flags, self._bad = self._bad, []
+        if flags:
+            self._raise_if_bad(flags)
+
+    def norms(self) -> dict[str, float]:
+        """Current fp32 norm of every constrained weight (syncs; for logging and tests)."""
+        out: dict[str, float] = {}
+        for bucket in self._buckets:
+            values = tensor_norms_fp32([self.params[i] for i in bucket]).tolist()
+            out.update({self.names[i]: v for i, v in zip(bucket, values)})
+        return out
+
+    def targets(self) -> dict[str, float] | None:
+        """The recorded norms, or None during the warm-up."""
+        if self._targets is None:
+            return None
+        return {self.names[i]: v for bucket, t in zip(self._buckets, self._targets)
+                for i, v in zip(bucket, t.tolist())}
+
+    def remove(self) -> None:
+        """Detach from the optimizer (no more projections)."""
+        self._handle.remove()
+
+    # -- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        self.check()
+        targets = None
+        if self._targets is not None:  # one fp32 vector in the order of ``names``
+            targets = torch.empty(len(self.names), dtype=torch.float32)
+            for bucket, t in zip(self._buckets, self._targets):
+                targets[bucket] = t.detach().cpu()
+        return {"version": 1, "step": self.step_count, "warmup_steps": self._warmup_steps, "names": list(self.names),
+                "targets": targets}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or state.get("version") != 1:
+            raise FixNormError("not a LAWN state dict (expected the dict LAWN.state_dict() returns)")
+        if list(state["names"]) != self.names:
+            raise FixNormError(f"the saved LAWN state constrains {state['names'][:4]}..., this LAWN constrains "
+                               f"{self.names[:4]}...; was it saved from another model or another `params`?")
+        targets = state["targets"]
+        if targets is not None and (not isinstance(targets, torch.Tensor) or targets.shape != (len(self.names),)):
+            raise FixNormError("the saved LAWN targets have the wrong shape")
+        self.step_count = int(state["step"])
+        self._warmup_steps = state["warmup_steps"]
+        self._bad = []
+        if targets is None:
+            self._targets = None
+            return
+        self._targets = [targets[bucket].to(device=self.params[bucket[0]].device, dtype=torch.float32)
+                         for bucket in self._buckets]
+        self._decay_off()
+
+
+def _check_warmup(value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise FixNormError(f"warmup_steps must be an integer >= 0 (or None to set it later), got {value!r}")
+
+
+def _resolve_names(model: nn.Module, named: dict[str, torch.Tensor], example_inputs: Any,
+                   params: str | Sequence[str] | None, roles: Roles | None) -> list[str]:
+    if params is None or params == FINAL_HOMOGENEOUS:
+        if roles is None:
+            if example_inputs is None:
+                raise FixNormError("LAWN needs example_inputs (a batch for model(*example_inputs)) to find the final "
+                                   "homogeneous sub-network, or roles= from fixnorm.analyze(), or params=[names]")
+            roles = analyze(model, example_inputs)
+        if set(roles.shapes) != set(named):
+            raise FixNormError("roles do not match the model's parameters; were they analysed on another model?")
+        if not roles.final_homogeneous:
+            raise FixNormError("the analysis found no final homogeneous sub-network (the output comes straight from a "
+                               "normalisation or a non-homogeneous op such as sigmoid or GELU); name the weights to "
+                               "constrain with params=[...]")
+        return list(roles.final_homogeneous)
+    if isinstance(params, str) or not all(isinstance(n, str) for n in params):
+        raise FixNormError(f"params must be None, {FINAL_HOMOGENEOUS!r} or a list of parameter names, got {params!r}")
+    names = list(params)
+    unknown = [n for n in names if n not in named]
+    if unknown:
+        raise FixNormError(f"unknown parameter name(s) {unknown[:6]}; names look like {list(named)[:4]}")
+    if len(set(names)) != len(names) or not names:
+        raise FixNormError(f"params must name each parameter once and at least one, got {names}")
+    return names
+
+
+def glob_names(model: nn.Module, patterns: Sequence[str]) -> list[str]:
+    """Weights (ndim >= 2) matching any glob, in model order; a pattern that matches no weight is an error."""
+    named = dict(model.named_parameters())
+    chosen: set[str] = set()
+    for pattern in patterns:
+        matched = [n for n, p in named.items() if fnmatch.fnmatchcase(n, pattern) and p.ndim >= 2]
+        if not matched:
+            raise FixNormError(f"LAWN layer pattern {pattern!r} matches no weight (ndim >= 2); names look like "
+                               f"{list(named)[:4]}")
+        chosen.update(matched)
+    return [n for n in named if n in chosen]
+
+
+# -- the engine method -------------------------------------------------------------------------
+_ATTACHED: weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[LAWN, float]] = weakref.WeakKeyDictionary()
+
+DEFAULTS: dict[str, Any] = {"warmup_epochs": None, "layers": FINAL_HOMOGENEOUS}
+DEFAULT_WARMUP_FRACTION = 0.2  # of cfg.epochs, when warmup_epochs is not given (our choice, see docs/lawn.md)
+
+
+def lawn_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The ``lawn`` method's settings, validated, with ``warmup_epochs`` resolved to a number."""
+    settings = method_settings(cfg, "lawn", DEFAULTS)
+    warmup = settings["warmup_epochs"]
+    if warmup is None:
+        warmup = DEFAULT_WARMUP_FRACTION * cfg.epochs
+    if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or not math.isfinite(warmup) or warmup < 0:
+        raise FixNormError(f"method_kwargs.lawn.warmup_epochs must be a number >= 0, got {warmup!r}")
+    layers = settings["layers"]
+    if layers != FINAL_HOMOGENEOUS and not (isinstance(layers, (list, tuple)) and layers
+                                            and all(isinstance(x, str) for x in layers)):
+        raise FixNormError(f"method_kwargs.lawn.layers must be {FINAL_HOMOGENEOUS!r} or a list of parameter-name "
+                           f"globs, got {layers!r}")
+    return {"warmup_epochs": float(warmup), "layers": layers}
+
+
+def build_lawn(model: nn.Module, cfg: TrainConfig, example: torch.Tensor) -> torch.optim.Optimizer:
+    """The base optimizer (``cfg.base``, ``cfg.weight_decay`` on weights) with LAWN attached to it."""
+    settings = lawn_settings(cfg)
+    cls, kwargs = base_optimizer(cfg)
+    optimizer = cls(decay_groups(model, cfg.weight_decay), **kwargs)
+    layers = settings["layers"]
+    params = FINAL_HOMOGENEOUS if layers == FINAL_HOMOGENEOUS else glob_names(model, layers)
+    lawn = LAWN(model, optimizer, example, warmup_steps=None, params=params)
+    _ATTACHED[optimizer] = (lawn, settings["warmup_epochs"])
+    return optimizer
+
+
+class LAWNHook(Hook):
+    """Sets the warm-up in steps once the engine knows the epoch length; logs and checkpoints LAWN."""
+
+    def __init__(self, lawn: LAWN, warmup_epochs: float) -> None:
+        self.lawn, self.warmup_epochs = lawn, warmup_epochs
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        steps = round(self.warmup_epochs * trainer.steps_per_epoch)
+        if self.lawn.warmup_steps is not None and self.lawn.warmup_steps != steps:
+            raise FixNormError(f"the checkpoint's LAWN warm-up is {self.lawn.warmup_steps} steps, "
+                               f"this run's is {steps}")
+        self.lawn.warmup_steps = steps
+
+    def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        norms = self.lawn.norms()
+        record["lawn_constrained"] = int(self.lawn.constrained)
+        record["lawn_norm"] = math.sqrt(sum(v * v for v in norms.values()))
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.lawn.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.lawn.load_state_dict(state)
+
+
+def lawn_hooks(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> list[Hook]:
+    if optimizer not in _ATTACHED:
+        raise FixNormError("the lawn method's hooks need the optimizer its build_optimizer made")
+    lawn, warmup_epochs = _ATTACHED[optimizer]
+    return [LAWNHook(lawn, warmup_epochs)]
+
+
+register_method(Method(
+    "lawn", "LAWN: free warm-up, then the final homogeneous sub-network's weight norms held at their warm-up-end "
+    "values (base optimizer from `base`, `weight_decay` on weights, off for the held ones after warm-up; settings "
+    "method_kwargs.lawn.warmup_epochs, .layers)", build_lawn, hooks=lawn_hooks))
