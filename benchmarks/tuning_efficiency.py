@@ -53,30 +53,43 @@ TUNERS = [("FixNorm coordinate search", "fixnorm", "coordinate"), ("TPE on SGD+W
 
 
 def grid_phase(args: argparse.Namespace) -> None:
-    table_path = Path(args.results) / "tuning_grid.json"
-    table = json.loads(table_path.read_text()) if table_path.exists() else {"meta": {}, "methods": {}}
     settings = {**load_recipe("fmnist-tune"), "threads": args.threads}
     new = 0
-    for method, space in SPACES.items():
-        objective = training_objective({**settings, "method": method, "seed": args.seed}, Path(args.runs) / method)
-        rows = table["methods"].setdefault(method, {})
+    for method in args.methods:
+        space = SPACES[method]
+        runs = Path(args.runs) / method
+        objective = training_objective({**settings, "method": method, "seed": args.seed}, runs)
         for point in space.grid():
             values = space.values(point)
-            key = run_key(values)
-            if key in rows:
+            if (runs / run_key(values) / "summary.json").exists():
                 continue
             if args.max_new is not None and new >= args.max_new:
                 print(f"stopping after {new} new trials (--max-new)")
                 return
             start = time.perf_counter()
-            rows[key] = {"point": list(point), **values, "accuracy": objective(values, None)}
+            accuracy = objective(values, None)
             new += 1
-            print(f"{method} {key}: {rows[key]['accuracy']:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
-            table["meta"] = {"recipe": "fmnist-tune", "settings": settings, "seed": args.seed,
-                             "spaces": {m: s.to_dict() for m, s in SPACES.items()}, "machine": machine_info(
-                                 torch.device("cpu")), "command": command_line()}
-            atomic_write_json(table_path, table)
+            print(f"{method} {run_key(values)}: {accuracy:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
+            write_table(args, settings)
+    write_table(args, settings)
     print("grid complete")
+
+
+def write_table(args: argparse.Namespace, settings: dict) -> None:
+    """The table of every finished grid run, rebuilt from the run directories (several grid workers may write it)."""
+    table = {"meta": {"recipe": "fmnist-tune", "settings": settings, "seed": args.seed,
+                      "spaces": {m: s.to_dict() for m, s in SPACES.items()},
+                      "machine": machine_info(torch.device("cpu")), "command": command_line()}, "methods": {}}
+    for method, space in SPACES.items():
+        rows = table["methods"].setdefault(method, {})
+        for point in space.grid():
+            values = space.values(point)
+            summary = Path(args.runs) / method / run_key(values) / "summary.json"
+            if summary.exists():
+                data = json.loads(summary.read_text())
+                rows[run_key(values)] = {"point": list(point), **values, "accuracy": data["final_test_acc"],
+                                         "train_seconds": data["train_seconds"]}
+    atomic_write_json(Path(args.results) / "tuning_grid.json", table)
 
 
 def tuners_phase(args: argparse.Namespace) -> None:
@@ -158,6 +171,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="training seed of every grid point")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per trial (1 keeps trials steady on a shared machine)")
+    parser.add_argument("--methods", nargs="+", choices=list(SPACES), default=list(SPACES),
+                        help="grid phase: which lattices to train (run one process per method to use 2 cores)")
     parser.add_argument("--max-new", type=int, default=None, help="grid phase: stop after this many new trials")
     parser.add_argument("--tuner-seeds", type=int, default=20)
     parser.add_argument("--budget", type=int, default=30, help="trials per tuner run")
