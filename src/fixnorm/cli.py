@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train one run from a recipe; --resume RUN_DIR continues a run")
     _add_run_options(train)
-    train.add_argument("--method", default=None, help="sgd, adamw, rmsprop, fixnorm (default: the recipe's)")
+    train.add_argument("--method", default=None, help="a method from `fixnorm list` (default: the recipe's)")
     train.add_argument("--run-dir", default=None, help="where the run is written (default: runs/<recipe>-...)")
     train.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR from last.pt")
     train.set_defaults(func=cmd_train)

@@ -74,3 +74,4 @@ def method_settings(cfg: TrainConfig, name: str, defaults: dict[str, Any]) -> di
 from . import baselines, fixnorm_method  # noqa: E402,F401  (registers the built-in methods)
 from . import lawn  # noqa: E402,F401
 from . import powerprop  # noqa: E402,F401
+from . import mimicnorm  # noqa: E402,F401

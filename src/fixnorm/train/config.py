@@ -127,6 +127,11 @@ RECIPES: dict[str, dict[str, Any]] = {
     "fmnist-powerprop": dict(model="small_cnn", dataset="fashion_mnist", epochs=2, batch_size=128, lr=0.2,
                              weight_decay=5e-4, schedule="cosine", augment="crop", crop_padding=2,
                              method="powerprop", method_kwargs={"powerprop": {"alpha": 2.0}}),
+    # MimicNorm on the reference code's CIFAR schedule (SGD 0.1, wd 5e-4, 2 warm-up epochs, /10 at 80, 110, 135)
+    "cifar100-resnet56-mimicnorm": dict(model="resnet56", dataset="cifar100", epochs=150, batch_size=128, lr=0.1,
+                                        nesterov=False, weight_decay=5e-4, schedule="step",
+                                        milestones=[80, 110, 135], gamma=0.1, warmup_epochs=2,
+                                        augment="crop_flip", method="mimicnorm"),
     # a smoke test: a small CNN on 2000 images, seconds
     "fmnist-smoke": dict(model="small_cnn", model_kwargs={"width": 8}, dataset="fashion_mnist", train_subset=2000,
                          epochs=2, batch_size=100, lr=0.1, augment="crop", crop_padding=2),
