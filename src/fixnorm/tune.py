@@ -163,11 +163,11 @@ def _alive(worker: str) -> bool | None:
     if host != socket.gethostname() or not pid.isdigit():
         return None
     try:
-        os.kill(int(pid), 0)
+        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # exists, owned by someone else
+        pass
     return True
 
 
@@ -197,8 +197,8 @@ class Tuner:
 
     Args:
         space: the lattice to search.
-        objective: ``objective(values, trial) -> accuracy`` (higher is better); ``trial`` is the
-            Optuna trial, for pruning reports.
+        objective: ``objective(values, trial) -> accuracy`` (higher is better); ``trial`` offers
+            ``report(value, step)`` and ``should_prune()`` (Optuna's) and ``heartbeat()``.
         tuner: "coordinate" (FixNorm's search), "tpe", "random" or "grid".
         n_trials: the study's budget of finished trials, shared by all workers.
         storage: an Optuna storage URL; default SQLite in ``out_dir/study.db``.
@@ -384,7 +384,8 @@ class Tuner:
     def _record(self, t: Any) -> dict[str, Any]:
         values = self.space.values(self._point(t)) if t.params else {}
         return {"number": t.number, "state": t.state.name.lower(), **values, "value": t.value,
-                "seconds": t.user_attrs.get("seconds"), "worker": t.user_attrs.get("worker")}
+                "seconds": t.user_attrs.get("seconds"), "worker": t.user_attrs.get("worker"),
+                "diverged": t.user_attrs.get("diverged")}
 
     def result(self) -> TuneResult:
         optuna = _optuna()
