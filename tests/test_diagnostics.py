@@ -10,6 +10,7 @@ from fixnorm.data import DEFAULT_FASHION_MNIST_DIR
 from fixnorm.diagnostics import DiagnosticsHook, angles, effective_lr_power, margins
 from fixnorm.models import create_model
 from fixnorm.train import Trainer, load_checkpoint, load_recipe, make_config, train
+from helpers import train_until
 
 needs_fmnist = pytest.mark.skipif(not DEFAULT_FASHION_MNIST_DIR.exists(),
                                   reason="apt-get install dataset-fashion-mnist")
@@ -96,14 +97,7 @@ def test_diagnostics_resume_exactly(tmp_path):
     cfg = make_config(TINY, {"method": "fixnorm", "epochs": 2})
     train(cfg, tmp_path / "straight")
 
-    class Stop(Exception):
-        pass
-
-    def stop(record):
-        raise Stop
-
-    with pytest.raises(Stop):
-        Trainer(cfg, tmp_path / "stopped", on_epoch=stop).fit()
+    train_until(cfg, tmp_path / "stopped", epoch=1)
     Trainer(None, tmp_path / "stopped", resume=True).fit()
     straight, resumed = rows(tmp_path / "straight"), rows(tmp_path / "stopped")
     assert straight == [{k: v for k, v in r.items() if k not in ("seconds", "images_per_second")} | {

@@ -18,6 +18,7 @@ from fixnorm.data import DEFAULT_FASHION_MNIST_DIR
 from fixnorm.train import (RECIPES, Trainer, load_checkpoint, load_recipe, lr_factor, make_config, parse_overrides,
                            train)
 from fixnorm.train.compare import run_comparison
+from helpers import train_until
 
 needs_fmnist = pytest.mark.skipif(not DEFAULT_FASHION_MNIST_DIR.exists(),
                                   reason="apt-get install dataset-fashion-mnist")
@@ -119,15 +120,7 @@ def test_resume_reaches_the_same_weights_bit_for_bit(tmp_path, method):
     cfg = make_config(TINY, {"method": method, "ema_decay": 0.9})
     train(cfg, tmp_path / "straight")
 
-    class Stop(Exception):
-        pass
-
-    def stop_after_first(record):
-        if record["epoch"] == 1:
-            raise Stop
-
-    with pytest.raises(Stop):
-        Trainer(cfg, tmp_path / "stopped", on_epoch=stop_after_first).fit()
+    train_until(cfg, tmp_path / "stopped", epoch=1)
     assert load_checkpoint(tmp_path / "stopped" / "last.pt")["epoch"] == 1
     Trainer(None, tmp_path / "stopped", resume=True).fit()
     assert_same_weights(weights(tmp_path / "straight" / "last.pt"), weights(tmp_path / "stopped" / "last.pt"))

@@ -15,6 +15,7 @@ from fixnorm.methods.lawn import LAWN, build_lawn, glob_names
 from fixnorm.models import create_model
 from fixnorm.roles import _final_homogeneous
 from fixnorm.train import Trainer, load_checkpoint, load_recipe, make_config, train
+from helpers import train_until
 
 needs_fmnist = pytest.mark.skipif(not DEFAULT_FASHION_MNIST_DIR.exists(),
                                   reason="apt-get install dataset-fashion-mnist")
@@ -313,15 +314,7 @@ def test_engine_run_trains_holds_the_norm_and_resumes(tmp_path):
     rows = list(csv.DictReader((tmp_path / "straight" / "metrics.csv").open()))
     assert [r["lawn_constrained"] for r in rows] == ["1", "1", "1"]  # warm-up: exactly the first epoch
 
-    class Stop(Exception):
-        pass
-
-    def stop_after_first(record):
-        if record["epoch"] == 1:
-            raise Stop
-
-    with pytest.raises(Stop):
-        Trainer(cfg, tmp_path / "stopped", on_epoch=stop_after_first).fit()
+    train_until(cfg, tmp_path / "stopped", epoch=1)
     after_warmup = load_checkpoint(tmp_path / "stopped" / "last.pt")["model"]["classifier.weight"].norm()
     Trainer(None, tmp_path / "stopped", resume=True).fit()
     straight = load_checkpoint(tmp_path / "straight" / "last.pt")["model"]

@@ -12,6 +12,7 @@ from fixnorm.methods.powerprop import (PowerPropagation, PruneMask, magnitude_pr
                                        weight_sparsity)
 from fixnorm.models import create_model
 from fixnorm.train import Trainer, load_checkpoint, load_recipe, make_config, train
+from helpers import train_until
 
 needs_fmnist = pytest.mark.skipif(not DEFAULT_FASHION_MNIST_DIR.exists(),
                                   reason="apt-get install dataset-fashion-mnist")
@@ -234,15 +235,7 @@ def test_engine_run_trains_and_resumes_bit_for_bit(tmp_path):
     summary = train(cfg, tmp_path / "straight")
     assert summary["final_test_acc"] > 0.2  # chance is 0.1
 
-    class Stop(Exception):
-        pass
-
-    def stop_after_first(record):
-        if record["epoch"] == 1:
-            raise Stop
-
-    with pytest.raises(Stop):
-        Trainer(cfg, tmp_path / "stopped", on_epoch=stop_after_first).fit()
+    train_until(cfg, tmp_path / "stopped", epoch=1)
     Trainer(None, tmp_path / "stopped", resume=True).fit()
     a = load_checkpoint(tmp_path / "straight" / "last.pt")["model"]
     b = load_checkpoint(tmp_path / "stopped" / "last.pt")["model"]

@@ -96,26 +96,24 @@ def coordinate_search_next(space: SearchSpace, results: Mapping[Point, float],
 
     ``steps`` are lattice steps; each is used for a line search over axis 0 (lr), then axis 1.
     """
-    center: Point = (0, 0)
-    for step in steps:
-        for axis in (0, 1):
-            outcome = _line_search(space, results, center, axis, step)
-            if isinstance(outcome, list):
-                return outcome
-            center = outcome
-    return []
+    return _replay(space, results, steps)[0]
 
 
 def coordinate_search_best(space: SearchSpace, results: Mapping[Point, float], steps: Sequence[int] = (4, 2)) -> Point:
-    """Where the coordinate search ends (or stands): the centre of its last finished line search."""
+    """Where the coordinate search ends (or stands): the centre its last finished line search chose."""
+    return _replay(space, results, steps)[1]
+
+
+def _replay(space: SearchSpace, results: Mapping[Point, float], steps: Sequence[int]) -> tuple[list[Point], Point]:
+    """Run the search over the known results: (the points it waits for, the centre it has reached)."""
     center: Point = (0, 0)
     for step in steps:
         for axis in (0, 1):
             outcome = _line_search(space, results, center, axis, step)
             if isinstance(outcome, list):
-                return center
+                return outcome, center
             center = outcome
-    return center
+    return [], center
 
 
 def _line_search(space: SearchSpace, results: Mapping[Point, float], center: Point, axis: int,
