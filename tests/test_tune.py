@@ -2,10 +2,13 @@
 import json
 import math
 import os
+import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -114,13 +117,14 @@ def test_median_pruner_stops_poor_trials(tmp_path):
 WORKER = textwrap.dedent("""
     import math, sys, time
     from fixnorm.tune import Axis, SearchSpace, Tuner
+    storage = sys.argv[5] if len(sys.argv) > 5 else None
     space = SearchSpace((Axis("lr", 0.1, 2.0, -3, 4), Axis("fc_norm", 2.0, 2.0, -2, 4)))
     def objective(values, trial):
         time.sleep(0.3)
         p = (round(math.log2(values["lr"] / 0.1)), round(math.log2(values["fc_norm"] / 2.0)))
         return 0.9 - 0.01 * ((p[0] - 2) ** 2 + 0.5 * (p[1] - 3) ** 2)
     Tuner(space, objective, tuner=sys.argv[2], n_trials=int(sys.argv[3]), out_dir=sys.argv[1], steps=(2, 1),
-          poll_seconds=0.1, seed=int(sys.argv[4])).run()
+          poll_seconds=0.1, seed=int(sys.argv[4]), storage=storage).run()
 """)
 
 
@@ -144,6 +148,59 @@ def test_two_worker_processes_share_one_study_without_repeating_a_point(tmp_path
         assert len(workers_seen) == 2
     else:
         assert len(done) == budget
+
+
+def _postgres_binaries():
+    found = shutil.which("initdb") and shutil.which("pg_ctl")
+    if found:
+        return Path(shutil.which("initdb")).parent
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    return versions[-1].parent if versions else None
+
+
+@pytest.fixture
+def postgres_url():
+    """A real PostgreSQL server in a temporary folder (skipped where PostgreSQL or psycopg is not installed)."""
+    pytest.importorskip("psycopg")
+    bin_dir = _postgres_binaries()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    root = Path(tempfile.mkdtemp(prefix="fixnorm-pg-"))  # not under pytest's 0700 tree: the server user reads it
+    as_user = []
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        if shutil.which("runuser") is None:
+            pytest.skip("running as root without runuser: cannot start PostgreSQL")
+        shutil.chown(root, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = root / "data"
+    subprocess.run(as_user + [str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
+                   check=True, capture_output=True)
+    subprocess.run(as_user + [str(bin_dir / "pg_ctl"), "-D", str(data), "-w", "-l", str(root / "log"), "-o",
+                              f"-p {port} -k {root} -c listen_addresses=''", "start"], check=True, capture_output=True)
+    try:
+        yield f"postgresql+psycopg://postgres@/postgres?host={root}&port={port}"
+    finally:
+        subprocess.run(as_user + [str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_two_workers_share_a_study_on_a_real_postgresql_server(tmp_path, postgres_url):
+    """The multi-machine set-up: no file lock, only the database (row locks, the earlier trial wins)."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    workers = [subprocess.Popen([sys.executable, str(script), str(tmp_path / f"w{seed}"), "coordinate", "30",
+                                 str(seed), postgres_url]) for seed in (0, 1)]
+    assert [w.wait(timeout=240) for w in workers] == [0, 0]
+    study = optuna.load_study(study_name="coordinate", storage=postgres_url)
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    points = [(t.params["lr_index"], t.params["fc_norm_index"]) for t in done]
+    expected, order = run_search(SPACE, bowl)
+    assert len(points) == len(set(points)) and set(order) <= set(points) and len(points) <= len(order) + 2
+    assert not (tmp_path / "w0" / "study.db").exists()  # nothing went to a local SQLite file
 
 
 def completed(db):
