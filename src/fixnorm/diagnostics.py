@@ -106,10 +106,12 @@ class DiagnosticsHook(Hook):
     def before_step(self, trainer: Trainer) -> None:
         if (trainer.global_step % self.every) or not self.params:
             return
-        self._before = [p.detach().clone() for p in self.params]
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        self.sums["grad_norm"] += torch.stack([g.detach().float().norm() for g in grads]).double().cpu()
-        norms = torch.stack([p.detach().float().norm() for p in self.params]).double().cpu()
+        self._before = torch._foreach_mul([p.detach() for p in self.params], 1.0)  # one multi-tensor copy
+        grads = [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        # two multi-tensor norms and one transfer to the host
+        both = torch.stack(torch._foreach_norm(grads) + torch._foreach_norm(self._before)).double().cpu()
+        grad_norms, norms = both[:len(grads)], both[len(grads):]
+        self.sums["grad_norm"] += grad_norms
         lrs = torch.tensor([g["lr"] if g is not None else math.nan for g in self.groups], dtype=torch.float64)
         self.sums["eff_lr"] += lrs / norms ** self.power
 
