@@ -2,10 +2,10 @@
 
 Two engines with the same recipe (`fmnist-resnet20`, full 60k-image epochs by default), one with the
 diagnostics hook; each round times one epoch of each, in alternating order, including the end-of-epoch
-hook work (the probe's forward pass over 2048 images and the per-layer records). On a smaller
+hook work (the probe's forward pass over the probe images and the per-layer records). On a smaller
 `--train-subset` the probe is a larger share of the epoch and the ratio goes up.
 
-    python benchmarks/diagnostics_overhead.py [--rounds 3] [--train-subset N] [--every 10]
+    python benchmarks/diagnostics_overhead.py [--rounds 4] [--train-subset N] [--every 25]
 """
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ TARGET = 1.03
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--train-subset", type=int, default=None)
-    parser.add_argument("--every", type=int, default=10, help="diagnostics_every")
+    parser.add_argument("--every", type=int, default=25, help="diagnostics_every")
     parser.add_argument("--method", default="fixnorm")
     args = parser.parse_args()
     base = dict(load_recipe("fmnist-resnet20"), method=args.method, train_subset=args.train_subset,

@@ -71,7 +71,7 @@ class DiagnosticsHook(Hook):
     the watched weights per measured step). ``probe_size``: training images in the probe.
     """
 
-    def __init__(self, every: int = 10, probe_size: int = 2048) -> None:
+    def __init__(self, every: int = 25, probe_size: int = 1024) -> None:
         if every < 1 or probe_size < 0:
             raise FixNormError(f"diagnostics: every must be >= 1 and probe_size >= 0, got {every}, {probe_size}")
         self.every, self.probe_size = every, probe_size

@@ -63,8 +63,8 @@ class TrainConfig:
     grad_clip: float | None = None
     # diagnostics (fixnorm.diagnostics): effective LR, angles, norms, logit scale, margins, flip rate
     diagnostics: bool = False
-    diagnostics_every: int = 10      # steps between angle / gradient-norm measurements
-    probe_size: int = 2048           # training images whose margins and predictions are followed
+    diagnostics_every: int = 25      # steps between angle / gradient-norm measurements
+    probe_size: int = 1024           # training images whose margins and predictions are followed
     # speed and reproducibility
     precision: str = "fp32"          # fp32, bf16, fp16 (fp16 needs a GPU)
     channels_last: bool = False
