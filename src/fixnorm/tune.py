@@ -511,6 +511,7 @@ def initial_classifier_norm(settings: Mapping[str, Any]) -> float:
     """The classifier's norm at initialisation for these settings (FixNorm's default fc_norm), measured."""
     import torch
 
+    from .data import normalize
     from .methods import get_method
     from .models import create_model
     from .roles import analyze
@@ -524,7 +525,6 @@ def initial_classifier_norm(settings: Mapping[str, Any]) -> float:
     model = create_model(cfg.model, num_classes=data.info.num_classes, in_channels=data.info.in_channels,
                          **cfg.model_kwargs)
     model = get_method(cfg.method).prepare_model(model, cfg)
-    from .data import normalize
     roles = analyze(model, normalize(data.example(), data.info.mean, data.info.std))
     if not roles.classifier:
         raise FixNormError(f"{cfg.model} has no classifier weight to tune the norm of")
