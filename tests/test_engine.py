@@ -66,6 +66,10 @@ def test_overrides_are_typed_and_unknown_keys_are_errors():
         make_config({"method_kwargs": {"alpha": 2}})
     with pytest.raises(FixNormError, match="holdout"):
         make_config({"holdout": -1})
+    # YAML reads 1e-3 as a string; it is still the number the user meant
+    assert make_config(parse_overrides(["weight_decay=1e-3", "epochs=2e0"])).weight_decay == 0.001
+    with pytest.raises(FixNormError, match="lr must be a number"):
+        make_config({"lr": "nan"})
 
 
 def test_recipes_from_names_and_yaml_files(tmp_path):

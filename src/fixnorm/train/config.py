@@ -233,7 +233,13 @@ def _coerce(key: str, value: Any) -> Any:
             raise FixNormError(f"{key} must be true or false, got {value!r}")
         return value
     if kind.startswith("float") or kind.startswith("int"):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, str):
+            # YAML 1.1 reads 1e-3 (no dot) as a string; a number written that way is still a number
+            try:
+                value = float(value)
+            except ValueError:
+                raise FixNormError(f"{key} must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise FixNormError(f"{key} must be a number, got {value!r}")
         if kind.startswith("int") and float(value) != int(value):
             raise FixNormError(f"{key} must be an integer, got {value!r}")
