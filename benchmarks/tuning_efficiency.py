@@ -38,11 +38,10 @@ import torch  # noqa: E402
 
 from fixnorm.report import plot_best_so_far  # noqa: E402
 from fixnorm.train.config import load_recipe  # noqa: E402
-from fixnorm.tune import Axis, SearchSpace, Tuner, run_key, training_objective  # noqa: E402
+from fixnorm.tune import SECOND_AXIS, Axis, SearchSpace, Tuner, run_key, training_objective  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 TOLERANCE = 0.003  # 0.3 points of accuracy
-SECOND = {"sgd": "weight_decay", "fixnorm": "fc_norm"}
 
 SPACES = {
     "sgd": SearchSpace((Axis("lr", 0.1, 2.0, -3, 4), Axis("weight_decay", 10 ** -3.5, math.sqrt(10), -3, 3))),
@@ -165,7 +164,7 @@ def recheck_phase(args: argparse.Namespace) -> None:
     picks = {}
     for method, rows in table["methods"].items():
         best = max(rows.values(), key=lambda r: r["accuracy"])
-        picks[f"{method} grid best"] = (method, {k: best[k] for k in ("lr", SECOND[method])})
+        picks[f"{method} grid best"] = (method, {k: best[k] for k in ("lr", SECOND_AXIS[method])})
     coordinate = next(r for r in efficiency["tuners"] if r["sampler"] == "coordinate")
     picks["fixnorm coordinate-search pick"] = ("fixnorm", coordinate["best_values"])
     rows_out = []

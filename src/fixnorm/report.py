@@ -70,7 +70,8 @@ def read_run(path: str | Path) -> RunRecords:
             rows.append(row)
     config = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").is_file() else {}
     summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").is_file() else {}
-    label = f"{path.name} ({config.get('method', '?')})" if config.get("method") not in path.name else path.name
+    method = (config or {}).get("method")
+    label = path.name if method and method in path.name else f"{path.name} ({method or '?'})"
     return RunRecords(path=path, label=label, config=config or {}, summary=summary, rows=rows)
 
 
@@ -78,12 +79,7 @@ def make_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
     """Write the plots and ``report.md`` for ``run_dirs`` into ``out_dir``; returns the Markdown file."""
     if not run_dirs:
         raise FixNormError("report needs at least one run directory")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise FixNormError("reports need matplotlib: pip install 'fixnorm[report]'") from exc
+    plt = _pyplot()
     runs = [read_run(p) for p in run_dirs]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -91,11 +87,7 @@ def make_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
     figures: list[tuple[str, str]] = []
 
     def save(fig: Any, name: str, caption: str) -> None:
-        fig.tight_layout()
-        tmp = out / f".{name}.tmp.png"
-        fig.savefig(tmp, dpi=110)
-        plt.close(fig)
-        tmp.replace(out / name)
+        _save_png(fig, out / name, dpi=110)
         figures.append((name, caption))
 
     # accuracy and loss
@@ -210,12 +202,7 @@ def _markdown(runs: list[RunRecords], figures: list[tuple[str, str]]) -> str:
 def plot_best_so_far(curves: dict[str, Sequence[float]], path: str | Path, *,
                      references: dict[str, float] | None = None, title: str | None = None) -> Path:
     """Best accuracy so far against trials, one line per tuner; ``references`` draws dotted levels (grid bests)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise FixNormError("plots need matplotlib: pip install 'fixnorm[report]'") from exc
+    plt = _pyplot()
     path = Path(path)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     finite = [v for c in curves.values() for v in c if math.isfinite(v)]
@@ -235,9 +222,25 @@ def plot_best_so_far(curves: dict[str, Sequence[float]], path: str | Path, *,
     ax.set_title(title or "Best accuracy so far against trials")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
+    _save_png(fig, path, dpi=120)
+    return path
+
+
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend, or a clear error naming the extra to install."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise FixNormError("plots need matplotlib: pip install 'fixnorm[report]'") from exc
+    return plt
+
+
+def _save_png(fig: Any, path: Path, dpi: int) -> None:
+    """Write the figure atomically (temp file, then rename) and free it."""
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
+    fig.savefig(tmp, dpi=dpi)
+    _pyplot().close(fig)
     tmp.replace(path)
-    return path
