@@ -203,6 +203,49 @@ def test_two_workers_share_a_study_on_a_real_postgresql_server(tmp_path, postgre
     assert not (tmp_path / "w0" / "study.db").exists()  # nothing went to a local SQLite file
 
 
+STARTER = textwrap.dedent("""
+    import sys, time
+    from fixnorm.tune import Axis, SearchSpace, Tuner
+    space = SearchSpace((Axis("lr", 0.1, 2.0, -1, 1), Axis("fc_norm", 2.0, 2.0, -1, 1)))
+    start_at = float(sys.argv[3])
+    time.sleep(max(0.0, start_at - time.time() - 0.05))
+    while time.time() < start_at:  # every worker leaves this line within a few milliseconds of the others
+        pass
+    Tuner(space, lambda values, trial: 0.5, tuner="coordinate", n_trials=1, out_dir=sys.argv[1],
+          storage=sys.argv[2], study_name="race")
+""")
+
+
+def test_four_workers_started_together_on_a_fresh_postgresql_database(tmp_path, postgres_url):
+    """Optuna's first-run race (optuna/optuna#1092): workers that create the schema at once must all start.
+
+    Round 0 makes the race certain: the test holds the setup lock while four workers start, checks that none
+    of them creates a table meanwhile, then lets them all go at once. Later rounds start them together freely.
+    """
+    import sqlalchemy
+    from fixnorm.tune import _DatabaseLock
+
+    script = tmp_path / "starter.py"
+    script.write_text(STARTER)
+    engine = sqlalchemy.create_engine(postgres_url, poolclass=sqlalchemy.pool.NullPool)
+    for round_ in range(4):
+        with engine.begin() as conn:  # a fresh database each round: no Optuna table or type left
+            conn.execute(sqlalchemy.text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+        start_at = time.time() + 4.0  # after every interpreter has imported optuna and torch
+        held = _DatabaseLock(postgres_url).__enter__() if round_ == 0 else None
+        workers = [subprocess.Popen([sys.executable, str(script), str(tmp_path / f"r{round_}w{i}"), postgres_url,
+                                     str(start_at)], stderr=subprocess.PIPE, text=True) for i in range(4)]
+        if held is not None:
+            time.sleep(6.0)
+            assert sqlalchemy.inspect(engine).get_table_names() == [], "a worker created tables without the lock"
+            assert all(w.poll() is None for w in workers)
+            held.__exit__(None, None, None)
+        errors = [w.communicate(timeout=240)[1] for w in workers]
+        assert [w.returncode for w in workers] == [0] * 4, "\n".join(errors)
+        assert len(optuna.get_all_study_summaries(postgres_url)) == 1
+    engine.dispose()
+
+
 def completed(db):
     if not db.exists():
         return 0

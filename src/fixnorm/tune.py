@@ -224,7 +224,7 @@ class Tuner:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         url = storage or f"sqlite:///{(self.out_dir / 'study.db').resolve()}"
         self.lock_path = Path(url[len("sqlite:///"):] + ".lock") if url.startswith("sqlite:///") else None
-        with self._claim_lock():  # workers starting together would race to create the schema and the study
+        with self._setup_lock(url):  # workers starting together would race to create the schema and the study
             self.storage = _open_storage(url, heartbeat_seconds)
         samplers = {"tpe": lambda: optuna.samplers.TPESampler(seed=seed),
                     "random": lambda: optuna.samplers.RandomSampler(seed=seed),
@@ -234,7 +234,7 @@ class Tuner:
                    "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1),
                    "halving": optuna.pruners.SuccessiveHalvingPruner}
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        with self._claim_lock():
+        with self._setup_lock(url):
             self.study = optuna.create_study(storage=self.storage, study_name=study_name or f"{tuner}",
                                              direction="maximize", load_if_exists=True, sampler=samplers[tuner](),
                                              pruner=pruners[pruner]())
@@ -276,6 +276,17 @@ class Tuner:
         if self.lock_path is None:
             return contextlib.nullcontext()
         return _FileLock(self.lock_path)
+
+    def _setup_lock(self, url: str) -> Any:
+        """Held while the schema and the study are created: a file lock for SQLite, a database lock otherwise.
+
+        Workers started together on a fresh database would each create Optuna's tables and types; on
+        PostgreSQL the loser fails with DuplicateObject (optuna/optuna#1092). An advisory lock (PostgreSQL)
+        or GET_LOCK (MySQL) serialises the creation across machines; the server drops it if a holder dies.
+        """
+        if self.lock_path is not None:
+            return _FileLock(self.lock_path)
+        return _DatabaseLock(url)
 
     def _next_point(self, done: list[Any], running: list[Any]) -> Point | str:
         if self.tuner == "coordinate":
@@ -416,11 +427,57 @@ def _open_storage(url: str, heartbeat_seconds: int) -> Any:
                 return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
                                                   heartbeat_interval=heartbeat_seconds,
                                                   grace_period=4 * heartbeat_seconds)
-        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError):  # the other worker won the race
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError,
+                sqlalchemy.exc.ProgrammingError):  # a database without a lock we know: the other worker won the race
             if attempt == 4:
                 raise
             time.sleep(0.2 * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+# one 64-bit key for "fixnorm creates an Optuna schema or study"; any constant works if every worker uses it
+_SETUP_LOCK_KEY = 0x66786E6F726D01
+
+
+class _DatabaseLock:
+    """A lock held by the database server for one session: pg_advisory_lock, or GET_LOCK on MySQL.
+
+    Other databases get no lock (the retry in ``_open_storage`` remains). The lock is tied to the connection,
+    so a killed holder releases it.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine: Any = None
+        self.connection: Any = None
+
+    def __enter__(self) -> _DatabaseLock:
+        import sqlalchemy
+
+        dialect = self.url.split(":", 1)[0].split("+", 1)[0]
+        statements = {"postgresql": ("SELECT pg_advisory_lock(:key)", "SELECT pg_advisory_unlock(:key)"),
+                      "mysql": ("SELECT GET_LOCK(:key, 600)", "SELECT RELEASE_LOCK(:key)")}
+        if dialect not in statements:
+            return self
+        self.lock_sql, self.unlock_sql = statements[dialect]
+        self.key: Any = _SETUP_LOCK_KEY if dialect == "postgresql" else f"fixnorm-{_SETUP_LOCK_KEY}"
+        self.engine = sqlalchemy.create_engine(self.url, poolclass=sqlalchemy.pool.NullPool)
+        self.connection = self.engine.connect()
+        self.connection.execute(sqlalchemy.text(self.lock_sql), {"key": self.key})
+        self.connection.commit()  # a session-level lock outlives the transaction; keep none open meanwhile
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.connection is None:
+            return
+        import sqlalchemy
+
+        try:
+            self.connection.execute(sqlalchemy.text(self.unlock_sql), {"key": self.key})
+            self.connection.commit()
+        finally:
+            self.connection.close()  # closing the session releases the lock in any case
+            self.engine.dispose()
 
 
 class _FileLock:
