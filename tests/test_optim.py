@@ -456,3 +456,70 @@ def test_is_a_torch_optimizer_and_pickles():
     assert isinstance(opt, torch.optim.Optimizer)
     copied = copy.deepcopy(opt)
     assert len(copied.param_groups) == len(opt.param_groups)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "filter"])
+def test_free_phase_follows_the_base_optimizer_then_holds_the_norms_it_reached(granularity):
+    """free_steps=k: k plain base steps for "initial" targets (bitwise), then those norms are held."""
+    data = batches(8)
+    model, reference = small_net(seed=0), small_net(seed=0)
+    opt = FixNorm(model, data[0][0], granularity=granularity, free_steps=3, lr=0.5, momentum=0.9)
+    plain = torch.optim.SGD(reference.parameters(), lr=0.5, momentum=0.9)
+    train(model, opt, data[:3])
+    train(reference, plain, data[:3])
+    for (name, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items()):
+        assert torch.equal(a, b), name
+    params = dict(model.named_parameters())
+    def norms(name):  # the classifier (8.weight) is held per tensor unless fc_granularity="class"
+        per_filter = granularity == "filter" and name != "8.weight"
+        return fixnorm.constraints.filter_norms(params[name]) if per_filter else params[name].norm()
+
+    reached = {n: norms(n) for n in ("0.weight", "3.weight", "8.weight")}
+    initial = small_net(seed=0).state_dict()
+    assert abs(float(reached["3.weight"].sum()) - float(initial["3.weight"].norm())) > 1e-3  # it did move
+    train(model, opt, data[3:])
+    for name, value in reached.items():
+        now = norms(name)
+        torch.testing.assert_close(now, value.reshape(now.shape), rtol=1e-5, atol=0)
+
+
+def test_free_phase_holds_explicit_targets_from_the_first_step():
+    data = batches(4)
+    model = small_net()
+    opt = FixNorm(model, data[0][0], fc_norm=3.0, free_steps=10, lr=0.5, momentum=0.9)
+    train(model, opt, data)
+    assert abs(float(model[8].weight.norm()) - 3.0) < 1e-5
+    assert any(abs(float(model[i].weight.norm()) - float(small_net()[i].weight.norm())) > 1e-3 for i in (0, 3))
+
+
+def test_resume_inside_and_after_the_free_phase_is_bit_identical():
+    data = batches(8)
+    for stop in (2, 6):  # inside the free phase (4 steps) and after it
+        model = small_net(seed=0)
+        opt = FixNorm(model, data[0][0], free_steps=4, lr=0.5, momentum=0.9)
+        train(model, opt, data[:stop])
+        checkpoint = save_and_load({"model": model.state_dict(), "opt": opt.state_dict()})
+        resumed = small_net(seed=7)
+        opt2 = FixNorm(resumed, data[0][0], free_steps=4, lr=0.5, momentum=0.9)
+        resumed.load_state_dict(checkpoint["model"])
+        opt2.load_state_dict(checkpoint["opt"])
+        train(model, opt, data[stop:])
+        train(resumed, opt2, data[stop:])
+        for (name, a), (_, b) in zip(model.state_dict().items(), resumed.state_dict().items()):
+            assert torch.equal(a, b), (stop, name)
+
+
+def test_nan_gradient_during_the_free_phase_is_a_clear_error():
+    model = small_net()
+    x, y = batches(1)[0]
+    opt = FixNorm(model, x, free_steps=5, lr=0.1)
+    F.cross_entropy(model(x), y).backward()
+    model[3].weight.grad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(fixnorm.errors.NonFiniteError, match="3.weight"):
+        opt.step()
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True])
+def test_free_steps_must_be_a_whole_number(bad):
+    with pytest.raises(FixNormError, match="free_steps"):
+        FixNorm(small_net(), torch.randn(2, 1, 8, 8), free_steps=bad, lr=0.1)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .constraints import (Plan, build_plan, fix_filter_norms_, fix_tensor_norms_, initial_targets,
+from .constraints import (Plan, build_plan, filter_norms, fix_filter_norms_, fix_tensor_norms_, initial_targets,
                           rotate_by_angle_, tensor_norms_fp32)
 from .errors import FixNormError, NonFiniteError
 from .roles import Roles, analyze
@@ -50,6 +50,14 @@ class FixNorm(torch.optim.Optimizer):
         angular_update: when given, every scale-invariant weight turns by exactly this
             many radians per step (scaled by lr / the lr at construction, so schedules
             apply); see :func:`from_weight_decay`.
+        angle_power: in angular-update mode the angle follows ``(lr / lr_at_construction) **
+            angle_power``: 1 makes the LR schedule the angle schedule; 0.5 follows it as
+            weight decay's equilibrium angle sqrt(2 lr wd / (1 + momentum)) does.
+        free_steps: the weights whose target is "initial" train freely (plain base steps,
+            no projection) for this many steps and are then held at the norms they have
+            reached: training, not the initialisation, chooses each layer's norm and so
+            its effective learning rate. Explicit targets (``fc_norm``, a number for
+            ``target``) are held from the first step. 0 holds the norms at construction.
         **base_kwargs: passed to ``base`` (lr, momentum, betas, ...).
     """
 
@@ -68,6 +76,8 @@ class FixNorm(torch.optim.Optimizer):
         others_weight_decay: float = 0.0,
         nonfinite: str = "raise",
         angular_update: float | None = None,
+        angle_power: float = 1.0,
+        free_steps: int = 0,
         **base_kwargs: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -79,6 +89,11 @@ class FixNorm(torch.optim.Optimizer):
             raise FixNormError(f"unknown nonfinite policy {nonfinite!r}; choose one of {NONFINITE_POLICIES}")
         if angular_update is not None and not (0 < angular_update < math.pi / 2):
             raise FixNormError(f"angular_update must be in (0, pi/2) radians, got {angular_update!r}")
+        if not (isinstance(angle_power, (int, float)) and not isinstance(angle_power, bool) and angle_power > 0
+                and math.isfinite(angle_power)):
+            raise FixNormError(f"angle_power must be a positive number, got {angle_power!r}")
+        if isinstance(free_steps, bool) or not isinstance(free_steps, int) or free_steps < 0:
+            raise FixNormError(f"free_steps must be a whole number of steps >= 0, got {free_steps!r}")
         if base_kwargs.get("weight_decay"):
             raise FixNormError(
                 f"weight_decay={base_kwargs['weight_decay']} would act on the constrained weights, where the "
@@ -106,6 +121,9 @@ class FixNorm(torch.optim.Optimizer):
         self._names: dict[torch.Tensor, str] = {p: n for n, p in named.items()}
         self._kernels: list[tuple[str, list[torch.Tensor], Any]] | None = None
         self._grad_params: dict[bool | None, list[list[torch.Tensor]]] | None = None
+        self.free_steps = free_steps
+        self._steps_done = 0
+        self._deferred: set[torch.Tensor] = set()  # "initial" targets still to be taken (free phase)
 
         groups: OrderedDict[tuple[str, str | None], dict[str, Any]] = OrderedDict()
         for entry in self.plan.entries:
@@ -123,10 +141,13 @@ class FixNorm(torch.optim.Optimizer):
                 elif entry.role == "scale-invariant" and target != "initial":
                     value = float(target)
                 self._targets[p] = initial_targets(p, entry.name, entry.constraint, value)
+                if value is None and free_steps > 0:
+                    self._deferred.add(p)
             if role == "other" and others == "decay":
                 group["weight_decay"] = others_weight_decay
             if angular_update is not None and role == "scale_invariant":
                 group["angular_update"] = angular_update
+                group["angle_power"] = float(angle_power)
         if not groups:
             raise FixNormError("the model has no trainable parameters")
         param_groups = list(groups.values())
@@ -220,14 +241,29 @@ class FixNorm(torch.optim.Optimizer):
                 loss = self.base.step(closure)
         else:
             loss = self.base.step()
+        free_phase = bool(self._deferred)
         self._rotate(before)
         self._project()
         if self.nonfinite == "raise":
             # constrained weights were checked by the projection's norms (a NaN gradient spoils them);
-            # the unconstrained ones (biases, norm parameters: a sliver of the elements) through their gradients
-            self._check_gradients(self._grad_buckets(constrained=False))
+            # the unconstrained ones (biases, norm parameters: a sliver of the elements) through their gradients,
+            # and during the free phase every gradient (the projection does not see the free weights yet)
+            self._check_gradients(self._grad_buckets(constrained=None if free_phase else False))
+        self._steps_done += 1
+        if free_phase and self._steps_done >= self.free_steps:
+            self._take_deferred_targets()
         self._raise_pending(wait=False)
         return loss
+
+    def _take_deferred_targets(self) -> None:
+        """End of the free phase: hold each deferred weight at the norm training gave it (no host sync)."""
+        for p in self._deferred:
+            constraint = "filter" if p.ndim >= 2 and self._targets[p].ndim == 1 else "tensor"
+            current = filter_norms(p) if constraint == "filter" else torch.linalg.vector_norm(
+                p.detach(), dtype=torch.float32)
+            self._targets[p] = current.clone()
+        self._deferred = set()
+        self._kernels = None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base.zero_grad(set_to_none=set_to_none)
@@ -274,7 +310,8 @@ class FixNorm(torch.optim.Optimizer):
                 if g.get("constraint") is None:
                     continue
                 for p in g["params"]:
-                    buckets.setdefault((g["constraint"], p.device, p.dtype), []).append(p)
+                    if p not in self._deferred:
+                        buckets.setdefault((g["constraint"], p.device, p.dtype), []).append(p)
             kernels = []
             for (constraint, _dev, _dt), params in buckets.items():
                 if constraint == "tensor":
@@ -372,13 +409,13 @@ class FixNorm(torch.optim.Optimizer):
         saved = []
         for g in self.param_groups:
             if g.get("angular_update") is not None and g.get("constraint"):
-                params = [p for p in g["params"] if p.grad is not None]
+                params = [p for p in g["params"] if p.grad is not None and p not in self._deferred]
                 saved.append((g, params, [p.detach().clone() for p in params]))
         return saved
 
     def _rotate(self, saved: list[tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor]]]) -> None:
         for g, params, before in saved:
-            angle = g["angular_update"] * g["lr"] / g["lr_ref"]
+            angle = g["angular_update"] * (g["lr"] / g["lr_ref"]) ** g.get("angle_power", 1.0)
             for p, b in zip(params, before):
                 rotate_by_angle_(p, b, angle, per_filter=g["constraint"] == "filter")
 
@@ -390,7 +427,7 @@ class FixNorm(torch.optim.Optimizer):
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         state = self.base.state_dict()
-        state["fixnorm"] = {"version": 1, "targets": {
+        state["fixnorm"] = {"version": 1, "steps": self._steps_done, "targets": {
             i: self._targets[p].detach().clone() for i, p in enumerate(self._ordered_params()) if p in self._targets}}
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, state)
@@ -417,10 +454,18 @@ class FixNorm(torch.optim.Optimizer):
         for i, value in saved_targets.items():
             if not isinstance(value, torch.Tensor) or value.shape != self._targets[params[i]].shape:
                 raise FixNormError(f"saved norm target #{i} has the wrong shape or type")
+        steps = extra.get("steps", 0)
+        if isinstance(steps, torch.Tensor):
+            steps = int(steps)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise FixNormError(f"the saved step count {steps!r} is not a whole number >= 0")
         self.base.load_state_dict(state_dict)
         for i, value in saved_targets.items():
             p = params[i]
             self._targets[p] = value.to(device=p.device, dtype=torch.float32).clone()
+        self._steps_done = steps
+        if self._deferred and steps >= self.free_steps:
+            self._deferred = set()  # the saved targets are the ones the free phase took
         self._kernels = self._grad_params = None
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)

@@ -47,6 +47,9 @@ class TrainConfig:
     fc_granularity: str = "tensor"
     others: str = "free"
     others_weight_decay: float = 0.0
+    free_steps: int = 0               # fixnorm: steps of free training before "initial" targets are taken
+    angular_update: float | None = None  # fixnorm: radians per step for scale-invariant weights (rotational mode)
+    angle_power: float = 1.0          # fixnorm, rotational mode: angle follows (lr / initial lr) ** angle_power
     # schedule
     schedule: str = "cosine"         # cosine, step, exponential, constant
     warmup_epochs: float = 0.0
