@@ -138,7 +138,8 @@ def test_two_worker_processes_share_one_study_without_repeating_a_point(tmp_path
     assert [w.wait(timeout=240) for w in workers] == [0, 0]
     study = optuna.load_study(study_name=sampler, storage=f"sqlite:///{tmp_path / 'study.db'}")
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    points = [(t.params["lr_index"], t.params["fc_norm_index"]) for t in done]
+    points = [SPACE.point_of(t.params) for t in done]
+    assert all(t.params == SPACE.values(p) for t, p in zip(done, points))  # real values, exactly on the lattice
     workers_seen = {t.user_attrs["worker"] for t in done}
     if sampler == "coordinate":
         expected, order = run_search(SPACE, bowl)
@@ -197,7 +198,8 @@ def test_two_workers_share_a_study_on_a_real_postgresql_server(tmp_path, postgre
     assert [w.wait(timeout=240) for w in workers] == [0, 0]
     study = optuna.load_study(study_name="coordinate", storage=postgres_url)
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    points = [(t.params["lr_index"], t.params["fc_norm_index"]) for t in done]
+    points = [SPACE.point_of(t.params) for t in done]
+    assert all(t.params == SPACE.values(p) for t, p in zip(done, points))  # real values, exactly on the lattice
     expected, order = run_search(SPACE, bowl)
     assert len(points) == len(set(points)) and set(order) <= set(points) and len(points) <= len(order) + 2
     assert not (tmp_path / "w0" / "study.db").exists()  # nothing went to a local SQLite file
@@ -295,3 +297,127 @@ def test_sigkill_during_a_trial_loses_no_completed_trial_and_repeats_none(tmp_pa
     study = optuna.load_study(study_name="fixnorm-coordinate", storage=f"sqlite:///{out / 'study.db'}")
     failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
     assert len(failed) <= 1  # the trial the kill interrupted, failed on restart and redone
+
+
+# -- real values in the study, journal storage, the coordinate search as an Optuna sampler -------------
+def test_study_params_are_real_values_so_best_params_speak_the_users_units(tmp_path):
+    Tuner(SPACE, tabular, tuner="coordinate", n_trials=100, out_dir=tmp_path / "c", steps=(2, 1), poll_seconds=0).run()
+    study = optuna.load_study(study_name="coordinate", storage=f"sqlite:///{tmp_path / 'c' / 'study.db'}")
+    assert study.best_params == {"lr": 0.1 * 2 ** 2, "fc_norm": 2.0 * 2 ** 3}  # bowl's optimum (2, 3), exactly
+    dist = study.best_trial.distributions["lr"]
+    assert isinstance(dist, optuna.distributions.FloatDistribution) and dist.log
+    # Optuna's samplers stay on the same lattice while the study stores values
+    for sampler in ("tpe", "random", "grid"):
+        Tuner(SPACE, tabular, tuner=sampler, n_trials=6, out_dir=tmp_path / sampler, seed=1, poll_seconds=0).run()
+        study = optuna.load_study(study_name=sampler, storage=f"sqlite:///{tmp_path / sampler / 'study.db'}")
+        for t in study.trials:
+            point = SPACE.point_of(t.params)
+            assert point is not None and t.params == SPACE.values(point), t.params
+        importances = optuna.importance.get_param_importances(study)
+        assert set(importances) == {"lr", "fc_norm"}
+
+
+def test_a_study_written_with_index_params_resumes_exactly(tmp_path):
+    """Studies made before the params were values (lr_index, fc_norm_index) continue without repeating a point."""
+    expected, order = run_search(SPACE, bowl)
+    tuner = Tuner(SPACE, tabular, tuner="coordinate", n_trials=100, out_dir=tmp_path, steps=(2, 1), poll_seconds=0)
+    dists = {f"{a.name}_index": optuna.distributions.IntDistribution(a.low, a.high) for a in SPACE.axes}
+    for p in order[:4]:
+        tuner.study.add_trial(optuna.trial.create_trial(
+            params={"lr_index": p[0], "fc_norm_index": p[1]}, distributions=dists, value=bowl(p)))
+    result = tuner.run()
+    assert result.finished
+    study = tuner.study
+    points = [SPACE.point_of(t.params) for t in study.trials]
+    assert sorted(points) == sorted(order)  # the old four plus the rest, none twice
+    assert result.best["value"] == pytest.approx(max(expected.values()))
+
+
+@pytest.mark.parametrize("storage", ["journal.log", "journal:{tmp}/sub/study.jsonl"])
+def test_a_journal_file_is_a_storage(tmp_path, storage):
+    storage = storage.format(tmp=tmp_path) if "{tmp}" in storage else str(tmp_path / storage)
+    path = Path(storage.removeprefix("journal:"))
+    result = Tuner(SPACE, tabular, tuner="coordinate", n_trials=100, out_dir=tmp_path / "out", storage=storage,
+                   steps=(2, 1), poll_seconds=0).run()
+    assert result.finished and path.is_file() and not (tmp_path / "out" / "study.db").exists()
+    backend = optuna.storages.journal.JournalFileBackend(str(path))
+    study = optuna.load_study(study_name="coordinate", storage=optuna.storages.JournalStorage(backend))
+    assert study.best_params == {"lr": 0.4, "fc_norm": 16.0}
+    # started again on the finished journal study: nothing more to do, nothing repeated
+    again = Tuner(SPACE, tabular, tuner="coordinate", n_trials=100, out_dir=tmp_path / "out", storage=storage,
+                  steps=(2, 1), poll_seconds=0).run()
+    assert len(again.trials) == len(result.trials)
+
+
+def test_a_storage_that_is_neither_a_url_nor_a_journal_is_a_clear_error(tmp_path):
+    with pytest.raises(FixNormError, match="journal:PATH"):
+        Tuner(SPACE, tabular, tuner="coordinate", n_trials=3, out_dir=tmp_path, storage=str(tmp_path / "study.txt"))
+
+
+def test_two_worker_processes_share_a_journal_study(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    journal = str(tmp_path / "journal.log")
+    workers = [subprocess.Popen([sys.executable, str(script), str(tmp_path / f"w{seed}"), "coordinate", "30",
+                                 str(seed), journal]) for seed in (0, 1)]
+    assert [w.wait(timeout=240) for w in workers] == [0, 0]
+    backend = optuna.storages.journal.JournalFileBackend(journal)
+    study = optuna.load_study(study_name="coordinate", storage=optuna.storages.JournalStorage(backend))
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    points = [SPACE.point_of(t.params) for t in done]
+    expected, order = run_search(SPACE, bowl)
+    assert len(points) == len(set(points)) and set(order) <= set(points) and len(points) <= len(order) + 2
+    assert len({t.user_attrs["worker"] for t in done}) == 2
+
+
+def test_coordinate_sampler_runs_the_search_inside_a_users_own_optimize():
+    from fixnorm.tune import CoordinateSampler
+
+    expected, order = run_search(SPACE, bowl)
+    seen = []
+
+    def objective(trial):
+        values = SPACE.suggest(trial)
+        trial.suggest_float("dropout", 0.0, 0.5)  # a parameter of the user's own: the fallback sampler's
+        seen.append(SPACE.point_of(values))
+        return bowl(seen[-1])
+
+    study = optuna.create_study(direction="maximize", sampler=CoordinateSampler(SPACE, steps=(2, 1), seed=0))
+    study.optimize(objective, n_trials=100)  # stops by itself when the search has finished
+    assert seen == order  # the very sequence of the pure search
+    assert study.best_params["lr"] == 0.4 and study.best_params["fc_norm"] == 16.0
+    assert 0.0 <= study.best_params["dropout"] <= 0.5
+    assert coordinate_search_best(SPACE, expected, (2, 1)) == SPACE.point_of(study.best_params)
+
+
+def test_coordinate_sampler_minimises_resumes_and_keeps_threads_apart(tmp_path):
+    from fixnorm.tune import CoordinateSampler
+
+    expected, order = run_search(SPACE, bowl)
+    storage = f"sqlite:///{tmp_path / 'own.db'}"
+
+    def loss(trial):
+        return -bowl(SPACE.point_of(SPACE.suggest(trial)))
+
+    study = optuna.create_study(storage=storage, study_name="own", direction="minimize",
+                                sampler=CoordinateSampler(SPACE, steps=(2, 1)))
+    study.optimize(loss, n_trials=5)
+    # a new process would load the study with a new sampler: the replay continues it
+    study = optuna.load_study(storage=storage, study_name="own", sampler=CoordinateSampler(SPACE, steps=(2, 1)))
+    study.optimize(loss, n_trials=100)
+    assert [SPACE.point_of(t.params) for t in study.trials] == order
+
+    threaded = optuna.create_study(direction="minimize", sampler=CoordinateSampler(SPACE, steps=(2, 1)))
+    threaded.optimize(loss, n_trials=100, n_jobs=2)
+    points = [SPACE.point_of(t.params) for t in threaded.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    # two threads: every point the search needs, none twice, a few extra re-evaluations at most while waiting
+    assert set(order) <= set(points) and len(points) <= len(order) + 4
+
+
+def test_coordinate_sampler_refuses_a_range_that_misses_its_lattice():
+    from fixnorm.tune import CoordinateSampler
+
+    study = optuna.create_study(direction="maximize", sampler=CoordinateSampler(SPACE, steps=(2, 1)))
+    with pytest.raises(FixNormError, match="range holding its lattice"):
+        study.optimize(lambda t: t.suggest_float("lr", 0.5, 1.0, log=True) + t.suggest_float("fc_norm", 1, 2),
+                       n_trials=1)

@@ -2,7 +2,10 @@
 
 Every tuner searches a 2-D lattice in log space: (learning rate, classifier norm) for FixNorm,
 (learning rate, weight decay) for the weight-decay baselines. A lattice point is a pair of integer
-indices; its values are ``center * ratio**index`` on each axis.
+indices; its values are ``center * ratio**index`` on each axis. The study stores the values themselves
+(log-scale floats named ``lr``, ``fc_norm`` / ``weight_decay``), so ``study.best_params``, the
+dashboard's plots and parameter importances speak the user's units; the search maps them back to
+lattice points.
 
 FixNorm's search rests on the paper's two mechanisms: with the scale-invariant weights at fixed
 norms, the learning rate alone sets their effective learning rate, and the classifier norm alone
@@ -14,9 +17,11 @@ edge keeps winning, and returns the best point. For SGD + weight decay the two a
 (the effective learning rate at equilibrium goes as sqrt(lr * wd)), which is why it gets a
 generic sampler instead.
 
-Trials live in an Optuna study (SQLite by default, any RDB URL for many workers). The search
-is a pure function of the completed trials, so a worker killed and started again, or several
-workers sharing a study, continue it without repeating a completed point.
+Trials live in an Optuna study: SQLite by default, any RDB URL for workers on many machines, or a
+journal file (``journal:PATH``, or a path ending ``.log`` / ``.jsonl``) for workers on one machine
+or a shared file system. The search is a pure function of the completed trials, so a worker killed
+and started again, or several workers sharing a study, continue it without repeating a completed
+point. ``CoordinateSampler`` offers the same search to a user's own ``study.optimize``.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ import json
 import math
 import os
 import socket
+import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -33,6 +39,11 @@ from pathlib import Path
 from typing import Any
 
 from .errors import FixNormError, NonFiniteError
+
+try:  # the sampler classes subclass Optuna's; without the tune extra they exist but refuse to start
+    from optuna.samplers import BaseSampler as _BaseSampler
+except ImportError:  # pragma: no cover - optuna is in the test extra
+    _BaseSampler = object  # type: ignore[assignment,misc]
 
 Point = tuple[int, int]
 TUNERS = ("coordinate", "tpe", "random", "grid")
@@ -61,6 +72,27 @@ class Axis:
     def value(self, index: int) -> float:
         return float(self.center * self.ratio ** index)
 
+    def nearest(self, value: float) -> int:
+        """The index of the lattice point nearest to ``value`` in log space, clipped to the axis."""
+        k = round(math.log(value / self.center) / math.log(self.ratio)) if value > 0 else self.low
+        return min(max(k, self.low), self.high)
+
+    def index_of(self, value: float) -> int | None:
+        """The index whose value is ``value`` (up to float round-off), or None off the lattice."""
+        if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+            return None
+        k = self.nearest(value)
+        return k if math.isclose(self.value(k), value, rel_tol=1e-9) else None
+
+    def bounds(self) -> tuple[float, float]:
+        """The range trials are suggested over: the lattice's ends widened by half a step.
+
+        Widened so that a sampler drawing log-uniformly and moving to the nearest point gives every
+        point the same cell, the end points included (as ``suggest_int`` over the indices did).
+        """
+        half = math.sqrt(self.ratio)
+        return self.value(self.low) / half, self.value(self.high) * half
+
     @classmethod
     def spanning(cls, name: str, center: float, low: float, high: float, ratio: float = math.sqrt(2)) -> Axis:
         """An axis from ``low`` to ``high`` (clipped to lattice points) through ``center``."""
@@ -87,6 +119,40 @@ class SearchSpace:
 
     def to_dict(self) -> dict[str, Any]:
         return {"axes": [asdict(axis) for axis in self.axes]}
+
+    def point_of(self, params: Mapping[str, Any]) -> Point | None:
+        """The lattice point of a trial's params (real values), or None when they are not on the lattice.
+
+        Studies written before the params were values hold ``<axis>_index`` integers; those are read too.
+        """
+        point = []
+        for axis in self.axes:
+            if axis.name in params:
+                index = axis.index_of(params[axis.name])
+            elif f"{axis.name}_index" in params:
+                index = int(params[f"{axis.name}_index"])
+            else:
+                return None
+            if index is None or not axis.low <= index <= axis.high:
+                return None
+            point.append(index)
+        return (point[0], point[1])
+
+    def snap(self, name: str, value: Any) -> Any:
+        """``value`` moved to the nearest lattice value of axis ``name`` (other names unchanged)."""
+        for axis in self.axes:
+            if axis.name == name:
+                return axis.value(axis.nearest(float(value)))
+        return value
+
+    def distributions(self) -> dict[str, Any]:
+        """Optuna's distribution per axis: log-scale floats over ``Axis.bounds()``."""
+        optuna = _optuna()
+        return {a.name: optuna.distributions.FloatDistribution(*a.bounds(), log=True) for a in self.axes}
+
+    def suggest(self, trial: Any) -> dict[str, float]:
+        """Ask an Optuna trial for this space's values (what an objective using ``CoordinateSampler`` calls)."""
+        return {a.name: trial.suggest_float(a.name, *a.bounds(), log=True) for a in self.axes}
 
 
 # -- FixNorm's coordinate search: a pure function of the results so far --------------------------------
@@ -140,6 +206,164 @@ def _line_search(space: SearchSpace, results: Mapping[Point, float], center: Poi
         if at(nxt) not in results:
             return [at(nxt)]
         line = sorted(set(line) | {nxt})
+
+
+def _coordinate_choice(space: SearchSpace, results: Mapping[Point, float], busy: set[Point | None],
+                       steps: Sequence[int]) -> Point | str:
+    """The next point to start: a pending point no running trial holds, "wait" when all are held, or "finished"."""
+    pending = coordinate_search_next(space, results, steps)
+    if not pending:
+        return "finished"
+    free = [p for p in pending if p not in busy]
+    return free[0] if free else "wait"
+
+
+# the system attribute where CoordinateSampler records the point it gave a trial (other workers read it)
+_POINT_ATTR = "fixnorm:point"
+
+
+def _claimed_point(space: SearchSpace, t: Any) -> Point | None:
+    """The point a trial runs or was given: its params, its enqueued params, or CoordinateSampler's record."""
+    point = space.point_of({**t.system_attrs.get("fixed_params", {}), **t.params})
+    if point is None and _POINT_ATTR in t.system_attrs:
+        point = tuple(t.system_attrs[_POINT_ATTR])  # type: ignore[assignment]
+    return point
+
+
+def _completed_results(space: SearchSpace, trials: Sequence[Any], sign: float = 1.0) -> dict[Point, float]:
+    """Each lattice point's result over completed trials (the earliest trial on a point counts).
+
+    Trials whose params are not on the lattice (another sampler's, in a shared study) are left out.
+    """
+    optuna = _optuna()
+    results: dict[Point, float] = {}
+    for t in sorted(trials, key=lambda t: t.number):
+        if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None:
+            point = space.point_of(t.params)
+            if point is not None:
+                results.setdefault(point, sign * t.value)
+    return results
+
+
+class CoordinateSampler(_BaseSampler):
+    """FixNorm's coordinate search as an Optuna sampler, for your own ``study.optimize(objective)``.
+
+    ``study = optuna.create_study(direction="maximize", sampler=CoordinateSampler(space))``; the
+    objective asks for the two axes with ``space.suggest(trial)`` (or ``trial.suggest_float`` over any
+    range holding the lattice). Each trial gets the next point the search needs; the study stores the
+    real values, and is stopped (like ``GridSampler``) once the search has finished, its best point at
+    ``coordinate_search_best``. Other parameters come from ``fallback`` (default ``RandomSampler``).
+
+    The search is a replay of the completed trials, so a resumed study continues where it stopped.
+    Threads of one process (``n_jobs``) never share a point; processes sharing a study may now and then
+    evaluate one twice (the earlier result counts). ``fixnorm tune`` claims points without that race.
+    """
+
+    def __init__(self, space: SearchSpace, steps: Sequence[int] = (4, 2), *, fallback: Any = None,
+                 seed: int | None = None) -> None:
+        optuna = _optuna()
+        self.space, self.steps = space, tuple(steps)
+        self.fallback = fallback if fallback is not None else optuna.samplers.RandomSampler(seed=seed)
+        self._names = {a.name for a in space.axes}
+        self._points: dict[int, Point] = {}
+        self._lock = threading.Lock()
+
+    def _sign(self, study: Any) -> float:
+        optuna = _optuna()
+        if len(study.directions) != 1:
+            raise FixNormError("CoordinateSampler searches one objective; this study has several")
+        return 1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
+
+    def _state(self, study: Any, exclude: int | None = None,
+               extra: tuple[Point, float] | None = None) -> tuple[dict[Point, float], set[Point | None]]:
+        optuna = _optuna()
+        trials = study.get_trials(deepcopy=False)
+        results = _completed_results(self.space, trials, self._sign(study))
+        if extra is not None:
+            results.setdefault(*extra)
+        busy = {_claimed_point(self.space, t) for t in trials
+                if t.state == optuna.trial.TrialState.RUNNING and t._trial_id != exclude}
+        return results, busy
+
+    def before_trial(self, study: Any, trial: Any) -> None:
+        with self._lock:  # choosing and recording the point is one step among this process's threads
+            fixed = self.space.point_of(trial.system_attrs.get("fixed_params", {}))
+            if fixed is not None:
+                point = fixed  # an enqueued point: evaluate it as given
+            else:
+                results, busy = self._state(study, exclude=trial._trial_id)
+                choice = _coordinate_choice(self.space, results, busy, self.steps)
+                if choice == "finished":
+                    point = coordinate_search_best(self.space, results, self.steps)
+                elif choice == "wait":  # every pending point is running elsewhere: evaluate one again
+                    point = coordinate_search_next(self.space, results, self.steps)[0]
+                else:
+                    point = choice  # type: ignore[assignment]
+            study._storage.set_trial_system_attr(trial._trial_id, _POINT_ATTR, list(point))
+            self._points[trial._trial_id] = point
+        self.fallback.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study: Any, trial: Any) -> dict[str, Any]:
+        return {}
+
+    def sample_relative(self, study: Any, trial: Any, search_space: Mapping[str, Any]) -> dict[str, Any]:
+        return {}
+
+    def sample_independent(self, study: Any, trial: Any, param_name: str, param_distribution: Any) -> Any:
+        if param_name not in self._names:
+            return self.fallback.sample_independent(study, trial, param_name, param_distribution)
+        point = self._points.get(trial._trial_id) or tuple(trial.system_attrs[_POINT_ATTR])
+        value = self.space.values(point)[param_name]  # type: ignore[arg-type]
+        if not param_distribution._contains(param_distribution.to_internal_repr(value)):
+            low, high = next(a for a in self.space.axes if a.name == param_name).bounds()
+            raise FixNormError(f"CoordinateSampler needs {param_name!r} suggested over a range holding its lattice "
+                               f"({low:.4g} .. {high:.4g}); got {param_distribution}. Use space.suggest(trial)")
+        return value
+
+    def after_trial(self, study: Any, trial: Any, state: Any, values: Sequence[float] | None) -> None:
+        optuna = _optuna()
+        self.fallback.after_trial(study, trial, state, values)
+        point = self._points.pop(trial._trial_id, None)
+        extra = None
+        if point is not None and state == optuna.trial.TrialState.COMPLETE and values:
+            extra = (point, self._sign(study) * values[0])  # this trial is not marked complete yet
+        results, _ = self._state(study, exclude=trial._trial_id, extra=extra)
+        if not coordinate_search_next(self.space, results, self.steps):
+            study.stop()
+
+    def reseed_rng(self) -> None:
+        self.fallback.reseed_rng()
+
+
+class _OnLattice(_BaseSampler):
+    """An Optuna sampler whose choices on the axes move to the nearest lattice point (log space).
+
+    Gives TPE and random search the same lattice as the coordinate search while the study keeps real
+    values: TPE models the observed log values, so the order of the points is not lost.
+    """
+
+    def __init__(self, base: Any, space: SearchSpace) -> None:
+        self.base, self.space = base, space
+
+    def infer_relative_search_space(self, study: Any, trial: Any) -> dict[str, Any]:
+        return self.base.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: Any, trial: Any, search_space: Mapping[str, Any]) -> dict[str, Any]:
+        params = self.base.sample_relative(study, trial, search_space)
+        return {k: self.space.snap(k, v) for k, v in params.items()}
+
+    def sample_independent(self, study: Any, trial: Any, param_name: str, param_distribution: Any) -> Any:
+        value = self.base.sample_independent(study, trial, param_name, param_distribution)
+        return self.space.snap(param_name, value)
+
+    def before_trial(self, study: Any, trial: Any) -> None:
+        self.base.before_trial(study, trial)
+
+    def after_trial(self, study: Any, trial: Any, state: Any, values: Sequence[float] | None) -> None:
+        self.base.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.base.reseed_rng()
 
 
 # -- running trials through Optuna -----------------------------------------------------------------------
@@ -199,7 +423,9 @@ class Tuner:
             ``report(value, step)`` and ``should_prune()`` (Optuna's) and ``heartbeat()``.
         tuner: "coordinate" (FixNorm's search), "tpe", "random" or "grid".
         n_trials: the study's budget of finished trials, shared by all workers.
-        storage: an Optuna storage URL; default SQLite in ``out_dir/study.db``.
+        storage: an Optuna RDB URL (``postgresql://...``, ``sqlite:///...``), or a journal file
+            (``journal:PATH``, or a path ending ``.log`` / ``.jsonl``); default SQLite in ``out_dir/study.db``.
+            A journal has no heartbeat: a worker killed on another host leaves its trial running.
         settings: recorded with the study; a study created with other settings is refused.
         pruner: None, "median" or "halving" (Optuna samplers only).
     """
@@ -223,11 +449,18 @@ class Tuner:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         url = storage or f"sqlite:///{(self.out_dir / 'study.db').resolve()}"
-        self.lock_path = Path(url[len("sqlite:///"):] + ".lock") if url.startswith("sqlite:///") else None
+        journal = _journal_path(url)
+        if journal is not None:  # not Optuna's own PATH.lock, which its journal backend uses
+            journal.parent.mkdir(parents=True, exist_ok=True)
+            self.lock_path: Path | None = Path(f"{journal}.fixnorm-lock")
+        elif url.startswith("sqlite:///"):
+            self.lock_path = Path(url[len("sqlite:///"):] + ".lock")
+        else:
+            self.lock_path = None
         with self._setup_lock(url):  # workers starting together would race to create the schema and the study
             self.storage = _open_storage(url, heartbeat_seconds)
-        samplers = {"tpe": lambda: optuna.samplers.TPESampler(seed=seed),
-                    "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+        samplers = {"tpe": lambda: _OnLattice(optuna.samplers.TPESampler(seed=seed), space),
+                    "random": lambda: _OnLattice(optuna.samplers.RandomSampler(seed=seed), space),
                     "grid": lambda: optuna.samplers.GridSampler(self._grid_space(), seed=seed),
                     "coordinate": lambda: optuna.samplers.RandomSampler(seed=seed)}  # every point is enqueued
         pruners = {None: optuna.pruners.NopPruner, "none": optuna.pruners.NopPruner,
@@ -272,7 +505,7 @@ class Tuner:
         return self.result()
 
     def _claim_lock(self) -> Any:
-        """An exclusive file lock beside a SQLite study (SQLite has no row locks for Optuna's queue)."""
+        """An exclusive file lock beside a SQLite or journal study (neither has row locks for Optuna's queue)."""
         if self.lock_path is None:
             return contextlib.nullcontext()
         return _FileLock(self.lock_path)
@@ -290,13 +523,8 @@ class Tuner:
 
     def _next_point(self, done: list[Any], running: list[Any]) -> Point | str:
         if self.tuner == "coordinate":
-            results = {self._point(t): t.value for t in done if t.value is not None}
-            pending = coordinate_search_next(self.space, results, self.steps)
-            if not pending:
-                return "finished"
-            busy = {self._claimed_point(t) for t in running}
-            free = [p for p in pending if p not in busy]
-            return free[0] if free else "wait"
+            results = _completed_results(self.space, done)
+            return _coordinate_choice(self.space, results, {self._claimed_point(t) for t in running}, self.steps)
         if self.tuner == "grid" and len(done) + len(running) >= len(self.space.grid()):
             return "wait" if running else "finished"
         if len(done) + len(running) >= self.n_trials:
@@ -305,11 +533,7 @@ class Tuner:
 
     def _claimed_point(self, t: Any) -> Point | None:
         """The point a trial runs, or was enqueued to run (its params may not be set yet)."""
-        params = {**t.system_attrs.get("fixed_params", {}), **t.params}
-        a, b = self.space.axes
-        if f"{a.name}_index" in params and f"{b.name}_index" in params:
-            return (int(params[f"{a.name}_index"]), int(params[f"{b.name}_index"]))
-        return None
+        return _claimed_point(self.space, t)
 
     def _duplicate_of(self, trial: Any, point: Point) -> int | None:
         """An earlier trial on the same point (two workers chose it at once): the earlier number wins.
@@ -329,14 +553,18 @@ class Tuner:
         optuna = _optuna()
         waiting = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
         if self.tuner == "coordinate" and point not in {self._claimed_point(t) for t in waiting}:
-            self.study.enqueue_trial(self._index_params(point))  # ask() pops the oldest waiting trial
+            self.study.enqueue_trial(self.space.values(point))  # ask() pops the oldest waiting trial
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             trial = self.study.ask()
-        self.storage.record_heartbeat(trial._trial_id)
+        if hasattr(self.storage, "record_heartbeat"):  # RDB storages; a journal has no heartbeat
+            self.storage.record_heartbeat(trial._trial_id)
         trial.set_user_attr("worker", _worker_id())
-        a, b = self.space.axes
-        point = (trial.suggest_int(f"{a.name}_index", a.low, a.high), trial.suggest_int(f"{b.name}_index", b.low, b.high))
+        point = self.space.point_of(self.space.suggest(trial))
+        if point is None:  # an enqueued point off this lattice (a study shared with other code)
+            trial.set_user_attr("off_lattice", True)
+            self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            return None
         if self.tuner == "coordinate" and (earlier := self._duplicate_of(trial, point)) is not None:
             trial.set_user_attr("duplicate_of", earlier)
             self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
@@ -376,22 +604,15 @@ class Tuner:
             if worker is not None and _alive(worker) is False:
                 self.study.tell(t.number, state=optuna.trial.TrialState.FAIL)
                 if self.tuner != "coordinate" and "point" in t.user_attrs:
-                    self.study.enqueue_trial(self._index_params(tuple(t.user_attrs["point"])))
+                    self.study.enqueue_trial(self.space.values(tuple(t.user_attrs["point"])))
         with warnings.catch_warnings():  # experimental in Optuna, and meant for Study.optimize: we drive it ourselves
             warnings.simplefilter("ignore")
             optuna.storages.fail_stale_trials(self.study)  # other hosts: no heartbeat for 4 intervals
 
     # -- records ---------------------------------------------------------------------------------
-    def _index_params(self, point: Sequence[int]) -> dict[str, int]:
-        a, b = self.space.axes
-        return {f"{a.name}_index": int(point[0]), f"{b.name}_index": int(point[1])}
-
-    def _point(self, t: Any) -> Point:
-        a, b = self.space.axes
-        return (int(t.params[f"{a.name}_index"]), int(t.params[f"{b.name}_index"]))
-
     def _record(self, t: Any) -> dict[str, Any]:
-        values = self.space.values(self._point(t)) if t.params else {}
+        point = self.space.point_of(t.params)
+        values = self.space.values(point) if point is not None else {}
         return {"number": t.number, "state": t.state.name.lower(), **values, "value": t.value,
                 "seconds": t.user_attrs.get("seconds"), "worker": t.user_attrs.get("worker"),
                 "diverged": t.user_attrs.get("diverged")}
@@ -404,19 +625,36 @@ class Tuner:
         best = max(scored, key=lambda t: t["value"]) if scored else None
         finished = len(trials) >= self.n_trials
         if self.tuner == "coordinate":
-            done = {self._point(t): t.value for t in self.study.get_trials(deepcopy=False)
-                    if t.state == optuna.trial.TrialState.COMPLETE}
+            done = _completed_results(self.space, self.study.get_trials(deepcopy=False))
             finished = finished or not coordinate_search_next(self.space, done, self.steps)
         return TuneResult(trials=trials, best=best, out_dir=self.out_dir, finished=finished)
 
-    def _grid_space(self) -> dict[str, list[int]]:
-        a, b = self.space.axes
-        return {f"{a.name}_index": list(range(a.low, a.high + 1)), f"{b.name}_index": list(range(b.low, b.high + 1))}
+    def _grid_space(self) -> dict[str, list[float]]:
+        return {a.name: [a.value(i) for i in range(a.low, a.high + 1)] for a in self.space.axes}
+
+
+def _journal_path(url: str) -> Path | None:
+    """The journal file a storage string names (``journal:PATH``, or a path ending .log / .jsonl), else None."""
+    if url.startswith("journal:"):
+        path = url[len("journal:"):]
+        if not path:
+            raise FixNormError("storage 'journal:' needs a file path, e.g. journal:runs/tune/journal.log")
+        return Path(path)
+    if "://" not in url and url.endswith((".log", ".jsonl")):
+        return Path(url)
+    return None
 
 
 def _open_storage(url: str, heartbeat_seconds: int) -> Any:
-    """An RDB storage; workers starting together may race to create the schema, so retry a few times."""
+    """A journal or RDB storage; workers starting together may race to create the schema, so retry a few times."""
     optuna = _optuna()
+    journal = _journal_path(url)
+    if journal is not None:
+        journal.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    if "://" not in url:
+        raise FixNormError(f"storage {url!r} is neither a database URL (sqlite:///study.db, postgresql://user@host/db) "
+                           "nor a journal file (journal:PATH, or a path ending .log or .jsonl)")
     import sqlalchemy.exc
 
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None  # wait for locks
@@ -507,7 +745,7 @@ class _HeartbeatTrial:
         self.trial, self.storage, self.seconds, self.last = trial, storage, seconds, time.monotonic()
 
     def heartbeat(self) -> None:
-        if time.monotonic() - self.last >= self.seconds:
+        if hasattr(self.storage, "record_heartbeat") and time.monotonic() - self.last >= self.seconds:
             self.storage.record_heartbeat(self.trial._trial_id)
             self.last = time.monotonic()
 
