@@ -77,3 +77,29 @@ def test_the_readme_python_example_runs(tmp_path, monkeypatch):
     exec(compile(code.replace("range(100)", "range(2)"), "README.md", "exec"), {})
     saved = __import__("torch").load(tmp_path / "ckpt.pt", weights_only=True)
     assert "fixnorm" in saved["opt"]
+
+
+def test_tune_help_shows_the_recipe_tune_uses():
+    proc = run_cli("tune", "--help")
+    assert proc.returncode == 0
+    text = re.sub(r"\s+", "", proc.stdout)  # argparse wraps lines at spaces and hyphens
+    assert "default:fmnist-tune;" in text and "fmnist-resnet20" not in text
+    assert "journal:PATH" in text
+
+
+@pytest.mark.skipif(not DEFAULT_FASHION_MNIST_DIR.exists(), reason="apt-get install dataset-fashion-mnist")
+def test_tune_lists_only_the_files_it_wrote_and_takes_a_journal(tmp_path):
+    """A real one-trial tune into a journal file, in an interpreter where matplotlib cannot be imported."""
+    code = ("import sys; sys.modules['matplotlib'] = None; from fixnorm.cli import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    out, journal = tmp_path / "tune", tmp_path / "journal.log"
+    proc = subprocess.run([sys.executable, "-c", code, "tune", "--recipe", "fmnist-smoke", "--set", "train_subset=300",
+                           "--set", "holdout=200", "--epochs", "1", "--set", "threads=1", "--trials", "1",
+                           "--out", str(out), "--storage", str(journal)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert "no plot: plots need matplotlib" in proc.stdout
+    written = re.search(r"written: (.+); study in (.+)", proc.stdout)
+    assert written and "best_so_far.png" not in written.group(1) and written.group(2) == str(journal)
+    assert all(Path(p).is_file() for p in written.group(1).split(", "))
+    assert journal.is_file() and not (out / "study.db").exists()

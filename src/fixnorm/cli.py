@@ -152,9 +152,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
     write_json_atomic(out / "tune.json", {"method": method, "tuner": sampler, "space": space.to_dict(),
                                           "settings": settings, "trials": result.trials, "best": result.best,
                                           "finished": result.finished})
+    written = [out / "trials.md", out / "tune.json"]
     if result.trials:
         try:
             plot_best_so_far({f"{sampler} ({method})": result.best_so_far()}, out / "best_so_far.png")
+            written.append(out / "best_so_far.png")
         except FixNormError as exc:
             print(f"no plot: {exc}")
     print(table)
@@ -162,8 +164,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         best = ", ".join(f"{n}={result.best[n]:.4g}" for n in names)
         print(f"best: {best} -> {result.best['value']:.4f} (trial {result.best['number']})")
     if not args.quiet:
-        print(f"written: {out / 'trials.md'}, {out / 'tune.json'}, {out / 'best_so_far.png'}; study in "
-              f"{args.storage or out / 'study.db'}")
+        print(f"written: {', '.join(map(str, written))}; study in {args.storage or out / 'study.db'}")
     return 0
 
 
@@ -191,9 +192,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--recipe", default="fmnist-resnet20", help="built-in recipe name or YAML file "
-                   "(default: fmnist-resnet20; `fixnorm list` shows them)")
+def _add_run_options(p: argparse.ArgumentParser, recipe: str = "fmnist-resnet20") -> None:
+    p.add_argument("--recipe", default=recipe, help="built-in recipe name or YAML file "
+                   f"(default: {recipe}; `fixnorm list` shows them)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting (YAML value), repeatable")
     for key, kind in _SHORTCUTS.items():
         if key != "method":
@@ -237,8 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(func=cmd_report)
 
     tune = sub.add_parser("tune", help="tune lr and the classifier norm (fixnorm) or weight decay (baselines)")
-    _add_run_options(tune)
-    tune.set_defaults(recipe="fmnist-tune")
+    _add_run_options(tune, recipe="fmnist-tune")
     tune.add_argument("--method", default=None, help="fixnorm (lr x classifier norm) or sgd/adamw/rmsprop "
                       "(lr x weight decay); default: the recipe's")
     tune.add_argument("--sampler", choices=["coordinate", "tpe", "random", "grid"], default=None,
@@ -246,8 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "random, grid: Optuna samplers")
     tune.add_argument("--trials", type=int, default=12, help="budget of finished trials, shared by all workers")
     tune.add_argument("--out", default=None, help="folder for the study, the trial runs and the results")
-    tune.add_argument("--storage", default=None, help="Optuna storage URL, e.g. postgresql://user:pw@host/db "
-                      "for workers on several machines (default: SQLite OUT/study.db)")
+    tune.add_argument("--storage", default=None, help="Optuna storage: a database URL, e.g. "
+                      "postgresql://user:pw@host/db for workers on several machines, or a journal file "
+                      "(journal:PATH, or a path ending .log or .jsonl) for workers on one machine "
+                      "(default: SQLite OUT/study.db)")
     tune.add_argument("--study", default=None, help="study name in the storage (default: METHOD-SAMPLER)")
     tune.add_argument("--pruner", choices=["none", "median", "halving"], default="none",
                       help="stop poor trials early (Optuna samplers only)")
