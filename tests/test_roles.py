@@ -355,3 +355,110 @@ def test_roles_round_trip_through_a_dict():
     roles = analyze(model, image())
     again = fixnorm.Roles.from_dict(roles.to_dict())
     assert again == roles
+
+
+# -- wrapped models and models whose forward casts its input ------------------------------------------
+def conv_bn_head():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(), Head(8))
+
+
+def same_roles_under_other_names(roles, reference, prefix):
+    """``roles`` (of a wrapper) says what ``reference`` (of the bare model) says, under ``prefix`` + the bare names."""
+    assert set(roles.shapes) == {prefix + n for n in reference.shapes}
+    assert roles.scale_invariant == {prefix + n: r for n, r in reference.scale_invariant.items()}
+    assert roles.classifier == [prefix + n for n in reference.classifier]
+    assert roles.final_homogeneous == [prefix + n for n in reference.final_homogeneous]
+
+
+class CastsInput(nn.Module):
+    """A wrapper whose forward casts its input to bfloat16 (as mixed-precision wrappers do) before the model."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner.to(torch.bfloat16)
+
+    def forward(self, x):
+        return self.inner(x.to(torch.bfloat16))
+
+
+def test_a_forward_that_casts_its_input_is_analysed_in_float64_with_its_casts_kept():
+    bare = conv_bn_head()
+    reference = analyze(bare, image())
+    roles = analyze(CastsInput(copy.deepcopy(bare)), image())
+    same_roles_under_other_names(roles, reference, "inner.")
+    assert "casts to lower precision kept in float64" in roles.reasons["inner.0.weight"]
+    assert float(roles.reasons["inner.0.weight"].split("max rel. change ")[1][:7]) < 1e-9  # float64 precision
+
+
+class Bf16Only(nn.Module):
+    """Computes in bfloat16 and refuses any other dtype (as a fused bf16 kernel would): only its own dtype works."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner.to(torch.bfloat16)
+
+    def forward(self, x):
+        x = x.to(torch.bfloat16)
+        if x.dtype != torch.bfloat16:
+            raise TypeError(f"this block runs in bfloat16 only, got {x.dtype}")
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("make", [conv_bn_head, lambda: create_model("resnet20", num_classes=10)])
+def test_a_model_that_runs_only_in_bfloat16_is_analysed_in_its_own_dtype(make):
+    bare = make()
+    x = image(s=16)
+    reference = analyze(bare, x)
+    roles = analyze(Bf16Only(copy.deepcopy(bare)), x)
+    same_roles_under_other_names(roles, reference, "inner.")
+    weight = next(n for n in roles.shapes if len(roles.shapes[n]) >= 2)
+    assert "analysed in bfloat16, the model's own dtype, tolerance 3.1e-02" in roles.reasons[weight]
+    assert "bfloat16 only" in roles.reasons[weight]  # the float64 failure, quoted
+    # the model itself is untouched: still bf16, same values
+    assert all(p.dtype == torch.bfloat16 for p in Bf16Only(copy.deepcopy(bare)).parameters())
+
+
+def test_a_forward_that_fails_in_every_dtype_reports_the_float64_failure():
+    with pytest.raises(FixNormError, match="failed during analysis"):
+        analyze(CastsInput(nn.Linear(3, 2)), torch.randn(2, 5))
+
+
+def test_torch_compile_and_dataparallel_are_looked_through_and_keep_their_names():
+    bare = conv_bn_head()
+    reference = analyze(bare, image())
+    compiled = torch.compile(copy.deepcopy(bare))  # never run: analysis uses the module inside
+    same_roles_under_other_names(analyze(compiled, image()), reference, "_orig_mod.")
+    same_roles_under_other_names(analyze(nn.DataParallel(copy.deepcopy(bare)), image()), reference, "module.")
+    assert fixnorm.roles.unwrap(nn.DataParallel(torch.compile(bare))) is bare
+
+
+def test_distributed_data_parallel_is_looked_through(tmp_path):
+    import torch.distributed as dist
+
+    bare = conv_bn_head()
+    reference = analyze(bare, image())
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(copy.deepcopy(bare))
+        same_roles_under_other_names(analyze(ddp, image()), reference, "module.")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_lightning_fabric_bf16_modules_are_analysed_under_their_own_names(precision):
+    L = pytest.importorskip("lightning")
+    bare = conv_bn_head()
+    reference = analyze(bare, image())
+    fabric = L.Fabric(accelerator="cpu", devices=1, precision=precision)
+    module = fabric.setup_module(copy.deepcopy(bare))
+    assert module(image()).dtype in (torch.float32, torch.bfloat16)  # its forward casts the input: it runs in bf16
+    roles = analyze(module, image())
+    names = [n for n, _ in module.named_parameters()]
+    assert set(roles.shapes) == set(names)
+    prefix = names[0][: -len("0.weight")]
+    same_roles_under_other_names(roles, reference, prefix)
+    # and FixNorm built on the Fabric module constrains the same tensors
+    opt = fixnorm.FixNorm(module, image(), lr=0.1)
+    assert set(opt.roles.scale_invariant) == set(roles.scale_invariant)

@@ -21,6 +21,7 @@ output by c**k, biases set to zero). See ``_final_homogeneous``.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import math
@@ -30,6 +31,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .errors import FixNormError
 
@@ -117,11 +119,17 @@ def analyze(
     measurement; a pattern that matches nothing is an error. ``rtol`` is the relative
     output change (float64, eps shrunk) under which a scaling counts as invariant.
     The model itself is not modified: the analysis runs on a float64 copy.
+
+    Wrappers (DDP, DataParallel, Lightning Fabric's module, ``torch.compile``) are looked through to the
+    module that computes; the names in the result are still the ones ``model.named_parameters()`` gives.
+    A model whose forward cannot run in float64 (it casts its input to bf16, say) is analysed in its own
+    dtype instead, with ``rtol`` raised to suit that dtype; every reason then says so.
     """
     if not isinstance(model, nn.Module):
         raise FixNormError(f"analyze() needs an nn.Module, got {type(model).__name__}")
     inputs = _as_input_tuple(example_inputs)
-    named = dict(model.named_parameters())
+    target = unwrap(model)
+    named = dict(target.named_parameters())
     if not named:
         raise FixNormError("the model has no parameters to analyse")
     overrides = dict(overrides or {})
@@ -129,10 +137,30 @@ def analyze(
         if role not in ROLES:
             raise FixNormError(f"unknown role {role!r} for override {pattern!r}; choose one of {ROLES}")
 
-    work = _float64_copy(model)
-    work_params = dict(work.named_parameters())
+    work = _analysis_copy(target, torch.float64)
     inputs64 = tuple(x.double() if x.is_floating_point() else x for x in inputs)
-    probe = _Probe(work, inputs64, seed)
+    note = ""
+    try:
+        probe = _Probe(work, inputs64, seed)
+    except FixNormError as float64_error:
+        cause = str(float64_error.__cause__ or float64_error).splitlines()[0][:80]
+        try:  # a forward that casts its input down (x.to(torch.bfloat16)): keep those casts in float64
+            probe = _Probe(work, inputs64, seed, keep_float64=True)
+            note = (" [float64 analysis with the forward's own casts to lower precision kept in float64: "
+                    f"as written it failed on a float64 copy ({cause})]")
+        except FixNormError as kept_error:
+            # the forward needs its own dtype: measure in that dtype, at that dtype's precision
+            cause = str(kept_error.__cause__ or kept_error).splitlines()[0][:80]
+            work = _analysis_copy(target, None)
+            try:
+                probe = _Probe(work, inputs, seed)
+            except FixNormError:
+                raise float64_error from None
+            dtype = _lowest_precision(work, probe.reference_dtype)
+            rtol = max(rtol, _dtype_rtol(dtype))
+            note = (f" [analysed in {str(dtype).replace('torch.', '')}, the model's own dtype, tolerance {rtol:.1e}: "
+                    f"its forward failed on a float64 copy ({cause}); an effect below the tolerance cannot be seen]")
+    work_params = dict(work.named_parameters())
     used, final = probe.trace_graph(work_params)
 
     shapes = {n: tuple(p.shape) for n, p in named.items()}
@@ -177,10 +205,100 @@ def analyze(
         elif name in final:
             reasons[name] = "final layer, " + reasons[name]
 
+    if note:
+        for name in candidates:
+            reasons[name] += note
     roles = Roles(scale_invariant=invariant, classifier=classifier, shapes=shapes, reasons=reasons,
                   final_layer=[n for n in candidates if n in final],
                   final_homogeneous=[n for n in named if n in probe.final_homogeneous])
+    if target is not model:
+        roles = _renamed(roles, target, model)
     return apply_overrides(roles, overrides)
+
+
+# wrappers that hold the computing module under an attribute: DDP, DataParallel, torch.compile's
+# OptimizedModule, Lightning Fabric's _FabricModule (its forward casts inputs and enters autocast)
+_WRAPPERS = (("DistributedDataParallel", "module"), ("DataParallel", "module"), ("OptimizedModule", "_orig_mod"),
+             ("_FabricModule", "_forward_module"))
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module that computes inside DDP, DataParallel, Lightning Fabric and ``torch.compile`` wrappers.
+
+    Matched by class name, so neither Lightning nor a process group is needed to look through them.
+    """
+    while True:
+        for cls_name, attr in _WRAPPERS:
+            inner = getattr(model, attr, None) if type(model).__name__ == cls_name else None
+            if isinstance(inner, nn.Module):
+                model = inner
+                break
+        else:
+            return model
+
+
+def _renamed(roles: Roles, inner: nn.Module, outer: nn.Module) -> Roles:
+    """``roles`` measured on ``inner`` under the names ``outer.named_parameters()`` gives the same tensors."""
+    outer_names = {id(p): n for n, p in outer.named_parameters()}
+    rename = {n: outer_names.get(id(p), n) for n, p in inner.named_parameters()}
+    shapes = {rename[n]: shape for n, shape in roles.shapes.items()}
+    reasons = {rename[n]: why for n, why in roles.reasons.items()}
+    for name, param in outer.named_parameters():  # a wrapper's own parameters (rare) take no part in the forward
+        if name not in shapes:
+            shapes[name], reasons[name] = tuple(param.shape), "belongs to the wrapper, not to the wrapped model"
+    return Roles(scale_invariant={rename[n]: r for n, r in roles.scale_invariant.items()},
+                 classifier=[rename[n] for n in roles.classifier], shapes=shapes, reasons=reasons,
+                 final_layer=[rename[n] for n in roles.final_layer],
+                 final_homogeneous=[rename[n] for n in roles.final_homogeneous])
+
+
+def _lowest_precision(model: nn.Module, output_dtype: torch.dtype) -> torch.dtype:
+    """The floating dtype with the largest epsilon among the model's parameters and its output."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()} | {output_dtype}
+    return max(dtypes, key=lambda d: torch.finfo(d).eps)
+
+
+def _dtype_rtol(dtype: torch.dtype) -> float:
+    """The relative output change that rounding alone can cause in ``dtype``: four times its epsilon.
+
+    Measured in bfloat16 (and float16) by scaling one weight at a time: scale-invariant weights of
+    ResNet-20 and of the small models in tests/test_roles.py change the output by at most 2.2 eps;
+    weights that matter mostly by 10 to 500 eps, but a conv bias before ReLU + BN by 3.3 eps and a
+    squeeze-excite gate by 0.5 eps (bf16). So the margin is kept small: a weight whose effect drowns
+    in rounding is misread as invariant either way, and a deep model's rounding (EfficientNet-B0: up to
+    200 eps) makes invariant weights read as "other", which only leaves them unconstrained.
+    """
+    return 4 * torch.finfo(dtype).eps
+
+
+class _KeepFloat64(TorchFunctionMode):
+    """While active, a float64 tensor that the code casts to a lower-precision float stays float64.
+
+    Lets the float64 analysis run models that cast their input (``x.to(torch.bfloat16)``, ``x.half()``)
+    without losing its precision; autocast already leaves float64 alone.
+    """
+
+    _LOWER = (torch.float32, torch.float16, torch.bfloat16)
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = dict(kwargs or {})
+        this = args[0] if args else None
+        if isinstance(this, torch.Tensor) and this.dtype == torch.float64:
+            if func in (torch.Tensor.bfloat16, torch.Tensor.half, torch.Tensor.float):
+                return this
+            if func in (torch.Tensor.to, torch.Tensor.type):
+                args = tuple(torch.float64 if a in self._LOWER or a in _LOWER_NAMES else
+                             (a.device if isinstance(a, torch.Tensor) and a.dtype in self._LOWER else a)
+                             for a in args)
+                if kwargs.get("dtype") in self._LOWER:
+                    kwargs["dtype"] = torch.float64
+            if func is torch.Tensor.type_as and isinstance(args[1], torch.Tensor) and args[1].dtype in self._LOWER:
+                return this
+        return func(*args, **kwargs)
+
+
+_LOWER_NAMES = ("torch.FloatTensor", "torch.HalfTensor", "torch.BFloat16Tensor", "torch.float32", "torch.float16",
+                "torch.bfloat16")
 
 
 def apply_overrides(roles: Roles, overrides: Mapping[str, str]) -> Roles:
@@ -221,13 +339,13 @@ def _as_input_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
                        f"model(*example_inputs); got {type(example_inputs).__name__}")
 
 
-def _float64_copy(model: nn.Module) -> nn.Module:
-    """A train-mode float64 copy with every norm eps shrunk (invariance is meant as eps -> 0)."""
+def _analysis_copy(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
+    """A train-mode copy in ``dtype`` (None: as it is) with every norm eps shrunk (invariance is meant as eps -> 0)."""
     try:
         work = copy.deepcopy(model)
     except Exception as exc:  # noqa: BLE001 - any failure here is the user's model
         raise FixNormError(f"could not copy the model for analysis ({exc}); pass roles= to skip it") from exc
-    work = work.double().train()
+    work = (work.to(dtype) if dtype is not None else work).train()
     for module in work.modules():
         eps = getattr(module, "eps", None)
         if isinstance(eps, float) and eps > 0:
@@ -250,8 +368,8 @@ def _flatten_outputs(out: Any) -> list[torch.Tensor]:
 class _Probe:
     """Runs the float64 copy with identical randomness and buffers on every call."""
 
-    def __init__(self, model: nn.Module, inputs: tuple[torch.Tensor, ...], seed: int):
-        self.model, self.inputs, self.seed = model, inputs, seed
+    def __init__(self, model: nn.Module, inputs: tuple[torch.Tensor, ...], seed: int, keep_float64: bool = False):
+        self.model, self.inputs, self.seed, self.keep_float64 = model, inputs, seed, keep_float64
         self.buffers = {n: b.clone() for n, b in model.named_buffers()}
         self.devices = sorted({x.device.index for x in inputs if x.device.type == "cuda"})
         with torch.no_grad():
@@ -262,6 +380,7 @@ class _Probe:
         if not torch.isfinite(self.reference).all():
             raise FixNormError("the model's output on the example input is not finite (a BatchNorm over a "
                                "single value? use a batch of at least 2 with spatial size > 1)")
+        self.reference_dtype = self.reference_raw_dtype
         self.scale = float(self.reference.abs().max()) or 1.0
         self.final_homogeneous: set[str] = set()  # filled by trace_graph
 
@@ -270,9 +389,10 @@ class _Probe:
         gen = torch.Generator().manual_seed(self.seed + 1)
         for p in self.model.parameters():
             if p.is_floating_point():
-                rms = float(p.pow(2).mean().sqrt()) if p.numel() else 0.0
-                noise = torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device)
-                p.add_(noise * (0.2 * rms + 0.05))
+                rms = float(p.double().pow(2).mean().sqrt()) if p.numel() else 0.0
+                wide = p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32  # randn in bf16 rounds
+                noise = torch.randn(p.shape, generator=gen, dtype=wide).to(p.device)
+                p.add_((noise * (0.2 * rms + 0.05)).to(p.dtype))
 
     def run(self) -> Any:
         for n, b in self.model.named_buffers():
@@ -280,13 +400,17 @@ class _Probe:
         with torch.random.fork_rng(devices=self.devices):
             torch.manual_seed(self.seed)
             try:
-                return self.model(*self.inputs)
+                with _KeepFloat64() if self.keep_float64 else contextlib.nullcontext():
+                    return self.model(*self.inputs)
             except Exception as exc:  # noqa: BLE001 - report the user's model error with context
                 raise FixNormError(f"model(*example_inputs) failed during analysis: {exc}") from exc
 
     def forward_vector(self) -> torch.Tensor:
         outs = _flatten_outputs(self.run())
-        return torch.cat([o.reshape(-1) for o in outs]) if outs else torch.zeros(0)
+        if not outs:
+            return torch.zeros(0)
+        self.reference_raw_dtype = max((o.dtype for o in outs), key=lambda d: torch.finfo(d).eps)
+        return torch.cat([o.reshape(-1).double() for o in outs])  # compared in float64 whatever the model's dtype
 
     def deviation(self) -> float:
         with torch.no_grad():
