@@ -166,7 +166,7 @@ def test_load_state_dict_without_targets_is_an_error():
     model = small_net()
     opt = FixNorm(model, torch.randn(4, 1, 8, 8), lr=0.1)
     plain = torch.optim.SGD(model.parameters(), lr=0.1).state_dict()
-    with pytest.raises(FixNormError, match="no 'fixnorm' entry"):
+    with pytest.raises(FixNormError, match="no norm targets"):
         opt.load_state_dict(plain)
     other = FixNorm(small_net(), torch.randn(4, 1, 8, 8), lr=0.1, granularity="filter").state_dict()
     with pytest.raises(FixNormError, match="wrong shape"):
@@ -523,3 +523,69 @@ def test_nan_gradient_during_the_free_phase_is_a_clear_error():
 def test_free_steps_must_be_a_whole_number(bad):
     with pytest.raises(FixNormError, match="free_steps"):
         FixNorm(small_net(), torch.randn(2, 1, 8, 8), free_steps=bad, lr=0.1)
+
+
+def test_targets_follow_the_parameters_when_the_model_changes_dtype_after_the_optimizer_is_built():
+    """HF Trainer / Fabric build the optimizer first and move the model after; targets must follow, in fp32."""
+    model = small_net()
+    x = torch.randn(4, 1, 8, 8)
+    opt = FixNorm(model, x, fc_norm=2.5, lr=0.5, momentum=0.9)
+    initial = float(model[3].weight.norm())
+    model.to(torch.float64)
+    for xb, yb in batches(4):
+        opt.zero_grad()
+        F.cross_entropy(model(xb.double()), yb).backward()
+        opt.step()
+    assert model[3].weight.dtype == torch.float64
+    assert abs(float(model[3].weight.norm()) - initial) < 1e-5 and abs(float(model[8].weight.norm()) - 2.5) < 1e-6
+    targets = [v for entry in opt.state_dict()["state"].values() for k, v in entry.items() if k == "fixnorm_target"]
+    assert targets and all(t.dtype == torch.float32 for t in targets)
+
+
+def test_state_dict_keeps_targets_in_per_parameter_entries_and_reads_the_version_1_layout():
+    data = batches(4)
+    model = small_net()
+    opt = FixNorm(model, data[0][0], fc_norm=2.0, free_steps=2, lr=0.5, momentum=0.9)
+    state = opt.state_dict()
+    assert set(state) == {"state", "param_groups"}  # before any step: targets only, no empty base entries
+    train(model, opt, data[:3])
+    state = opt.state_dict()
+    assert all(int(e["fixnorm_steps"]) == 3 for e in state["state"].values() if "fixnorm_target" in e)
+    assert "fixnorm_target" not in next(iter(opt.state.values()))  # the live state is untouched
+    legacy = {k: v for k, v in state.items()}
+    legacy["state"] = {i: {k: v for k, v in e.items() if not k.startswith("fixnorm_")} for i, e in state["state"].items()}
+    legacy["state"] = {i: e for i, e in legacy["state"].items() if e}
+    legacy["fixnorm"] = {"version": 1, "steps": 3, "targets": {i: e["fixnorm_target"] for i, e in state["state"].items()
+                                                                if "fixnorm_target" in e}}
+    other = FixNorm(small_net(seed=5), data[0][0], fc_norm=2.0, free_steps=2, lr=0.5, momentum=0.9)
+    other.load_state_dict(legacy)
+    again = other.state_dict()
+    for i, entry in state["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(value, again["state"][i][key]), (i, key)
+
+
+@pytest.mark.parametrize("base, kwargs", [BASES[0], BASES[2]], ids=["SGD", "Adam"])
+def test_distributed_checkpoint_round_trip_keeps_targets_and_continues_bit_identically(tmp_path, base, kwargs):
+    """torch.distributed.checkpoint's state-dict API keeps only `state` and `param_groups` (by parameter name)."""
+    from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter, load, save
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    data = batches(8)
+    model = small_net(seed=0)
+    opt = FixNorm(model, data[0][0], fc_norm=2.0, free_steps=2, **kwargs, base=base)
+    train(model, opt, data[:4])
+    osd = get_optimizer_state_dict(model, opt)
+    assert any("fixnorm_target" in entry for entry in osd["state"].values())
+    save({"model": model.state_dict(), "optim": osd}, storage_writer=FileSystemWriter(str(tmp_path / "dcp")))
+
+    resumed = small_net(seed=9)
+    opt2 = FixNorm(resumed, data[0][0], fc_norm=2.0, free_steps=2, **kwargs, base=base)
+    target = {"model": resumed.state_dict(), "optim": get_optimizer_state_dict(resumed, opt2)}
+    load(target, storage_reader=FileSystemReader(str(tmp_path / "dcp")))
+    resumed.load_state_dict(target["model"])
+    set_optimizer_state_dict(resumed, opt2, target["optim"])
+    train(model, opt, data[4:])
+    train(resumed, opt2, data[4:])
+    for (name, a), (_, b) in zip(model.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name

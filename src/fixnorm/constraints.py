@@ -20,18 +20,24 @@ GRANULARITIES = ("tensor", "filter")
 OTHERS_POLICIES = ("free", "fixed", "decay")
 
 
+def _accumulation_dtype(params: Sequence[torch.Tensor]) -> torch.dtype:
+    """fp32 for fp32 and narrower weights, fp64 for fp64 ones (a norm is never accumulated narrower)."""
+    return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+
+
 def tensor_norms_fp32(params: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Whole-tensor L2 norms, accumulated in fp32, stacked into one device vector."""
+    """Whole-tensor L2 norms, accumulated in fp32 (fp64 for fp64 weights), stacked into one device vector."""
+    dtype = _accumulation_dtype(params)
     try:
-        norms = torch._foreach_norm(list(params), 2, dtype=torch.float32)
+        norms = torch._foreach_norm(list(params), 2, dtype=dtype)
     except (TypeError, RuntimeError):  # older torch without the dtype argument
-        norms = [torch.linalg.vector_norm(p, dtype=torch.float32) for p in params]
+        norms = [torch.linalg.vector_norm(p, dtype=dtype) for p in params]
     return torch.stack(norms)
 
 
 def filter_norms(p: torch.Tensor) -> torch.Tensor:
-    """L2 norm of every slice along dim 0, in fp32."""
-    return torch.linalg.vector_norm(p.detach().reshape(p.shape[0], -1), dim=1, dtype=torch.float32)
+    """L2 norm of every slice along dim 0, in fp32 (fp64 for fp64 weights)."""
+    return torch.linalg.vector_norm(p.detach().reshape(p.shape[0], -1), dim=1, dtype=_accumulation_dtype([p]))
 
 
 def fix_tensor_norms_(params: Sequence[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
@@ -41,7 +47,7 @@ def fix_tensor_norms_(params: Sequence[torch.Tensor], targets: torch.Tensor) -> 
     """
     norms = tensor_norms_fp32(params)
     ok = torch.isfinite(norms) & (norms > 0)
-    factors = torch.where(ok, targets / norms, torch.ones_like(norms))
+    factors = torch.where(ok, targets.to(norms.dtype) / norms, torch.ones_like(norms))
     torch._foreach_mul_(list(params), list(factors.unbind(0)))
     return ~ok
 
@@ -52,7 +58,7 @@ def fix_filter_norms_(params: Sequence[torch.Tensor], targets: Sequence[torch.Te
     for p, target in zip(params, targets):
         norms = filter_norms(p)
         ok = torch.isfinite(norms) & (norms > 0)
-        factors = torch.where(ok, target / norms, torch.ones_like(norms))
+        factors = torch.where(ok, target.to(norms.dtype) / norms, torch.ones_like(norms))
         p.mul_(factors.view((-1,) + (1,) * (p.ndim - 1)))
         bad.append(~ok.all())
     return torch.stack(bad)
@@ -163,7 +169,8 @@ def initial_targets(p: torch.Tensor, name: str, constraint: str, value: float | 
     filters); None keeps the current norm(s). A zero or non-finite current norm is an
     error: a zero weight has no direction to hold.
     """
-    current = filter_norms(p) if constraint == "filter" else torch.linalg.vector_norm(p.detach(), dtype=torch.float32)
+    current = filter_norms(p) if constraint == "filter" else torch.linalg.vector_norm(p.detach(), dtype=_accumulation_dtype([p]))
+    current = current.float()
     bad = ~(torch.isfinite(current) & (current > 0))
     if bool(bad.any()):
         where = f" (filters {bad.nonzero().flatten().tolist()[:8]})" if constraint == "filter" else ""

@@ -3,8 +3,9 @@
 The wrapper delegates ``param_groups``, ``state`` and ``defaults`` to the base
 optimizer, so LR schedulers, GradScaler, ``zero_grad`` and ``add_param_group`` act
 on the real thing. Settings live in the param groups (``role``, ``constraint``),
-the per-parameter norm targets live in ``state_dict()["fixnorm"]``: loading a
-state dict restores them, so a resumed run continues bit-identically.
+the per-parameter norm targets live in each parameter's entry of ``state_dict()["state"]``
+(``fixnorm_target``), where every checkpoint API carries them: loading a state dict restores
+them, so a resumed run continues bit-identically.
 """
 from __future__ import annotations
 
@@ -124,6 +125,7 @@ class FixNorm(torch.optim.Optimizer):
         self.free_steps = free_steps
         self._steps_done = 0
         self._deferred: set[torch.Tensor] = set()  # "initial" targets still to be taken (free phase)
+        self._layout: list[tuple[torch.device, torch.dtype]] = []  # parameters' (device, dtype) of the cache
 
         groups: OrderedDict[tuple[str, str | None], dict[str, Any]] = OrderedDict()
         for entry in self.plan.entries:
@@ -148,6 +150,7 @@ class FixNorm(torch.optim.Optimizer):
             if angular_update is not None and role == "scale_invariant":
                 group["angular_update"] = angular_update
                 group["angle_power"] = float(angle_power)
+        self._free_params = frozenset(self._deferred)
         if not groups:
             raise FixNormError("the model has no trainable parameters")
         param_groups = list(groups.values())
@@ -259,9 +262,8 @@ class FixNorm(torch.optim.Optimizer):
         """End of the free phase: hold each deferred weight at the norm training gave it (no host sync)."""
         for p in self._deferred:
             constraint = "filter" if p.ndim >= 2 and self._targets[p].ndim == 1 else "tensor"
-            current = filter_norms(p) if constraint == "filter" else torch.linalg.vector_norm(
-                p.detach(), dtype=torch.float32)
-            self._targets[p] = current.clone()
+            current = filter_norms(p) if constraint == "filter" else tensor_norms_fp32([p])[0]
+            self._targets[p] = current.float().clone()
         self._deferred = set()
         self._kernels = None
 
@@ -302,8 +304,24 @@ class FixNorm(torch.optim.Optimizer):
                                    f"{g['weight_decay']}; the projection would undo it. Set it to 0")
 
     # -- kernels ---------------------------------------------------------------------------
+    def _follow_parameters(self) -> None:
+        """Drop the cached buckets when a parameter has changed device or dtype since they were built.
+
+        A model moved after its optimizer was built (``model.cuda()``, ``model.to(torch.bfloat16)``, as
+        HF's Trainer and Fabric do) keeps its Parameter objects; the targets follow them, in fp32, without
+        a host sync (a one-time copy, then the kernels run where the weights are).
+        """
+        layout = [(p.device, p.dtype) for p in self._targets]
+        if layout != self._layout:
+            self._layout = layout
+            for p, target in self._targets.items():
+                if target.device != p.device:
+                    self._targets[p] = target.to(p.device)
+            self._kernels = self._grad_params = None
+
     def _kernel_plan(self) -> list[tuple[str, list[torch.Tensor], Any]]:
         """Constrained parameters bucketed by (rule, device, dtype) for multi-tensor kernels."""
+        self._follow_parameters()
         if self._kernels is None:
             buckets: OrderedDict[tuple[str, torch.device, torch.dtype], list[torch.Tensor]] = OrderedDict()
             for g in self.param_groups:
@@ -338,6 +356,7 @@ class FixNorm(torch.optim.Optimizer):
 
     def _grad_buckets(self, constrained: bool | None) -> list[list[torch.Tensor]]:
         """Parameters by device: all of them (None) or only the unconstrained ones (False); cached."""
+        self._follow_parameters()
         if self._grad_params is None:
             every: OrderedDict[torch.device, list[torch.Tensor]] = OrderedDict()
             free: OrderedDict[torch.device, list[torch.Tensor]] = OrderedDict()
@@ -424,11 +443,24 @@ class FixNorm(torch.optim.Optimizer):
         return [p for g in self.param_groups for p in g["params"]]
 
     def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state dict, each constrained parameter's target in its own state entry.
+
+        Per-parameter entries (``fixnorm_target``, fp32; ``fixnorm_steps``) are what every checkpoint API
+        carries, including ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict``, which keeps
+        only ``state`` and ``param_groups`` (renamed by parameter name, sharded under FSDP).
+        """
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         state = self.base.state_dict()
-        state["fixnorm"] = {"version": 1, "steps": self._steps_done, "targets": {
-            i: self._targets[p].detach().clone() for i, p in enumerate(self._ordered_params()) if p in self._targets}}
+        packed = dict(state["state"])  # the entries are the live state dicts: copy before adding to them
+        steps = torch.tensor(self._steps_done, dtype=torch.int64)
+        for i, p in enumerate(self._ordered_params()):
+            if p in self._targets:
+                entry = dict(packed.get(i, {}))
+                entry[_TARGET_KEY] = self._targets[p].detach().clone()
+                entry[_STEPS_KEY] = steps.clone()
+                packed[i] = entry
+        state["state"] = packed
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, state)
             if result is not None:
@@ -441,20 +473,18 @@ class FixNorm(torch.optim.Optimizer):
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        extra = state_dict.pop("fixnorm", None)
-        if not isinstance(extra, Mapping) or "targets" not in extra:
-            raise FixNormError("this state dict has no 'fixnorm' entry with the norm targets: it was not saved by "
-                               "FixNorm.state_dict(), so the targets cannot be restored")
         params = self._ordered_params()
-        saved_targets = {int(k): v for k, v in extra["targets"].items()}
+        saved_targets, steps = self._split_fixnorm_state(state_dict)
         expected = {i for i, p in enumerate(params) if p in self._targets}
+        if not saved_targets and expected:
+            raise FixNormError("this state dict has no norm targets ('fixnorm_target' entries): it was not saved by "
+                               "FixNorm.state_dict(), so the targets cannot be restored")
         if set(saved_targets) != expected:
             raise FixNormError("the saved norm targets do not match this optimizer's constrained parameters; "
                                "was the state saved from a FixNorm with another plan?")
         for i, value in saved_targets.items():
             if not isinstance(value, torch.Tensor) or value.shape != self._targets[params[i]].shape:
                 raise FixNormError(f"saved norm target #{i} has the wrong shape or type")
-        steps = extra.get("steps", 0)
         if isinstance(steps, torch.Tensor):
             steps = int(steps)
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
@@ -464,11 +494,44 @@ class FixNorm(torch.optim.Optimizer):
             p = params[i]
             self._targets[p] = value.to(device=p.device, dtype=torch.float32).clone()
         self._steps_done = steps
-        if self._deferred and steps >= self.free_steps:
-            self._deferred = set()  # the saved targets are the ones the free phase took
+        # inside the free phase the saved targets are placeholders; after it they are the norms it took
+        self._deferred = set(self._free_params) if steps < self.free_steps else set()
         self._kernels = self._grad_params = None
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+    @staticmethod
+    def _split_fixnorm_state(state_dict: dict[str, Any]) -> tuple[dict[int, Any], Any]:
+        """Take FixNorm's entries out of ``state_dict`` (in place) so the base optimizer sees only its own.
+
+        Reads both layouts: per-parameter entries (now) and the top-level ``"fixnorm"`` entry of version 1.
+        """
+        legacy = state_dict.pop("fixnorm", None)
+        if isinstance(legacy, Mapping) and "targets" in legacy:
+            return {int(k): v for k, v in legacy["targets"].items()}, legacy.get("steps", 0)
+        # entries are keyed by index (torch.optim) or by parameter name (distributed checkpoint); either way a
+        # key's place in the saved groups' "params" lists is the parameter's place in this optimizer
+        order = [key for group in state_dict.get("param_groups", []) for key in group.get("params", [])]
+        position = {key: i for i, key in enumerate(order)}
+        targets: dict[int, Any] = {}
+        steps: Any = 0
+        packed = {}
+        for key, entry in dict(state_dict.get("state", {})).items():
+            if isinstance(entry, Mapping) and _TARGET_KEY in entry:
+                if key not in position:
+                    raise FixNormError(f"state entry {key!r} belongs to no saved parameter group")
+                entry = dict(entry)
+                targets[position[key]] = entry.pop(_TARGET_KEY)
+                steps = entry.pop(_STEPS_KEY, steps)
+                if not entry:  # nothing of the base optimizer's: leave no empty entry (Adam inits on len == 0)
+                    continue
+            packed[key] = entry
+        state_dict["state"] = packed
+        return targets, steps
+
+
+_TARGET_KEY = "fixnorm_target"
+_STEPS_KEY = "fixnorm_steps"
 
 
 def from_weight_decay(lr: float, weight_decay: float, momentum: float = 0.0) -> dict[str, float]:
