@@ -462,3 +462,32 @@ def test_lightning_fabric_bf16_modules_are_analysed_under_their_own_names(precis
     # and FixNorm built on the Fabric module constrains the same tensors
     opt = fixnorm.FixNorm(module, image(), lr=0.1)
     assert set(opt.roles.scale_invariant) == set(roles.scale_invariant)
+
+
+def test_efficientnet_is_analysed_in_a_few_forward_passes():
+    """Squeeze-excite convs in every block used to cost a bisection each (181 forward passes); now a handful."""
+    torch.manual_seed(0)
+    model = create_model("efficientnet_b0", num_classes=10)
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))  # copied along with the model
+    roles = analyze(model, torch.randn(2, 3, 64, 64))
+    assert len(calls) <= 10, len(calls)
+    weights = [n for n, p in model.named_parameters() if p.ndim >= 2]
+    se = [n for n in weights if ".se." in n]
+    assert len(se) == 32 and all(roles.role(n) == "other" for n in se)
+    assert all(roles.role(n) == "filter" for n in weights if n not in se and n != "fc.weight")
+    assert roles.classifier == ["fc.weight"]
+    assert "derivative along the weight" in roles.reasons[se[0]]
+    # the derivative's verdict agrees with scaling the weight itself
+    x = (torch.randn(2, 3, 64, 64),)
+    assert output_change(model, x, se[0], per_filter=False) > 1e-4
+
+
+def test_module_groups_gather_one_module_across_depths():
+    from fixnorm.roles import _module_groups
+
+    names = ["features.1.se.reduce.weight", "features.1.dw.weight", "features.2.se.reduce.weight", "0.weight",
+             "3.weight", "blocks.0.1.attn.q.weight", "blocks.1.0.attn.q.weight", "fc.weight"]
+    assert _module_groups(names) == [["features.1.se.reduce.weight", "features.2.se.reduce.weight"],
+                                     ["features.1.dw.weight"], ["0.weight", "3.weight"],
+                                     ["blocks.0.1.attn.q.weight", "blocks.1.0.attn.q.weight"], ["fc.weight"]]

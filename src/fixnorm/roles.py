@@ -6,9 +6,16 @@ model's train-mode output unchanged (as the norm layers' eps goes to 0); it is
 answer here is measured, not guessed from layer types: the model is copied to
 float64 at a generic point (every parameter perturbed, so a zero-initialised bias
 cannot hide a dependence), the eps of every norm layer is shrunk, and weights are
-scaled by random factors while the output is compared. Weights are tested in
-groups and a failing group is bisected, so a ResNet-50 needs about twenty
-forward passes instead of hundreds.
+scaled by random factors while the output is compared.
+
+To keep this to a handful of forward passes, one backward pass first computes,
+for every weight, the output's derivative along the weight's own direction (per
+filter and for the whole tensor). Scale invariance makes it zero; a value above
+``rtol`` (relative to the output; invariant weights measure 1e-8 or less) proves
+that a weight is not invariant, with no scaling test. The remaining weights are
+scaled all at once; if that changes the output, they are tested in groups of the
+same module at every depth (``blocks.*.se.reduce.weight``) and a failing group is
+bisected. EfficientNet-B0 went from 181 forward passes to 5, ResNet-50 stays at 5.
 
 The *classifier* is found from the autograd graph: the weights of the last
 layer(s) on every path to the output. It is a classifier only when it is not
@@ -25,6 +32,7 @@ import contextlib
 import copy
 import fnmatch
 import math
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -173,19 +181,30 @@ def analyze(
             reasons[name] = "ndim < 2 (bias, norm affine or scale): not analysed"
     candidates = [n for n in named if n in used and named[n].ndim >= 2]
 
+    tester = _GroupTester(probe, work_params, rtol, seed)
+    # proofs of non-invariance from one backward pass (float64 only: in low precision it is noise)
+    screen = probe.radial_derivatives(work_params, candidates) if probe.inputs is inputs64 else {}
+    filter_proof = {n: v[0] for n, v in screen.items() if v[0] > rtol}
+    tensor_proof = {n: v[1] for n, v in screen.items() if v[1] > rtol}
     # final-layer weights are the likely non-invariant ones: test them alone first so
     # the large group of the remaining weights usually passes in one forward pass.
-    tester = _GroupTester(probe, work_params, rtol, seed)
-    finals = [n for n in candidates if n in final]
-    rest = [n for n in candidates if n not in final]
+    finals = [n for n in candidates if n in final and n not in filter_proof]
+    rest = [n for n in candidates if n not in final and n not in filter_proof]
     accepted_filter, rejected = {}, {}
-    for group in [[n] for n in finals] + ([rest] if rest else []):
-        a, r = tester.bisect(group, per_filter=True)
+    for name in finals:
+        a, r = tester.bisect([name], per_filter=True)
         accepted_filter.update(a)
         rejected.update(r)
-    accepted_tensor, rejected_tensor = {}, {}
-    if rejected:
-        accepted_tensor, rejected_tensor = tester.bisect(list(rejected), per_filter=False)
+    a, r = tester.search(rest, per_filter=True)
+    accepted_filter.update(a)
+    rejected.update(r)
+    accepted_tensor, rejected_tensor = tester.search(
+        [n for n in candidates if (n in rejected or n in filter_proof) and n not in tensor_proof], per_filter=False)
+
+    def evidence(name: str, measured: dict[str, float], proof: dict[str, float]) -> str:
+        if name in measured:
+            return f"rel. change {measured[name]:.1e}"
+        return f"derivative along the weight {proof[name]:.1e} of the output"
 
     for name in candidates:
         if name in accepted_filter:
@@ -194,9 +213,11 @@ def analyze(
         elif name in accepted_tensor:
             invariant[name] = ROLE_TENSOR
             reasons[name] = (f"output unchanged when the whole tensor is scaled (max rel. change "
-                             f"{accepted_tensor[name]:.1e}); per-filter scaling changes it ({rejected[name]:.1e})")
+                             f"{accepted_tensor[name]:.1e}); per-filter scaling changes it "
+                             f"({evidence(name, rejected, filter_proof)})")
         else:
-            reasons[name] = f"not scale-invariant: scaling changes the output (rel. change {rejected_tensor[name]:.1e})"
+            reasons[name] = ("not scale-invariant: scaling changes the output "
+                             f"({evidence(name, rejected_tensor, tensor_proof)})")
     classifier = []
     for name in candidates:
         if name in final and name not in invariant:
@@ -419,6 +440,30 @@ class _Probe:
             return math.inf
         diff = (out - self.reference).abs().max()
         return float(diff) / self.scale if torch.isfinite(diff) else math.inf
+
+    def radial_derivatives(self, params: dict[str, torch.Tensor], names: list[str]) -> dict[str, tuple[float, float]]:
+        """Per weight: the output's derivative along each filter's own direction (the largest) and the tensor's.
+
+        One backward pass of a random projection ``r . y``; each derivative is divided by ``|r| * max|y|``
+        so it reads as a relative output change per unit of log-scale. Exactly 0 for invariant weights.
+        """
+        gen = torch.Generator().manual_seed(self.seed + 3)
+        with torch.enable_grad():
+            outs = _flatten_outputs(self.run())
+            vector = torch.cat([o.reshape(-1).double() for o in outs])
+            r = torch.randn(vector.shape, generator=gen, dtype=torch.float64).to(vector.device)
+            tensors = [params[n] for n in names]
+            grads = torch.autograd.grad((vector * r).sum(), tensors, allow_unused=True) if vector.requires_grad \
+                else [None] * len(tensors)
+        norm = float(r.norm()) * self.scale
+        result = {}
+        for name, p, g in zip(names, tensors, grads):
+            if g is None:
+                result[name] = (0.0, 0.0)
+                continue
+            per_filter = (p.detach() * g).double().reshape(p.shape[0], -1).sum(1)
+            result[name] = (float(per_filter.abs().max()) / norm, float(per_filter.sum().abs()) / norm)
+        return result
 
     def trace_graph(self, params: dict[str, torch.Tensor]) -> tuple[set[str], set[str]]:
         """Names of parameters the output depends on, and of the final-layer weights."""
@@ -665,6 +710,14 @@ def _final_homogeneous(roots: list[Any], params: dict[str, torch.Tensor]) -> set
     return {names[i] for i in range(len(names)) if weights >> i & 1 and params[names[i]].ndim >= 2}
 
 
+def _module_groups(names: list[str]) -> list[list[str]]:
+    """Names grouped by their path with every index replaced: ``features.3.se.reduce.weight`` -> ``features.*.se...``."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(re.sub(r"(^|\.)\d+(?=\.)", r"\1*", name), []).append(name)
+    return list(groups.values())
+
+
 class _GroupTester:
     """Scales groups of weights by random positive factors and bisects failing groups."""
 
@@ -688,14 +741,40 @@ class _GroupTester:
                 for n in names:
                     self.params[n].copy_(saved[n])
 
-    def bisect(self, names: list[str], per_filter: bool) -> tuple[dict[str, float], dict[str, float]]:
-        """(accepted name -> deviation of its passing group, rejected name -> its own deviation)."""
+    def search(self, names: list[str], per_filter: bool) -> tuple[dict[str, float], dict[str, float]]:
+        """All names scaled at once; if that fails, each module group (``_module_groups``), bisecting failures.
+
+        Weights of one module repeated at every depth (every block's SE convs) mostly share their role, so
+        a group passes or fails as a whole and the bisection stays inside the groups that hold failures.
+        """
+        if not names:
+            return {}, {}
+        dev = self.deviation(names, per_filter)
+        if dev <= self.rtol:
+            return {n: dev for n in names}, {}
+        groups = _module_groups(names)
+        if len(groups) == 1:
+            return self.bisect(names, per_filter, known=dev)
+        accepted: dict[str, float] = {}
+        rejected: dict[str, float] = {}
+        for group in groups:
+            a, r = self.bisect(group, per_filter)
+            accepted.update(a)
+            rejected.update(r)
+        return accepted, rejected
+
+    def bisect(self, names: list[str], per_filter: bool,
+               known: float | None = None) -> tuple[dict[str, float], dict[str, float]]:
+        """(accepted name -> deviation of its passing group, rejected name -> its own deviation).
+
+        ``known``: the deviation of ``names`` as a whole, when already measured.
+        """
         accepted: dict[str, float] = {}
         rejected: dict[str, float] = {}
         stack = [names]
         while stack:
             group = stack.pop()
-            dev = self.deviation(group, per_filter)
+            dev = known if known is not None and group is names else self.deviation(group, per_filter)
             if dev <= self.rtol:
                 accepted.update({n: dev for n in group})
             elif len(group) == 1:
