@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from fixnorm.train.checkpoint import write_json_atomic as atomic_write_json  # noqa: F401
-from fixnorm.train.checkpoint import write_text_atomic as atomic_write_text  # noqa: F401
+from fixnorm.io import write_json_atomic as atomic_write_json  # noqa: F401
+from fixnorm.io import write_text_atomic as atomic_write_text  # noqa: F401
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from fixnorm.train import load_recipe, make_config, train
-from fixnorm.train.checkpoint import write_json_atomic, write_text_atomic
+from fixnorm.io import write_json_atomic, write_text_atomic
 
 VARIANTS = {
     "default (tensor, initial, fc initial)": {},

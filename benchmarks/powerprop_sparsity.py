@@ -23,7 +23,7 @@ import torch
 
 from fixnorm.methods.powerprop import magnitude_prune_
 from fixnorm.train import Trainer, load_recipe, make_config
-from fixnorm.train.checkpoint import write_json_atomic, write_text_atomic
+from fixnorm.io import write_json_atomic, write_text_atomic
 
 SPARSITIES = [0.0, 0.5, 0.8, 0.9, 0.95, 0.98]
 

@@ -8,11 +8,11 @@ class StopTraining(Exception):
     """Raised from the epoch callback: the run stops as if killed right after that epoch's checkpoint."""
 
 
-def train_until(cfg, run_dir, epoch):
+def train_until(cfg, run_dir, epoch, **trainer_kwargs):
     """Train ``cfg`` in ``run_dir`` and stop after ``epoch`` (last.pt then holds exactly that epoch)."""
     def stop(record):
         if record["epoch"] == epoch:
             raise StopTraining
 
     with pytest.raises(StopTraining):
-        Trainer(cfg, run_dir, on_epoch=stop).fit()
+        Trainer(cfg, run_dir, on_epoch=stop, **trainer_kwargs).fit()

@@ -15,6 +15,7 @@ import torch
 
 from fixnorm import FixNormError
 from fixnorm.data import DEFAULT_FASHION_MNIST_DIR
+from fixnorm.hooks import TrainStep
 from fixnorm.train import (RECIPES, Trainer, load_checkpoint, load_recipe, lr_factor, make_config, parse_overrides,
                            train)
 from fixnorm.train.compare import run_comparison
@@ -292,3 +293,55 @@ def test_holdout_evaluates_on_training_images_and_never_on_the_test_set(tmp_path
     assert summary["evaluated_on"] == "holdout of 500 training images"
     with pytest.raises(FixNormError, match="leaves no training images"):
         Trainer(make_config(TINY, {"holdout": 60000}), tmp_path / "r2")
+
+
+class SmoothedCrossEntropy(TrainStep):
+    """The engine's default loss with label smoothing, written as a method's own step."""
+
+    def loss(self, run, x, y):
+        logits = run.forward_model(x)
+        return torch.nn.functional.cross_entropy(logits.float(), y, label_smoothing=0.1), logits
+
+
+class AnchoredStep(TrainStep):
+    """Cross-entropy + a penalty towards the weights at the start (state, like ADMM's Z, kept in checkpoints)."""
+
+    def __init__(self):
+        self.anchor = None
+
+    def on_train_start(self, run):
+        if self.anchor is None:  # a resumed run keeps the anchor of its checkpoint
+            self.anchor = [p.detach().clone() for p in run.model.parameters()]
+
+    def loss(self, run, x, y):
+        logits = run.forward_model(x)
+        penalty = sum(((p - a) ** 2).sum() for p, a in zip(run.model.parameters(), self.anchor))
+        return torch.nn.functional.cross_entropy(logits.float(), y) + 0.5 * penalty, logits
+
+    def state_dict(self):
+        return {"anchor": self.anchor}
+
+    def load_state_dict(self, state):
+        self.anchor = state["anchor"]
+
+
+@needs_fmnist
+def test_a_train_step_owns_the_loss_and_the_engine_keeps_the_rest(tmp_path):
+    smoothing = make_config(TINY, {"method": "sgd", "epochs": 1, "label_smoothing": 0.1})
+    train(smoothing, tmp_path / "engine")
+    Trainer(make_config(TINY, {"method": "sgd", "epochs": 1}), tmp_path / "step", hooks=[SmoothedCrossEntropy()]).fit()
+    assert_same_weights(weights(tmp_path / "engine" / "last.pt"), weights(tmp_path / "step" / "last.pt"))
+    with pytest.raises(FixNormError, match="at most one TrainStep"):
+        Trainer(make_config(TINY), tmp_path / "two", hooks=[SmoothedCrossEntropy(), AnchoredStep()])
+
+
+@needs_fmnist
+def test_a_train_step_with_state_resumes_bit_for_bit(tmp_path):
+    cfg = make_config(TINY, {"method": "fixnorm", "epochs": 2})
+    Trainer(cfg, tmp_path / "straight", hooks=[AnchoredStep()]).fit()
+    train_until(cfg, tmp_path / "stopped", epoch=1, hooks=[AnchoredStep()])
+    Trainer(None, tmp_path / "stopped", resume=True, hooks=[AnchoredStep()]).fit()
+    assert_same_weights(weights(tmp_path / "straight" / "last.pt"), weights(tmp_path / "stopped" / "last.pt"))
+    train(cfg, tmp_path / "plain")  # the penalty really acted
+    plain, anchored = weights(tmp_path / "plain" / "last.pt"), weights(tmp_path / "straight" / "last.pt")
+    assert any(not torch.equal(plain[k], anchored[k]) for k in plain)

@@ -21,17 +21,14 @@ Everything is added to the epoch record (metrics.csv columns, TensorBoard scalar
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from .errors import FixNormError
+from .hooks import Hook, RunState
 from .roles import analyze
-from .train.hooks import Hook
-
-if TYPE_CHECKING:
-    from .train.engine import Trainer
 
 # optimizers whose step size per coordinate does not depend on the weight's scale
 ADAPTIVE = (torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop, torch.optim.Adagrad, torch.optim.Adamax,
@@ -77,11 +74,11 @@ class DiagnosticsHook(Hook):
         self.every, self.probe_size = every, probe_size
         self.previous_predictions: torch.Tensor | None = None
 
-    def on_train_start(self, trainer: Trainer) -> None:
+    def on_train_start(self, trainer: RunState) -> None:
         model = trainer.model
         named = dict(model.named_parameters())
         optimizer = trainer.optimizer
-        roles = getattr(optimizer, "roles", None) or analyze(model, trainer.prepare_batch(trainer.data.example()))
+        roles = getattr(optimizer, "roles", None) or analyze(model, trainer.example_input())
         self.invariant = [n for n in named if n in roles.scale_invariant]
         self.classifier = list(roles.classifier)
         self.names = self.invariant + self.classifier
@@ -91,11 +88,7 @@ class DiagnosticsHook(Hook):
         self.power = effective_lr_power(optimizer)
         self._reset_epoch()
         self._before: list[torch.Tensor] | None = None
-        data = trainer.data
-        self.probe = None
-        if self.probe_size and hasattr(data, "train_x"):
-            n = min(self.probe_size, len(data.train_x))
-            self.probe = (data.train_x[:n], data.train_y[:n])
+        self.probe = trainer.probe_images(self.probe_size) if self.probe_size else None
 
     def _reset_epoch(self) -> None:
         k = len(self.params)
@@ -103,7 +96,7 @@ class DiagnosticsHook(Hook):
                      "eff_lr": torch.zeros(k, dtype=torch.float64)}
         self.measured = 0
 
-    def before_step(self, trainer: Trainer) -> None:
+    def before_step(self, trainer: RunState) -> None:
         if (trainer.global_step % self.every) or not self.params:
             return
         self._before = torch._foreach_mul([p.detach() for p in self.params], 1.0)  # one multi-tensor copy
@@ -115,7 +108,7 @@ class DiagnosticsHook(Hook):
         lrs = torch.tensor([g["lr"] if g is not None else math.nan for g in self.groups], dtype=torch.float64)
         self.sums["eff_lr"] += lrs / norms ** self.power
 
-    def after_step(self, trainer: Trainer) -> None:
+    def after_step(self, trainer: RunState) -> None:
         if self._before is None:
             return
         self.sums["angle"] += angles(self._before, list(self.params)).cpu()
@@ -123,7 +116,7 @@ class DiagnosticsHook(Hook):
         self._before = None
 
     @torch.no_grad()
-    def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+    def on_epoch_end(self, trainer: RunState, record: dict[str, Any]) -> None:
         if self.params:
             norms = torch.stack([p.detach().float().norm() for p in self.params]).tolist()
             means = {k: (v / self.measured).tolist() if self.measured else [math.nan] * len(self.params)
@@ -146,7 +139,7 @@ class DiagnosticsHook(Hook):
         if self.probe is not None:
             self._probe(trainer, record)
 
-    def _probe(self, trainer: Trainer, record: dict[str, Any]) -> None:
+    def _probe(self, trainer: RunState, record: dict[str, Any]) -> None:
         model: nn.Module = trainer.model
         was_training = model.training
         model.eval()

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from .errors import FixNormError
-from .train.checkpoint import write_text_atomic
+from .io import write_text_atomic
 
 
 @dataclass

@@ -15,7 +15,7 @@ from ..errors import FixNormError
 
 if TYPE_CHECKING:
     from ..train.config import TrainConfig
-    from ..train.hooks import Hook
+    from ..hooks import Hook
 
 
 def _same_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:

@@ -25,13 +25,12 @@ from torch import nn
 from ..constraints import fix_tensor_norms_, tensor_norms_fp32
 from ..errors import FixNormError
 from ..roles import Roles, analyze
-from ..train.hooks import Hook
+from ..hooks import Hook, RunState
 from . import Method, method_settings, register_method
 from .baselines import base_optimizer, decay_groups
 
 if TYPE_CHECKING:
     from ..train.config import TrainConfig
-    from ..train.engine import Trainer
 
 FINAL_HOMOGENEOUS = "final_homogeneous"
 
@@ -320,14 +319,14 @@ class LAWNHook(Hook):
     def __init__(self, lawn: LAWN, warmup_epochs: float) -> None:
         self.lawn, self.warmup_epochs = lawn, warmup_epochs
 
-    def on_train_start(self, trainer: Trainer) -> None:
+    def on_train_start(self, trainer: RunState) -> None:
         steps = round(self.warmup_epochs * trainer.steps_per_epoch)
         if self.lawn.warmup_steps is not None and self.lawn.warmup_steps != steps:
             raise FixNormError(f"the checkpoint's LAWN warm-up is {self.lawn.warmup_steps} steps, "
                                f"this run's is {steps}")
         self.lawn.warmup_steps = steps
 
-    def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+    def on_epoch_end(self, trainer: RunState, record: dict[str, Any]) -> None:
         norms = self.lawn.norms()
         record["lawn_constrained"] = int(self.lawn.constrained)
         record["lawn_norm"] = math.sqrt(sum(v * v for v in norms.values()))

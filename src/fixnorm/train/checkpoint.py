@@ -1,37 +1,15 @@
 """Checkpoints written atomically and read without unpickling code (weights_only=True)."""
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import FixNormError
+from ..io import atomic_write, write_json_atomic, write_text_atomic  # noqa: F401  (re-exported)
 
 FORMAT = "fixnorm-checkpoint"
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write to a temp file in the same folder, fsync, then rename: a kill leaves the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; give it a normal file's mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def remove_stale_temp_files(folder: Path) -> list[Path]:
@@ -43,7 +21,7 @@ def remove_stale_temp_files(folder: Path) -> list[Path]:
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    _atomic_write(Path(path), lambda handle: torch.save({"format": FORMAT, "version": 1, **state}, handle))
+    atomic_write(Path(path), lambda handle: torch.save({"format": FORMAT, "version": 1, **state}, handle))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -58,11 +36,3 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise FixNormError(f"{path} is not a fixnorm checkpoint")
     return state
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    _atomic_write(Path(path), lambda handle: handle.write(text.encode()))
-
-
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")

@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import write_json_atomic, write_text_atomic
+from ..io import write_json_atomic, write_text_atomic
 from .config import make_config
 from .engine import Trainer
 

@@ -15,7 +15,7 @@ import os
 import platform
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from torch import nn
 
 from ..data import normalize
 from ..errors import FixNormError
+from ..hooks import TrainStep
 from ..methods import get_method
 from ..models import create_model
 from .checkpoint import (load_checkpoint, remove_stale_temp_files, save_checkpoint, write_json_atomic,
@@ -64,7 +65,8 @@ class Trainer:
     """Builds everything from a TrainConfig and runs it; ``fit()`` returns the summary."""
 
     def __init__(self, cfg: TrainConfig | None, run_dir: str | Path, *, resume: bool = False,
-                 on_step: StepCallback | None = None, on_epoch: EpochCallback | None = None) -> None:
+                 on_step: StepCallback | None = None, on_epoch: EpochCallback | None = None,
+                 hooks: Sequence[Hook] = ()) -> None:
         self.run_dir = Path(run_dir)
         checkpoint = None
         if resume:
@@ -101,12 +103,16 @@ class Trainer:
         example = self.prepare_batch(self.data.example())
         self.optimizer = self.method.build_optimizer(model, cfg, example)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(cfg, self.steps_per_epoch))
-        self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.hooks: list[Hook] = ([EmaHook(model, cfg.ema_decay)] if cfg.ema_decay else []) + list(
-            self.method.hooks(model, self.optimizer, cfg))
+            self.method.hooks(model, self.optimizer, cfg)) + list(hooks)
         if cfg.diagnostics:  # last: it sees the step every other hook has shaped
             from ..diagnostics import DiagnosticsHook
             self.hooks.append(DiagnosticsHook(every=cfg.diagnostics_every, probe_size=cfg.probe_size))
+        steps = [h for h in self.hooks if isinstance(h, TrainStep)]
+        if len(steps) > 1:
+            raise FixNormError(f"a run takes at most one TrainStep hook, got {[type(h).__name__ for h in steps]}")
+        self.train_step: TrainStep | None = steps[0] if steps else None
         self.forward_model: nn.Module = model
         if self.dist.enabled:
             self.forward_model = nn.parallel.DistributedDataParallel(
@@ -130,6 +136,17 @@ class Trainer:
         """Augmented uint8 batch -> normalised float batch in the model's memory format."""
         x = normalize(x, self.info.mean, self.info.std)
         return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
+
+    def example_input(self) -> torch.Tensor:
+        """A prepared batch the model accepts (hooks analyse roles with it)."""
+        return self.prepare_batch(self.data.example())
+
+    def probe_images(self, count: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The first ``count`` stored training images and labels, or None when the data is streamed."""
+        if not hasattr(self.data, "train_x"):
+            return None
+        n = min(count, len(self.data.train_x))
+        return self.data.train_x[:n], self.data.train_y[:n]
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.cfg.precision == "fp32":
@@ -168,26 +185,17 @@ class Trainer:
         for step, (x_uint8, y) in enumerate(self.data.train_batches(epoch)):
             x = self.prepare_batch(x_uint8)
             with self.autocast():
-                logits = self.forward_model(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                loss, logits = self.step_loss(x, y)
             self.optimizer.zero_grad(set_to_none=True)
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-                if cfg.grad_clip or self.hooks:
-                    self.scaler.unscale_(self.optimizer)  # hooks see true gradients
-                if cfg.grad_clip:
-                    nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-                for hook in self.hooks:
-                    hook.before_step(self)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                loss.backward()
-                if cfg.grad_clip:
-                    nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-                for hook in self.hooks:
-                    hook.before_step(self)
-                self.optimizer.step()
+            self.scaler.scale(loss).backward()  # one code path: the scaler is a no-op unless fp16
+            if cfg.grad_clip or self.hooks:
+                self.scaler.unscale_(self.optimizer)  # hooks see true gradients
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            for hook in self.hooks:
+                hook.before_step(self)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             self.scheduler.step()
             self.global_step += 1
             for hook in self.hooks:
@@ -202,6 +210,13 @@ class Trainer:
         seen = self.data.train_size
         return {"epoch": epoch + 1, "train_loss": float(totals[0]) / seen, "train_acc": float(totals[1]) / seen,
                 "lr": self.optimizer.param_groups[0]["lr"], "seconds": seconds, "images_per_second": seen / seconds}
+
+    def step_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss of one training batch: the method's TrainStep if it has one, else cross-entropy."""
+        if self.train_step is not None:
+            return self.train_step.loss(self, x, y)
+        logits = self.forward_model(x)
+        return F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.label_smoothing), logits
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> tuple[float, float]:
@@ -246,14 +261,14 @@ class Trainer:
         return {"epoch": epochs_done, "global_step": self.global_step, "config": self.cfg.to_dict(),
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
                 "hooks": [h.state_dict() for h in self.hooks], "history": self.history, "best_acc": self.best_acc}
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None and state["scaler"] is not None:
+        if self.scaler.is_enabled() and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
         if len(state["hooks"]) != len(self.hooks):
             raise FixNormError("the checkpoint's hooks do not match this run's (EMA or method settings changed?)")

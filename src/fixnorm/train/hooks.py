@@ -1,34 +1,16 @@
-"""Engine hooks: how methods and features (EMA, LAWN's warm-up, EMAN's teacher, ...) join the one training loop."""
+"""The engine's own hooks (EMA); the Hook interface itself lives in ``fixnorm.hooks``, below the engine."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from ..hooks import Hook
+
 if TYPE_CHECKING:
     from .engine import Trainer
 
-
-class Hook:
-    """Override what you need. Hooks run in order; their state goes into the checkpoint."""
-
-    def on_train_start(self, trainer: Trainer) -> None:
-        pass
-
-    def before_step(self, trainer: Trainer) -> None:
-        """After backward (and clipping), before ``optimizer.step()``: gradients are in ``.grad``."""
-
-    def after_step(self, trainer: Trainer) -> None:
-        """After ``optimizer.step()`` and the scheduler step."""
-
-    def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
-        """Add entries to ``record``: they become columns of metrics.csv."""
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+__all__ = ["EmaHook", "Hook"]
 
 
 class EmaHook(Hook):
