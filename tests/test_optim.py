@@ -589,3 +589,16 @@ def test_distributed_checkpoint_round_trip_keeps_targets_and_continues_bit_ident
     train(resumed, opt2, data[4:])
     for (name, a), (_, b) in zip(model.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_building_over_weights_already_at_their_targets_changes_no_bit():
+    """Lightning / HF restore weights before building the optimizer: the construction must not re-project them."""
+    model = small_net()
+    opt = FixNorm(model, torch.randn(4, 1, 8, 8), fc_norm=2.0, lr=0.5, momentum=0.9)
+    train(model, opt, batches(3))
+    restored = {k: v.clone() for k, v in model.state_dict().items()}
+    FixNorm(model, torch.randn(4, 1, 8, 8), fc_norm=2.0, lr=0.5, momentum=0.9)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, restored[key]), key
+    FixNorm(model, torch.randn(4, 1, 8, 8), fc_norm=3.0, lr=0.5)  # a new target still moves the weight
+    assert abs(float(model[8].weight.norm()) - 3.0) < 1e-6

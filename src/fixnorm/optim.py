@@ -19,6 +19,7 @@ from torch import nn
 
 from .constraints import (Plan, build_plan, filter_norms, fix_filter_norms_, fix_tensor_norms_, initial_targets,
                           rotate_by_angle_, tensor_norms_fp32)
+from .checks import warn_if_base_normalizes
 from .errors import FixNormError, NonFiniteError
 from .roles import Roles, analyze
 
@@ -175,10 +176,8 @@ class FixNorm(torch.optim.Optimizer):
             if "weight_decay" in g:
                 g["weight_decay"] = others_weight_decay if g["role"] == "other" else 0.0
         self._init_hooks()
-        # hold the initial state exactly: a constant target moves the weights onto it now
-        with torch.no_grad():
-            self._project()
-        self._raise_pending(wait=True)
+        warn_if_base_normalizes(self.base, stacklevel=3)
+        self._project_at_construction()
 
     # -- delegation: the base optimizer owns groups, state and defaults -----------------
     @property
@@ -353,6 +352,25 @@ class FixNorm(torch.optim.Optimizer):
         for device_flags, device_params in flags.values():  # one check per device, not one per bucket
             bad = device_flags[0] if len(device_flags) == 1 else torch.cat(device_flags)
             self._flag(bad, device_params, "has a zero or non-finite norm after the step (a NaN/inf gradient?)")
+
+    @torch.no_grad()
+    def _project_at_construction(self) -> None:
+        """Move weights onto explicit targets now; leave those already there (within 16 ulps) bit for bit.
+
+        Lightning and the HF Trainer restore a checkpoint's weights before they build the optimizer: a
+        projection of weights that are already at their targets would move them by an ulp and break resume.
+        """
+        for constraint, params, targets in self._kernel_plan():
+            for i, p in enumerate(params):
+                target = targets[i].reshape(1) if constraint == "tensor" else targets[i]
+                current = tensor_norms_fp32([p]) if constraint == "tensor" else filter_norms(p)
+                tolerance = 16 * torch.finfo(p.dtype).eps
+                if bool(((current.double() / target.double() - 1).abs() <= tolerance).all()):
+                    continue
+                bad = fix_tensor_norms_([p], target) if constraint == "tensor" else fix_filter_norms_([p], [target])
+                if bool(bad.any()):
+                    raise NonFiniteError(f"parameter {self._names.get(p, '?')!r} has a zero or non-finite norm "
+                                         "when FixNorm is built")
 
     def _grad_buckets(self, constrained: bool | None) -> list[list[torch.Tensor]]:
         """Parameters by device: all of them (None) or only the unconstrained ones (False); cached."""
