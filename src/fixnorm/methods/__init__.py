@@ -26,15 +26,38 @@ def _no_hooks(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConf
     return []
 
 
+Setup = Callable[[nn.Module, "TrainConfig", torch.Tensor], "tuple[torch.optim.Optimizer, list[Hook]]"]
+
+
 @dataclass(frozen=True)
 class Method:
-    """How a training method plugs into the engine: three functions, all but the optimizer optional."""
+    """How a training method plugs into the engine.
+
+    ``setup(model, cfg, example) -> (optimizer, hooks)`` is the one call that builds a run's optimizer and
+    the hooks that go with it (so objects they share need no side channel). Methods without hooks may give
+    ``build_optimizer`` instead (and an optional ``hooks``). ``prepare_model`` transforms the model first.
+    """
 
     name: str
     description: str
-    build_optimizer: Callable[[nn.Module, "TrainConfig", torch.Tensor], torch.optim.Optimizer]
+    build_optimizer: Callable[[nn.Module, "TrainConfig", torch.Tensor], torch.optim.Optimizer] | None = None
     prepare_model: Callable[[nn.Module, "TrainConfig"], nn.Module] = field(default=_same_model)
     hooks: Callable[[nn.Module, torch.optim.Optimizer, "TrainConfig"], list[Any]] = field(default=_no_hooks)
+    setup: Setup | None = None
+
+    def __post_init__(self) -> None:
+        if (self.setup is None) == (self.build_optimizer is None):
+            raise FixNormError(f"method {self.name!r} needs exactly one of setup= or build_optimizer=")
+
+    def build(self, model: nn.Module, cfg: TrainConfig,
+              example: torch.Tensor) -> tuple[torch.optim.Optimizer, list[Hook]]:
+        """The run's optimizer and the method's hooks, in one call."""
+        if self.setup is not None:
+            optimizer, hooks = self.setup(model, cfg, example)
+            return optimizer, list(hooks)
+        assert self.build_optimizer is not None
+        optimizer = self.build_optimizer(model, cfg, example)
+        return optimizer, list(self.hooks(model, optimizer, cfg))
 
 
 _METHODS: dict[str, Method] = {}

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -279,8 +278,6 @@ def glob_names(model: nn.Module, patterns: Sequence[str]) -> list[str]:
 
 
 # -- the engine method -------------------------------------------------------------------------
-_ATTACHED: weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[LAWN, float]] = weakref.WeakKeyDictionary()
-
 DEFAULTS: dict[str, Any] = {"warmup_epochs": None, "layers": FINAL_HOMOGENEOUS}
 DEFAULT_WARMUP_FRACTION = 0.2  # of cfg.epochs, when warmup_epochs is not given (our choice, see docs/lawn.md)
 
@@ -301,16 +298,21 @@ def lawn_settings(cfg: TrainConfig) -> dict[str, Any]:
     return {"warmup_epochs": float(warmup), "layers": layers}
 
 
-def build_lawn(model: nn.Module, cfg: TrainConfig, example: torch.Tensor) -> torch.optim.Optimizer:
-    """The base optimizer (``cfg.base``, ``cfg.weight_decay`` on weights) with LAWN attached to it."""
+def setup_lawn(model: nn.Module, cfg: TrainConfig,
+               example: torch.Tensor) -> tuple[torch.optim.Optimizer, list[Hook]]:
+    """The base optimizer (``cfg.base``, ``cfg.weight_decay`` on weights) with LAWN attached, and LAWN's hook."""
     settings = lawn_settings(cfg)
     cls, kwargs = base_optimizer(cfg)
     optimizer = cls(decay_groups(model, cfg.weight_decay), **kwargs)
     layers = settings["layers"]
     params = FINAL_HOMOGENEOUS if layers == FINAL_HOMOGENEOUS else glob_names(model, layers)
     lawn = LAWN(model, optimizer, example, warmup_steps=None, params=params)
-    _ATTACHED[optimizer] = (lawn, settings["warmup_epochs"])
-    return optimizer
+    return optimizer, [LAWNHook(lawn, settings["warmup_epochs"])]
+
+
+def build_lawn(model: nn.Module, cfg: TrainConfig, example: torch.Tensor) -> torch.optim.Optimizer:
+    """The optimizer of ``setup_lawn`` alone (for use outside the engine)."""
+    return setup_lawn(model, cfg, example)[0]
 
 
 class LAWNHook(Hook):
@@ -338,14 +340,7 @@ class LAWNHook(Hook):
         self.lawn.load_state_dict(state)
 
 
-def lawn_hooks(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> list[Hook]:
-    if optimizer not in _ATTACHED:
-        raise FixNormError("the lawn method's hooks need the optimizer its build_optimizer made")
-    lawn, warmup_epochs = _ATTACHED[optimizer]
-    return [LAWNHook(lawn, warmup_epochs)]
-
-
 register_method(Method(
     "lawn", "LAWN: free warm-up, then the final homogeneous sub-network's weight norms held at their warm-up-end "
     "values (base optimizer from `base`, `weight_decay` on weights, off for the held ones after warm-up; settings "
-    "method_kwargs.lawn.warmup_epochs, .layers)", build_lawn, hooks=lawn_hooks))
+    "method_kwargs.lawn.warmup_epochs, .layers)", setup=setup_lawn))

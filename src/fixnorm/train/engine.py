@@ -101,11 +101,11 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         example = self.prepare_batch(self.data.example())
-        self.optimizer = self.method.build_optimizer(model, cfg, example)
+        self.optimizer, method_hooks = self.method.build(model, cfg, example)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(cfg, self.steps_per_epoch))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.hooks: list[Hook] = ([EmaHook(model, cfg.ema_decay)] if cfg.ema_decay else []) + list(
-            self.method.hooks(model, self.optimizer, cfg)) + list(hooks)
+            method_hooks) + list(hooks)
         if cfg.diagnostics:  # last: it sees the step every other hook has shaped
             from ..diagnostics import DiagnosticsHook
             self.hooks.append(DiagnosticsHook(every=cfg.diagnostics_every, probe_size=cfg.probe_size))
