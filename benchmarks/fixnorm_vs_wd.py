@@ -52,6 +52,10 @@ ARMS: dict[str, dict[str, Any]] = {
     "rot-fc5.5": {"method": "fixnorm", "angular_update": "from_wd", "fc_norm": 5.5},
     "rot-p0.5-fc5.5": {"method": "fixnorm", "angular_update": "from_wd", "angle_power": 0.5, "fc_norm": 5.5},
     "lawn": {"method": "lawn"},
+    # the peers a user would pick instead (the adamp package; its SGDP calls .view on gradients, which fails on
+    # channels_last tensors, so these arms train without channels_last)
+    "sgdp": {"method": "sgdp", "channels_last": False},
+    "adamp": {"method": "adamp", "channels_last": False, "lr": 1e-3},
     "sgd-nowd": {"method": "sgd", "weight_decay": 0.0},
 }
 
@@ -62,6 +66,35 @@ _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
 
 def t975(df: int) -> float:
     return _T975[df - 1] if 1 <= df <= len(_T975) else 1.96
+
+
+def register_peers() -> None:
+    """SGDP and AdamP (Heo et al. 2021, the ``adamp`` package) as engine methods, with the recipe's weight decay.
+
+    Benchmark-only: the package is a test/benchmark extra, not a dependency of fixnorm.
+    """
+    from dataclasses import replace
+
+    from fixnorm.methods import Method, list_methods, register_method
+    from fixnorm.methods.baselines import base_optimizer, decay_groups
+
+    if "sgdp" in list_methods():
+        return
+
+    def sgdp(model, cfg, example):
+        from adamp import SGDP
+
+        _, kwargs = base_optimizer(replace(cfg, base="sgd"))
+        return SGDP(decay_groups(model, cfg.weight_decay), **kwargs)
+
+    def adamp(model, cfg, example):
+        from adamp import AdamP
+
+        _, kwargs = base_optimizer(replace(cfg, base="adam"))
+        return AdamP(decay_groups(model, cfg.weight_decay), **kwargs)
+
+    register_method(Method("sgdp", "SGDP (adamp package) with the recipe's weight decay", sgdp))
+    register_method(Method("adamp", "AdamP (adamp package) with the recipe's weight decay", adamp))
 
 
 def parse_seeds(text: list[str]) -> list[int]:
@@ -102,7 +135,7 @@ def run_all(args: argparse.Namespace, recipe: dict[str, Any], overrides: dict[st
             continue
         settings = arm_settings(arm, {})
         if settings.get("angular_update") == "from_wd":  # the recipe's SGD+WD equilibrium angle
-            base = make_config(recipe, overrides)
+            base = make_config(recipe, overrides, {k: v for k, v in settings.items() if k != "angular_update"})
             settings["angular_update"] = from_weight_decay(base.lr, base.weight_decay, base.momentum)["angular_update"]
         cfg = make_config(recipe, overrides, settings, {"seed": seed, "threads": args.threads})
         resume = (run_dir / "last.pt").exists()
@@ -188,6 +221,7 @@ def main() -> None:
     parser.add_argument("--name", default=None, help="write benchmarks/results/<name>.json and .md")
     args = parser.parse_args()
     args.seeds = parse_seeds(args.seeds)
+    register_peers()
     if args.table:
         table(args)
         return
