@@ -53,7 +53,8 @@ def test_effective_lr_power_follows_the_optimizer():
 @needs_fmnist
 def test_measured_angle_is_effective_lr_times_unit_norm_gradient(tmp_path):
     """Plain SGD on fixed norms: one step turns w by atan(lr * ||g|| / ||w||) = atan(eff_lr * ||g~||)."""
-    cfg = make_config(TINY, {"method": "fixnorm", "momentum": 0.0, "nesterov": False, "schedule": "constant",
+    cfg = make_config(TINY, {"method": "fixnorm", "free_steps": 0, "momentum": 0.0, "nesterov": False,
+                             "schedule": "constant",
                              "lr": 0.05, "epochs": 1})
     train(cfg, tmp_path / "run")
     record = rows(tmp_path / "run")[-1]

@@ -175,7 +175,7 @@ def make_optimizer(kind, model):
         return torch.optim.Adam(model.parameters(), lr=0.02)
     if kind == "adamw":
         return torch.optim.AdamW(decay_groups(model, 0.1), lr=0.02)
-    return fixnorm.FixNorm(model, image(), base=torch.optim.Adam, lr=0.02)
+    return fixnorm.FixNorm(model, image(), base=torch.optim.Adam, lr=0.02, free_steps=0)
 
 
 def train_steps(model, optimizer, data):

@@ -9,8 +9,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import fixnorm
-from fixnorm import FixNorm, FixNormError, constrained_parameters, from_weight_decay
+from fixnorm import FixNorm as _FixNorm
+from fixnorm import FixNormError, constrained_parameters, from_weight_decay
 from fixnorm.models import create_model
+
+
+def FixNorm(*args, free_steps=0, **kwargs):  # noqa: N802
+    """Rules from the first step: these tests check holding and turning; the free phase has tests of its own."""
+    return _FixNorm(*args, free_steps=free_steps, **kwargs)
 
 
 def small_net(seed=0, bias=False):
@@ -602,3 +608,11 @@ def test_building_over_weights_already_at_their_targets_changes_no_bit():
         assert torch.equal(value, restored[key]), key
     FixNorm(model, torch.randn(4, 1, 8, 8), fc_norm=3.0, lr=0.5)  # a new target still moves the weight
     assert abs(float(model[8].weight.norm()) - 3.0) < 1e-6
+
+
+def test_the_default_free_phase_is_documented_and_used():
+    model = small_net()
+    opt = _FixNorm(model, torch.randn(4, 1, 8, 8), lr=0.1)
+    assert opt.free_steps == fixnorm.optim.DEFAULT_FREE_STEPS > 0
+    from fixnorm.train import TrainConfig
+    assert TrainConfig().free_steps == fixnorm.optim.DEFAULT_FREE_STEPS

@@ -24,6 +24,9 @@ from .errors import FixNormError, NonFiniteError
 from .roles import Roles, analyze
 
 NONFINITE_POLICIES = ("raise", "skip")
+# Steps of free training before "initial" targets are taken: training, not the initialisation, picks each
+# layer's norm (the classifier's above all). Measured in docs/fixnorm.md ("Why the first reconstruction trailed").
+DEFAULT_FREE_STEPS = 100
 
 
 class FixNorm(torch.optim.Optimizer):
@@ -59,7 +62,8 @@ class FixNorm(torch.optim.Optimizer):
             no projection) for this many steps and are then held at the norms they have
             reached: training, not the initialisation, chooses each layer's norm and so
             its effective learning rate. Explicit targets (``fc_norm``, a number for
-            ``target``) are held from the first step. 0 holds the norms at construction.
+            ``target``) are held from the first step. 0 holds the norms at construction (the
+            first reconstruction's rule). Default ``DEFAULT_FREE_STEPS`` (100).
         **base_kwargs: passed to ``base`` (lr, momentum, betas, ...).
     """
 
@@ -79,7 +83,7 @@ class FixNorm(torch.optim.Optimizer):
         nonfinite: str = "raise",
         angular_update: float | None = None,
         angle_power: float = 1.0,
-        free_steps: int = 0,
+        free_steps: int = DEFAULT_FREE_STEPS,
         **base_kwargs: Any,
     ) -> None:
         if not isinstance(model, nn.Module):

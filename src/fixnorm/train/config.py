@@ -47,7 +47,7 @@ class TrainConfig:
     fc_granularity: str = "tensor"
     others: str = "free"
     others_weight_decay: float = 0.0
-    free_steps: int = 0               # fixnorm: steps of free training before "initial" targets are taken
+    free_steps: int = 100             # fixnorm: steps of free training before "initial" targets are taken
     angular_update: float | None = None  # fixnorm: radians per step for scale-invariant weights (rotational mode)
     angle_power: float = 1.0          # fixnorm, rotational mode: angle follows (lr / initial lr) ** angle_power
     # schedule
