@@ -164,7 +164,8 @@ def recheck_phase(args: argparse.Namespace) -> None:
     picks = {}
     for method, rows in table["methods"].items():
         best = max(rows.values(), key=lambda r: r["accuracy"])
-        picks[f"{method} grid best"] = (method, {k: best[k] for k in ("lr", SECOND_AXIS[method])})
+        second = next(k for k in ("fc_scale", SECOND_AXIS[method]) if k in best)
+        picks[f"{method} grid best"] = (method, {k: best[k] for k in ("lr", second)})
     coordinate = next(r for r in efficiency["tuners"] if r["sampler"] == "coordinate")
     picks["fixnorm coordinate-search pick"] = ("fixnorm", coordinate["best_values"])
     rows_out = []

@@ -616,3 +616,30 @@ def test_the_default_free_phase_is_documented_and_used():
     assert opt.free_steps == fixnorm.optim.DEFAULT_FREE_STEPS > 0
     from fixnorm.train import TrainConfig
     assert TrainConfig().free_steps == fixnorm.optim.DEFAULT_FREE_STEPS
+
+
+def test_fc_scale_holds_the_classifier_at_a_multiple_of_the_norm_training_chose():
+    data = batches(6)
+    x = data[0][0]
+    # at construction (free_steps=0): twice the initial norm
+    model = small_net()
+    initial = float(model[8].weight.norm())
+    opt = FixNorm(model, x, fc_scale=2.0, lr=0.5, momentum=0.9)
+    assert float(model[8].weight.norm()) == pytest.approx(2 * initial, rel=1e-6)
+    train(model, opt, data)
+    assert float(model[8].weight.norm()) == pytest.approx(2 * initial, rel=1e-5)
+    # after a free phase: a multiple of the norm reached at its end (the same run until then)
+    plain, scaled = small_net(), small_net()
+    opt_plain = FixNorm(plain, x, free_steps=3, lr=0.5, momentum=0.9)
+    opt_scaled = FixNorm(scaled, x, free_steps=3, fc_scale=0.5, lr=0.5, momentum=0.9)
+    train(plain, opt_plain, data[:3])
+    train(scaled, opt_scaled, data[:3])
+    reached = float(plain[8].weight.norm())
+    assert float(scaled[8].weight.norm()) == pytest.approx(0.5 * reached, rel=1e-6)  # moved at once
+    assert float(scaled[3].weight.norm()) == float(plain[3].weight.norm())  # only the classifier is scaled
+    train(scaled, opt_scaled, data[3:])
+    assert float(scaled[8].weight.norm()) == pytest.approx(0.5 * reached, rel=1e-5)
+    with pytest.raises(FixNormError, match="fc_scale"):
+        FixNorm(small_net(), x, fc_norm=2.0, fc_scale=2.0, lr=0.1)
+    with pytest.raises(FixNormError, match="fc_scale"):
+        FixNorm(small_net(), x, fc_scale=0.0, lr=0.1)

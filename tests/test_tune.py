@@ -71,6 +71,16 @@ def test_axes_and_spaces_refuse_bad_ranges():
         search_space({"method": "powerprop-like"})
 
 
+def test_fixnorm_search_is_centred_on_the_default_classifier():
+    """With a free phase the classifier axis is fc_scale around the norm training chose (1 = the default)."""
+    smoke = {"model": "small_cnn", "dataset": "synthetic", "method": "fixnorm", "lr": 0.1}
+    lr, second = search_space(smoke).axes
+    assert second.name == "fc_scale" and second.center == 1.0 and lr.center == 0.1
+    assert (second.value(second.low), second.value(second.high)) == pytest.approx((0.25, 4.0))
+    assert search_space({**smoke, "free_steps": 0}).axes[1].name == "fc_norm"
+    assert search_space({**smoke, "fc_norm": 3.0}).axes[1].name == "fc_norm"
+
+
 def tabular(values, trial):
     point = (round(math.log2(values["lr"] / 0.1)), round(math.log2(values["fc_norm"] / 2.0)))
     return bowl(point)

@@ -257,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--lr-range", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
                       help="default: the recipe's lr / 16 .. x 16")
     tune.add_argument("--second-range", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
-                      help="fc_norm range (default initial / 4 .. x 16) or weight-decay range (default wd / 30 .. x 30)")
+                      help="fc_scale range (default 1/4 .. 4; fc_norm initial / 4 .. x 16 with free_steps=0) "
+                           "or weight-decay range (default wd / 30 .. x 30)")
     tune.add_argument("--ratio", type=float, default=2 ** 0.5, help="factor between neighbouring lattice points")
     tune.add_argument("--tuner-seed", type=int, default=0)
     tune.set_defaults(func=cmd_tune)

@@ -37,7 +37,11 @@ class FixNorm(torch.optim.Optimizer):
         example_inputs: a tensor or tuple for ``model(*example_inputs)``, used by
             :func:`fixnorm.analyze` to find the roles; not needed when ``roles`` is given.
         base: the optimizer class that computes the step (SGD, Adam, RMSprop, ...).
-        fc_norm: norm of the classifier weight; None keeps its norm at construction.
+        fc_norm: norm of the classifier weight, held from the first step; None takes its norm at
+            the end of the free phase (at construction with ``free_steps=0``).
+        fc_scale: with ``fc_norm=None``, hold the classifier at ``fc_scale`` times the norm it
+            has when its target is taken: a classifier norm relative to the one training chose
+            (what ``fixnorm tune`` searches, centred on the default 1).
         roles: the result of :func:`fixnorm.analyze`, to skip the analysis.
         granularity: "tensor" fixes each scale-invariant weight's norm; "filter" fixes
             each filter's norm where the weight is filter-invariant.
@@ -84,6 +88,7 @@ class FixNorm(torch.optim.Optimizer):
         angular_update: float | None = None,
         angle_power: float = 1.0,
         free_steps: int = DEFAULT_FREE_STEPS,
+        fc_scale: float = 1.0,
         **base_kwargs: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -98,6 +103,12 @@ class FixNorm(torch.optim.Optimizer):
         if not (isinstance(angle_power, (int, float)) and not isinstance(angle_power, bool) and angle_power > 0
                 and math.isfinite(angle_power)):
             raise FixNormError(f"angle_power must be a positive number, got {angle_power!r}")
+        if isinstance(fc_scale, bool) or not isinstance(fc_scale, (int, float)) or not (
+                math.isfinite(fc_scale) and fc_scale > 0):
+            raise FixNormError(f"fc_scale must be a positive number, got {fc_scale!r}")
+        if fc_scale != 1 and fc_norm is not None:
+            raise FixNormError("fc_scale scales the classifier norm that training chose; with fc_norm given there is "
+                               "nothing to scale: give one of them")
         if isinstance(free_steps, bool) or not isinstance(free_steps, int) or free_steps < 0:
             raise FixNormError(f"free_steps must be a whole number of steps >= 0, got {free_steps!r}")
         if base_kwargs.get("weight_decay"):
@@ -131,6 +142,7 @@ class FixNorm(torch.optim.Optimizer):
         self._steps_done = 0
         self._deferred: set[torch.Tensor] = set()  # "initial" targets still to be taken (free phase)
         self._layout: list[tuple[torch.device, torch.dtype]] = []  # parameters' (device, dtype) of the cache
+        self._scaled: dict[torch.Tensor, float] = {}  # classifier -> fc_scale, applied when its target is taken
 
         groups: OrderedDict[tuple[str, str | None], dict[str, Any]] = OrderedDict()
         for entry in self.plan.entries:
@@ -148,6 +160,10 @@ class FixNorm(torch.optim.Optimizer):
                 elif entry.role == "scale-invariant" and target != "initial":
                     value = float(target)
                 self._targets[p] = initial_targets(p, entry.name, entry.constraint, value)
+                if entry.role == "classifier" and value is None and fc_scale != 1:
+                    self._scaled[p] = float(fc_scale)
+                    if free_steps == 0:
+                        self._targets[p] = self._targets[p] * float(fc_scale)
                 if value is None and free_steps > 0:
                     self._deferred.add(p)
             if role == "other" and others == "decay":
@@ -266,9 +282,12 @@ class FixNorm(torch.optim.Optimizer):
         for p in self._deferred:
             constraint = "filter" if p.ndim >= 2 and self._targets[p].ndim == 1 else "tensor"
             current = filter_norms(p) if constraint == "filter" else tensor_norms_fp32([p])[0]
-            self._targets[p] = current.float().clone()
+            self._targets[p] = current.float().clone() * self._scaled.get(p, 1.0)
+        scaled = any(p in self._scaled for p in self._deferred)
         self._deferred = set()
         self._kernels = None
+        if scaled:
+            self._project()  # the classifier moves to its scaled norm now, not one step later
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base.zero_grad(set_to_none=set_to_none)

@@ -802,6 +802,11 @@ def training_objective(settings: Mapping[str, Any], runs_dir: str | Path,
 
 
 # -- search spaces from a recipe -----------------------------------------------------------------------
+def _free_steps(settings: Mapping[str, Any]) -> int:
+    from .train.config import make_config
+
+    return make_config(settings).free_steps
+
 def initial_classifier_norm(settings: Mapping[str, Any]) -> float:
     """The classifier's norm at initialisation for these settings (FixNorm's default fc_norm), measured."""
     import torch
@@ -831,8 +836,10 @@ def search_space(settings: Mapping[str, Any], *, lr_range: Sequence[float] | Non
                  second_range: Sequence[float] | None = None, ratio: float = math.sqrt(2)) -> SearchSpace:
     """The lattice ``fixnorm tune`` searches: lr x classifier norm (fixnorm) or lr x weight decay.
 
-    Centred on the recipe's lr (and weight decay, or the classifier's initial norm); default ranges
-    lr / 16 .. x 16, weight decay / 30 .. x 30, classifier norm / 4 .. x 16.
+    Centred on the recipe's lr and on the method's default second setting; default ranges lr / 16 .. x 16,
+    weight decay / 30 .. x 30. For FixNorm with a free phase (the default) the classifier axis is
+    ``fc_scale``, the classifier norm relative to the one the free phase chose, 1/4 .. 4 around the default
+    1; with ``free_steps=0`` or an ``fc_norm`` in the recipe it is ``fc_norm`` itself, initial / 4 .. x 16.
     """
     method = settings.get("method", "fixnorm")
     if method not in SECOND_AXIS:
@@ -840,7 +847,10 @@ def search_space(settings: Mapping[str, Any], *, lr_range: Sequence[float] | Non
     lr = float(settings.get("lr", 0.1))
     lo, hi = lr_range or (lr / 16, lr * 16)
     lr_axis = Axis.spanning("lr", min(max(lr, lo), hi), lo, hi, ratio)
-    if method == "fixnorm":
+    if method == "fixnorm" and settings.get("fc_norm") is None and _free_steps(settings) > 0:
+        lo, hi = second_range or (0.25, 4.0)
+        second = Axis.spanning("fc_scale", min(max(1.0, lo), hi), lo, hi, ratio)
+    elif method == "fixnorm":
         center = settings.get("fc_norm") or initial_classifier_norm(settings)
         lo, hi = second_range or (center / 4, center * 16)
         second = Axis.spanning("fc_norm", min(max(center, lo), hi), lo, hi, ratio)

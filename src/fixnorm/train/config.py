@@ -42,6 +42,7 @@ class TrainConfig:
     alpha: float = 0.9               # rmsprop smoothing constant (TF's "decay")
     weight_decay: float = 5e-4       # for the weight-decay baselines; FixNorm replaces it
     fc_norm: float | None = None
+    fc_scale: float = 1.0             # fixnorm: classifier at fc_scale x the norm training chose (fc_norm unset)
     granularity: str = "tensor"
     target_norm: float | None = None  # fixnorm: scale-invariant weights' norm; None keeps each one's initial norm
     fc_granularity: str = "tensor"
