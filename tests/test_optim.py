@@ -643,3 +643,22 @@ def test_fc_scale_holds_the_classifier_at_a_multiple_of_the_norm_training_chose(
         FixNorm(small_net(), x, fc_norm=2.0, fc_scale=2.0, lr=0.1)
     with pytest.raises(FixNormError, match="fc_scale"):
         FixNorm(small_net(), x, fc_scale=0.0, lr=0.1)
+
+
+def test_lr_power_bends_the_schedule_of_the_scale_invariant_weights_only():
+    """lr_power=0.5 at a scheduled lr of lr0/4: the convs step as with lr0/2, the classifier with lr0/4."""
+    data = batches(3)
+    x = data[0][0]
+    bent_model, plain_model = small_net(), small_net()
+    bent = FixNorm(bent_model, x, lr=0.4, lr_power=0.5)
+    for g in bent.param_groups:
+        g["lr"] = 0.1  # a scheduler's lr0 / 4
+    plain = FixNorm(plain_model, x, lr=0.2)  # lr0 * (1/4) ** 0.5
+    for g in plain.param_groups:
+        if g["role"] != "scale_invariant":
+            g["lr"] = 0.1
+    train(bent_model, bent, data)
+    train(plain_model, plain, data)
+    for (name, a), (_, b) in zip(bent_model.state_dict().items(), plain_model.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert all(g["lr"] == 0.1 for g in bent.param_groups)  # the scheduler's values are left as they were

@@ -62,6 +62,9 @@ class FixNorm(torch.optim.Optimizer):
         angle_power: in angular-update mode the angle follows ``(lr / lr_at_construction) **
             angle_power``: 1 makes the LR schedule the angle schedule; 0.5 follows it as
             weight decay's equilibrium angle sqrt(2 lr wd / (1 + momentum)) does.
+        lr_power: the scale-invariant weights step with ``lr0 * (lr / lr0) ** lr_power`` (lr0: the
+            lr at construction): 0.5 makes their effective-LR schedule follow the square root of
+            the schedule, as weight decay's equilibrium angle does; 1 (default) is the schedule.
         free_steps: the weights whose target is "initial" train freely (plain base steps,
             no projection) for this many steps and are then held at the norms they have
             reached: training, not the initialisation, chooses each layer's norm and so
@@ -89,6 +92,7 @@ class FixNorm(torch.optim.Optimizer):
         angle_power: float = 1.0,
         free_steps: int = DEFAULT_FREE_STEPS,
         fc_scale: float = 1.0,
+        lr_power: float = 1.0,
         **base_kwargs: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -103,6 +107,9 @@ class FixNorm(torch.optim.Optimizer):
         if not (isinstance(angle_power, (int, float)) and not isinstance(angle_power, bool) and angle_power > 0
                 and math.isfinite(angle_power)):
             raise FixNormError(f"angle_power must be a positive number, got {angle_power!r}")
+        if isinstance(lr_power, bool) or not isinstance(lr_power, (int, float)) or not (
+                math.isfinite(lr_power) and lr_power > 0):
+            raise FixNormError(f"lr_power must be a positive number, got {lr_power!r}")
         if isinstance(fc_scale, bool) or not isinstance(fc_scale, (int, float)) or not (
                 math.isfinite(fc_scale) and fc_scale > 0):
             raise FixNormError(f"fc_scale must be a positive number, got {fc_scale!r}")
@@ -168,6 +175,8 @@ class FixNorm(torch.optim.Optimizer):
                     self._deferred.add(p)
             if role == "other" and others == "decay":
                 group["weight_decay"] = others_weight_decay
+            if lr_power != 1 and role == "scale_invariant":
+                group["lr_power"] = float(lr_power)
             if angular_update is not None and role == "scale_invariant":
                 group["angular_update"] = angular_update
                 group["angle_power"] = float(angle_power)
@@ -176,7 +185,7 @@ class FixNorm(torch.optim.Optimizer):
             raise FixNormError("the model has no trainable parameters")
         param_groups = list(groups.values())
         for g in param_groups:
-            if "angular_update" in g:
+            if "angular_update" in g or "lr_power" in g:
                 g["lr_ref"] = base_kwargs.get("lr", None)
         try:
             self.base = base(param_groups, **base_kwargs)
@@ -190,7 +199,7 @@ class FixNorm(torch.optim.Optimizer):
                                "options are fc_norm, roles, granularity, target, fc_granularity, others, "
                                "others_weight_decay, nonfinite, angular_update") from exc
         for g in self.base.param_groups:
-            if "angular_update" in g and g["lr_ref"] is None:
+            if ("angular_update" in g or "lr_power" in g) and g["lr_ref"] is None:
                 g["lr_ref"] = g["lr"]
             # a base default such as AdamW's weight_decay=0.01 must not reach the groups we own
             if "weight_decay" in g:
@@ -258,11 +267,16 @@ class FixNorm(torch.optim.Optimizer):
         if closure is None and self.nonfinite == "skip":
             self._check_gradients(self._grad_buckets(constrained=None))  # zero bad gradients before the step
         before = self._save_for_rotation()
-        if closure is not None:
-            with torch.enable_grad():
-                loss = self.base.step(closure)
-        else:
-            loss = self.base.step()
+        scheduled = self._bend_lr()
+        try:
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = self.base.step(closure)
+            else:
+                loss = self.base.step()
+        finally:
+            for g, lr in scheduled:
+                g["lr"] = lr
         free_phase = bool(self._deferred)
         self._rotate(before)
         self._project()
@@ -463,6 +477,16 @@ class FixNorm(torch.optim.Optimizer):
     def skipped_count(self) -> int:
         """Tensors whose gradient was non-finite or whose norm was zero/non-finite so far (syncs)."""
         return int(sum(int(c) for c in self._skipped.values()))
+
+    def _bend_lr(self) -> list[tuple[dict[str, Any], Any]]:
+        """lr_power != 1: scale-invariant groups step with lr_ref * (lr / lr_ref) ** lr_power (restored after)."""
+        changed = []
+        for g in self.param_groups:
+            power = g.get("lr_power", 1.0)
+            if power != 1.0 and g.get("lr_ref"):
+                changed.append((g, g["lr"]))
+                g["lr"] = g["lr_ref"] * (g["lr"] / g["lr_ref"]) ** power
+        return changed
 
     # -- angular-update mode -----------------------------------------------------------------
     def _save_for_rotation(self) -> list[tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor]]]:

@@ -19,7 +19,8 @@ def build_fixnorm(model: nn.Module, cfg: TrainConfig, example: torch.Tensor) -> 
     target = "initial" if cfg.target_norm is None else cfg.target_norm
     return FixNorm(model, example, base=cls, fc_norm=cfg.fc_norm, granularity=cfg.granularity, target=target,
                    fc_granularity=cfg.fc_granularity, others=cfg.others, others_weight_decay=cfg.others_weight_decay,
-                   free_steps=cfg.free_steps, fc_scale=cfg.fc_scale, angular_update=cfg.angular_update,
+                   free_steps=cfg.free_steps, fc_scale=cfg.fc_scale, lr_power=cfg.lr_power,
+                   angular_update=cfg.angular_update,
                    angle_power=cfg.angle_power, **kwargs)
 
 
