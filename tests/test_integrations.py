@@ -36,7 +36,7 @@ def test_the_call_timm_makes_builds_fixnorm_and_holds_the_norms():
     norm0 = float(model[0].weight.norm())
     # what create_optimizer_v2(model, "fixnorm", lr=0.1, model=model, example_inputs=batch) hands the class
     opt = timm_optimizer(timm_groups(model), lr=0.1, weight_decay=0.0, momentum=0.9, nesterov=True, model=model,
-                         example_inputs=batch)
+                         example_inputs=batch, free_steps=0)  # held from the first step: 3 steps are checked
     assert isinstance(opt, fixnorm.FixNorm) and opt.param_groups[0]["momentum"] == 0.9
     train_steps(opt, model, batch)
     assert float(model[0].weight.norm()) == pytest.approx(norm0, rel=1e-5)

@@ -298,7 +298,7 @@ def test_sigkill_during_a_trial_loses_no_completed_trial_and_repeats_none(tmp_pa
 
     def trials(folder):
         data = json.loads((folder / "tune.json").read_text())
-        return [(t["lr"], t["fc_norm"], t["value"]) for t in data["trials"]]
+        return [(t["lr"], t["fc_scale"], t["value"]) for t in data["trials"]]  # the classifier axis: fc_scale
 
     resumed, reference = trials(out), trials(tmp_path / "straight")
     points = [(lr, fc) for lr, fc, _ in resumed]
