@@ -143,23 +143,13 @@ def run_all(args: argparse.Namespace, recipe: dict[str, Any], overrides: dict[st
         print(f"{arm} seed {seed}: final {100 * summary['final_test_acc']:.2f}", flush=True)
 
 
-def final_train_loss(run_dir: Path) -> float | None:
-    path = run_dir / "metrics.csv"
-    if not path.exists():
-        return None
-    lines = path.read_text().strip().splitlines()
-    header, last = lines[0].split(","), lines[-1].split(",")
-    return float(last[header.index("train_loss")]) if "train_loss" in header else None
-
-
 def table(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, dict[int, dict[str, Any]]] = {}
     for arm in args.arms:
         for seed in args.seeds:
             path = Path(args.out) / run_dir_name(arm, seed) / "summary.json"
             if path.exists():
-                summary = json.loads(path.read_text())
-                summary["final_train_loss"] = final_train_loss(path.parent)
+                summary = json.loads(path.read_text())  # the engine's summary holds final_train_loss
                 results.setdefault(arm, {})[seed] = summary
     ref = results.get(args.reference, {})
     rows = []

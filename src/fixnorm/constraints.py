@@ -169,8 +169,10 @@ def initial_targets(p: torch.Tensor, name: str, constraint: str, value: float | 
     filters); None keeps the current norm(s). A zero or non-finite current norm is an
     error: a zero weight has no direction to hold.
     """
-    current = filter_norms(p) if constraint == "filter" else torch.linalg.vector_norm(p.detach(), dtype=_accumulation_dtype([p]))
-    current = current.float()
+    if constraint == "filter":
+        current = filter_norms(p).float()
+    else:
+        current = torch.linalg.vector_norm(p.detach(), dtype=_accumulation_dtype([p])).float()
     bad = ~(torch.isfinite(current) & (current > 0))
     if bool(bad.any()):
         where = f" (filters {bad.nonzero().flatten().tolist()[:8]})" if constraint == "filter" else ""

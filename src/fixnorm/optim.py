@@ -206,6 +206,7 @@ class FixNorm(torch.optim.Optimizer):
                 g["weight_decay"] = others_weight_decay if g["role"] == "other" else 0.0
         self._init_hooks()
         warn_if_base_normalizes(self.base, stacklevel=3)
+        self._follow_parameters()
         self._project_at_construction()
 
     # -- delegation: the base optimizer owns groups, state and defaults -----------------
@@ -264,6 +265,7 @@ class FixNorm(torch.optim.Optimizer):
         """
         self._raise_pending()
         self._check_settings()
+        self._follow_parameters()  # once per step, before any cached bucket is used
         if closure is None and self.nonfinite == "skip":
             self._check_gradients(self._grad_buckets(constrained=None))  # zero bad gradients before the step
         before = self._save_for_rotation()
@@ -293,9 +295,8 @@ class FixNorm(torch.optim.Optimizer):
 
     def _take_deferred_targets(self) -> None:
         """End of the free phase: hold each deferred weight at the norm training gave it (no host sync)."""
-        for p in self._deferred:
-            constraint = "filter" if p.ndim >= 2 and self._targets[p].ndim == 1 else "tensor"
-            current = filter_norms(p) if constraint == "filter" else tensor_norms_fp32([p])[0]
+        for p in self._deferred:  # a per-filter target is a vector, a per-tensor one a scalar
+            current = filter_norms(p) if self._targets[p].ndim else tensor_norms_fp32([p])[0]
             self._targets[p] = current.float().clone() * self._scaled.get(p, 1.0)
         scaled = any(p in self._scaled for p in self._deferred)
         self._deferred = set()
@@ -357,7 +358,6 @@ class FixNorm(torch.optim.Optimizer):
 
     def _kernel_plan(self) -> list[tuple[str, list[torch.Tensor], Any]]:
         """Constrained parameters bucketed by (rule, device, dtype) for multi-tensor kernels."""
-        self._follow_parameters()
         if self._kernels is None:
             buckets: OrderedDict[tuple[str, torch.device, torch.dtype], list[torch.Tensor]] = OrderedDict()
             for g in self.param_groups:
@@ -411,7 +411,6 @@ class FixNorm(torch.optim.Optimizer):
 
     def _grad_buckets(self, constrained: bool | None) -> list[list[torch.Tensor]]:
         """Parameters by device: all of them (None) or only the unconstrained ones (False); cached."""
-        self._follow_parameters()
         if self._grad_params is None:
             every: OrderedDict[torch.device, list[torch.Tensor]] = OrderedDict()
             free: OrderedDict[torch.device, list[torch.Tensor]] = OrderedDict()
