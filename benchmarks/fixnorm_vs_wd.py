@@ -169,7 +169,8 @@ def table(args: argparse.Namespace) -> dict[str, Any]:
             se = statistics.stdev(diffs) / math.sqrt(len(diffs))
             half = t975(len(diffs) - 1) * se
             row.update(paired=len(paired), diff=mean, diff_se=se, ci=(mean - half, mean + half),
-                       verdict="within noise" if mean - half <= 0 <= mean + half else ("better" if mean > 0 else "worse"))
+                       verdict="within noise" if mean - half <= 0 <= mean + half
+                       else ("better" if mean > 0 else "worse"))
         rows.append(row)
     lines = [f"| arm | seeds | final acc (%) | train loss | Δ vs {args.reference} (paired) | 95% CI | verdict |",
              "|---|---|---|---|---|---|---|"]

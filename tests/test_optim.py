@@ -559,7 +559,8 @@ def test_state_dict_keeps_targets_in_per_parameter_entries_and_reads_the_version
     assert all(int(e["fixnorm_steps"]) == 3 for e in state["state"].values() if "fixnorm_target" in e)
     assert "fixnorm_target" not in next(iter(opt.state.values()))  # the live state is untouched
     legacy = {k: v for k, v in state.items()}
-    legacy["state"] = {i: {k: v for k, v in e.items() if not k.startswith("fixnorm_")} for i, e in state["state"].items()}
+    legacy["state"] = {i: {k: v for k, v in e.items() if not k.startswith("fixnorm_")}
+                       for i, e in state["state"].items()}
     legacy["state"] = {i: e for i, e in legacy["state"].items() if e}
     legacy["fixnorm"] = {"version": 1, "steps": 3, "targets": {i: e["fixnorm_target"] for i, e in state["state"].items()
                                                                 if "fixnorm_target" in e}}
