@@ -248,7 +248,7 @@ def test_state_dict_round_trip_continues_bit_identically(save_at):
     train_steps(model2, optimizer2, data[save_at:])
     for (name, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
         assert torch.equal(a, b), name
-    assert lawn2.state_dict()["step"] == 10 and torch.equal(lawn.state_dict()["targets"], lawn2.state_dict()["targets"])
+    assert lawn2.step_count == 10 and lawn.targets() == lawn2.targets()
 
 
 def test_errors():
@@ -271,14 +271,20 @@ def test_errors():
     with pytest.raises(FixNormError, match="zero or non-finite norm"):
         LAWN(zeroed, torch.optim.Adam(zeroed.parameters()), image(), warmup_steps=0)
     deferred = LAWN(model, optimizer, warmup_steps=None, params=["7.weight"])
-    with pytest.raises(FixNormError, match="warmup_steps is not set"):
+    with pytest.raises(FixNormError, match="warmup_steps. is not set"):
         train_steps(model, optimizer, batches(1))
     deferred.remove()
     lawn = LAWN(model, optimizer, warmup_steps=0, params=["7.weight"])
     with pytest.raises(FixNormError, match="cannot change"):
         lawn.warmup_steps = 5
+    with pytest.raises(FixNormError, match="already has rules attached"):
+        LAWN(model, optimizer, warmup_steps=0, params=["5.weight"])
+    lawn.remove()
+    other = LAWN(model, optimizer, warmup_steps=0, params=["5.weight"])
     with pytest.raises(FixNormError, match="another model"):
-        LAWN(model, optimizer, warmup_steps=0, params=["5.weight"]).load_state_dict(lawn.state_dict())
+        other.load_state_dict(lawn.state_dict())
+    other.remove()
+    lawn = LAWN(model, optimizer, warmup_steps=0, params=["7.weight"])
     x, y = batches(1)[0]
     optimizer.zero_grad()
     F.cross_entropy(model(x), y).backward()

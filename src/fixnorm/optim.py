@@ -22,8 +22,8 @@ from .constraints import (Plan, build_plan, filter_norms, fix_filter_norms_, fix
 from .checks import warn_if_base_normalizes
 from .errors import FixNormError, NonFiniteError
 from .roles import Roles, analyze
+from .rules import NONFINITE_POLICIES, DeviceFlags
 
-NONFINITE_POLICIES = ("raise", "skip")
 # Steps of free training before "initial" targets are taken: training, not the initialisation, picks each
 # layer's norm (the classifier's above all). Measured in docs/fixnorm.md ("Why the first reconstruction trailed").
 DEFAULT_FREE_STEPS = 100
@@ -140,9 +140,8 @@ class FixNorm(torch.optim.Optimizer):
                                      others_weight_decay=others_weight_decay)
         self.nonfinite = nonfinite
         self._targets: dict[torch.Tensor, torch.Tensor] = {}
-        self._skipped: dict[torch.device, torch.Tensor] = {}
-        self._pending: list[tuple[torch.Tensor, Any, list[torch.Tensor], str]] = []
         self._names: dict[torch.Tensor, str] = {p: n for n, p in named.items()}
+        self._flags = DeviceFlags(nonfinite, self._names)  # the one non-finite policy (fixnorm.rules)
         self._kernels: list[tuple[str, list[torch.Tensor], Any]] | None = None
         self._grad_params: dict[bool | None, list[list[torch.Tensor]]] | None = None
         self.free_steps = free_steps
@@ -263,7 +262,7 @@ class FixNorm(torch.optim.Optimizer):
         gradient): a non-finite gradient is caught afterwards, through the norm it spoils
         (constrained weights) or the gradient itself (the rest), and the error names it.
         """
-        self._raise_pending()
+        self._flags.raise_ready(wait=True)  # the last step's flags
         self._check_settings()
         self._follow_parameters()  # once per step, before any cached bucket is used
         if closure is None and self.nonfinite == "skip":
@@ -290,7 +289,7 @@ class FixNorm(torch.optim.Optimizer):
         self._steps_done += 1
         if free_phase and self._steps_done >= self.free_steps:
             self._take_deferred_targets()
-        self._raise_pending(wait=False)
+        self._flags.raise_ready(wait=False)
         return loss
 
     def _take_deferred_targets(self) -> None:
@@ -388,7 +387,7 @@ class FixNorm(torch.optim.Optimizer):
             device_params.extend(params)
         for device_flags, device_params in flags.values():  # one check per device, not one per bucket
             bad = device_flags[0] if len(device_flags) == 1 else torch.cat(device_flags)
-            self._flag(bad, device_params, "has a zero or non-finite norm after the step (a NaN/inf gradient?)")
+            self._flags.flag(bad, device_params, "has a zero or non-finite norm after the step (a NaN/inf gradient?)")
 
     @torch.no_grad()
     def _project_at_construction(self) -> None:
@@ -432,50 +431,16 @@ class FixNorm(torch.optim.Optimizer):
             if self.nonfinite == "skip":
                 for g, b in zip(grads, bad.unbind(0)):
                     g.copy_(torch.where(b, torch.zeros_like(g), g))
-            self._flag(bad, params, "has a non-finite gradient")
-
-    def _flag(self, bad: torch.Tensor, params: list[torch.Tensor], what: str) -> None:
-        """'skip': count bad entries on the device. 'raise': check them without stalling the device."""
-        if self.nonfinite == "skip":
-            count = self._skipped.get(bad.device)
-            self._skipped[bad.device] = bad.sum() if count is None else count + bad.sum()
-            return
-        if bad.device.type == "cpu":
-            self._pending.append((bad, None, params, what))
-            return
-        host = torch.empty(bad.shape, dtype=bad.dtype, pin_memory=True)
-        host.copy_(bad, non_blocking=True)
-        event = torch.cuda.Event() if bad.device.type == "cuda" else None
-        if event is not None:
-            event.record()
-        self._pending.append((host, event, params, what))
-
-    def _raise_pending(self, wait: bool = True) -> None:
-        """Raise for flags that are ready: CPU ones at once, device ones when their copy has landed."""
-        still = []
-        for host, event, params, what in self._pending:
-            if event is not None and not (wait or event.query()):
-                still.append((host, event, params, what))
-                continue
-            if event is not None:
-                event.synchronize()
-            if bool(host.any()):
-                self._pending = []
-                bad_names = [self._names.get(p, "?") for p, b in zip(params, host.tolist()) if b]
-                raise NonFiniteError(f"parameter(s) {bad_names[:6]} {what}. The step was applied: reload the last "
-                                   "checkpoint. A NaN/inf gradient usually means the learning rate is too high or "
-                                   "the loss overflowed (fp16 without GradScaler); nonfinite='skip' skips such "
-                                   "updates instead")
-        self._pending = still
+            self._flags.flag(bad, params, "has a non-finite gradient")
 
     def check(self) -> None:
         """Wait for outstanding device-side checks and raise if any failed (syncs; for tests and logging)."""
-        self._raise_pending(wait=True)
+        self._flags.check()
 
     @property
     def skipped_count(self) -> int:
         """Tensors whose gradient was non-finite or whose norm was zero/non-finite so far (syncs)."""
-        return int(sum(int(c) for c in self._skipped.values()))
+        return self._flags.skipped_count
 
     def _bend_lr(self) -> list[tuple[dict[str, Any], Any]]:
         """lr_power != 1: scale-invariant groups step with lr_ref * (lr / lr_ref) ** lr_power (restored after)."""

@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from ..constraints import fix_tensor_norms_, tensor_norms_fp32
 from ..errors import FixNormError
 from ..roles import Roles, analyze
+from ..rules import HoldNorms, attach
 from ..hooks import Hook, RunState
 from . import Method, method_settings, register_method
 from .baselines import base_optimizer, decay_groups
@@ -48,6 +47,11 @@ class LAWN:
             knows the steps per epoch).
         params: ``None`` or ``"final_homogeneous"`` (the analysis decides) or a list of parameter names.
         roles: a :class:`fixnorm.Roles` from ``analyze``, to skip the analysis.
+        nonfinite: "raise" (default) raises ``NonFiniteError`` when a held weight's norm turns zero or
+            non-finite (a NaN/inf gradient); "skip" zeroes such gradients and counts them.
+
+    It is one rule, :class:`fixnorm.rules.HoldNorms` from step ``warmup_steps`` on, attached to the optimizer
+    with :func:`fixnorm.rules.attach`: the recorded norms and the step count live in ``optimizer.state_dict()``.
 
     Weight decay: after the warm-up the constrained weights get ``weight_decay = 0`` (the paper's
     constrained phase uses no weight decay; decay, coupled or decoupled, would only fight the
@@ -56,8 +60,6 @@ class LAWN:
     turned off for them alone. Build LAWN before an LR scheduler, so that the scheduler sees the split.
     The step counter counts calls of ``optimizer.step()`` (a step GradScaler skips is not counted).
     """
-
-    check_every = 100  # steps between host-side checks of the projection's flags on a GPU
 
     def __init__(
         self,
@@ -68,6 +70,7 @@ class LAWN:
         warmup_steps: int | None,
         params: str | Sequence[str] | None = None,
         roles: Roles | None = None,
+        nonfinite: str = "raise",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise FixNormError(f"LAWN needs the model (an nn.Module), got {type(model).__name__}")
@@ -83,41 +86,41 @@ class LAWN:
                                "parameters the optimizer steps")
         _check_warmup(warmup_steps)
         self.optimizer = optimizer
-        self.step_count = 0
-        self._warmup_steps: int | None = None
-        self._targets: list[torch.Tensor] | None = None  # one fp32 vector per device bucket
-        self._bad: list[torch.Tensor] = []
-        buckets: OrderedDict[torch.device, list[int]] = OrderedDict()
-        for i, p in enumerate(self.params):
-            buckets.setdefault(p.device, []).append(i)
-        self._buckets = list(buckets.values())
+        self.rule = HoldNorms(self.params, names=self.names, per="tensor", from_step=None,
+                              on_hold=lambda rule: self._decay_off())
         if warmup_steps == 0:
-            self._checked_norms()  # fail before touching the optimizer
+            self.rule.checked_norms()  # fail before touching the optimizer
         self._split_decay_groups()
+        self.attachment = attach(optimizer, [self.rule], name="lawn", nonfinite=nonfinite,
+                                 names=dict(zip(self.params, self.names)))
         self.warmup_steps = warmup_steps
-        self._handle = optimizer.register_step_post_hook(self._after_step)
 
     # -- the warm-up length ------------------------------------------------------------------
     @property
     def warmup_steps(self) -> int | None:
-        return self._warmup_steps
+        return self.rule.from_step
 
     @warmup_steps.setter
     def warmup_steps(self, value: int | None) -> None:
         _check_warmup(value)
-        if self._targets is not None and value != self._warmup_steps:
-            raise FixNormError(f"the warm-up already ended at step {self._warmup_steps} and the norms are recorded; "
-                               f"warmup_steps cannot change to {value}")
-        self._warmup_steps = value
-        if value is not None and self._targets is None and self.step_count >= value:
-            self._record()
+        if self.rule.holding and value != self.rule.from_step:
+            raise FixNormError(f"the warm-up already ended at step {self.rule.from_step} and the norms are "
+                               f"recorded; warmup_steps cannot change to {value}")
+        self.rule.from_step = value
+        if value is not None and not self.rule.holding and self.step_count >= value:
+            self.rule.take_targets()
+
+    @property
+    def step_count(self) -> int:
+        """Calls of ``optimizer.step()`` since LAWN was attached."""
+        return self.attachment.steps
 
     @property
     def constrained(self) -> bool:
         """Whether the warm-up is over and the norms are held."""
-        return self._targets is not None
+        return self.rule.holding
 
-    # -- the step ----------------------------------------------------------------------------
+    # -- weight decay ----------------------------------------------------------------------------
     def _split_decay_groups(self) -> None:
         """Move constrained weights out of decayed groups they share with others (see the class docstring)."""
         mine = {id(p) for p in self.params}
@@ -138,99 +141,43 @@ class LAWN:
                                        "group added after LAWN was built?); give LAWN's weights their own group")
                 group["weight_decay"] = 0.0
 
-    @torch.no_grad()
-    def _checked_norms(self) -> list[torch.Tensor]:
-        targets = [tensor_norms_fp32([self.params[i] for i in bucket]) for bucket in self._buckets]
-        bad = [self.names[i] for bucket, t in zip(self._buckets, targets)
-               for i, ok in zip(bucket, (torch.isfinite(t) & (t > 0)).tolist()) if not ok]
-        if bad:
-            raise FixNormError(f"parameter(s) {bad[:6]} have a zero or non-finite norm at the end of LAWN's warm-up "
-                               f"(step {self.step_count}): a zero weight has no direction to hold. Initialise them, "
-                               "lower the learning rate, or leave them out with params=[...]")
-        return targets
-
-    def _record(self) -> None:
-        self._targets = [t.clone() for t in self._checked_norms()]
-        self._decay_off()
-
-    @torch.no_grad()
-    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if self._warmup_steps is None:
-            raise FixNormError("LAWN.warmup_steps is not set: set it before the first optimizer step")
-        self.step_count += 1
-        if self._targets is None:
-            if self.step_count >= self._warmup_steps:
-                self._record()
-            return
-        for bucket, target in zip(self._buckets, self._targets):
-            bad = fix_tensor_norms_([self.params[i] for i in bucket], target)
-            if bad.device.type == "cpu":
-                self._raise_if_bad([bad])
-            else:
-                self._bad.append(bad.any().reshape(1))
-        if self._bad and self.step_count % self.check_every == 0:
-            self.check()
-
-    def _raise_if_bad(self, flags: list[torch.Tensor]) -> None:
-        if bool(torch.cat([f.reshape(-1) for f in flags]).any()):
-            raise FixNormError(f"a LAWN-constrained weight ({', '.join(self.names[:4])}...) got a zero or non-finite "
-                               "norm after a step (a NaN/inf gradient?); the step was applied: reload the last "
-                               "checkpoint and lower the learning rate")
-
+    # -- inspection ----------------------------------------------------------------------------
     def check(self) -> None:
         """Raise if a projection since the last check met a zero or non-finite norm (syncs with the device)."""
-        flags, self._bad = self._bad, []
-        if flags:
-            self._raise_if_bad(flags)
+        self.attachment.check()
 
     def norms(self) -> dict[str, float]:
         """Current fp32 norm of every constrained weight (syncs; for logging and tests)."""
-        out: dict[str, float] = {}
-        for bucket in self._buckets:
-            values = tensor_norms_fp32([self.params[i] for i in bucket]).tolist()
-            out.update({self.names[i]: v for i, v in zip(bucket, values)})
-        return out
+        return {n: float(v) for n, v in zip(self.names, self.rule.current_norms())}
 
     def targets(self) -> dict[str, float] | None:
         """The recorded norms, or None during the warm-up."""
-        if self._targets is None:
+        if self.rule.targets is None:
             return None
-        return {self.names[i]: v for bucket, t in zip(self._buckets, self._targets)
-                for i, v in zip(bucket, t.tolist())}
+        return {n: float(t) for n, t in zip(self.names, self.rule.targets)}
 
     def remove(self) -> None:
-        """Detach from the optimizer (no more projections)."""
-        self._handle.remove()
+        """Detach from the optimizer (no more projections, no more state entries)."""
+        self.attachment.remove()
 
-    # -- state -------------------------------------------------------------------------------
+    # -- state: the targets and the step count are in the optimizer's state dict; this is the set-up --------
     def state_dict(self) -> dict[str, Any]:
-        self.check()
-        targets = None
-        if self._targets is not None:  # one fp32 vector in the order of ``names``
-            targets = torch.empty(len(self.names), dtype=torch.float32)
-            for bucket, t in zip(self._buckets, self._targets):
-                targets[bucket] = t.detach().cpu()
-        return {"version": 1, "step": self.step_count, "warmup_steps": self._warmup_steps, "names": list(self.names),
-                "targets": targets}
+        return {"version": 2, "warmup_steps": self.warmup_steps, "names": list(self.names)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not isinstance(state, dict) or state.get("version") != 1:
+        if not isinstance(state, dict) or state.get("version") not in (1, 2):
             raise FixNormError("not a LAWN state dict (expected the dict LAWN.state_dict() returns)")
         if list(state["names"]) != self.names:
             raise FixNormError(f"the saved LAWN state constrains {state['names'][:4]}..., this LAWN constrains "
                                f"{self.names[:4]}...; was it saved from another model or another `params`?")
-        targets = state["targets"]
-        if targets is not None and (not isinstance(targets, torch.Tensor) or targets.shape != (len(self.names),)):
-            raise FixNormError("the saved LAWN targets have the wrong shape")
-        self.step_count = int(state["step"])
-        self._warmup_steps = state["warmup_steps"]
-        self._bad = []
-        if targets is None:
-            self._targets = None
-            return
-        self._targets = [targets[bucket].to(device=self.params[bucket[0]].device, dtype=torch.float32)
-                         for bucket in self._buckets]
-        self._decay_off()
+        if state["version"] == 1:
+            raise FixNormError("this LAWN state was saved by an older fixnorm, which kept the targets outside the "
+                               "optimizer's state dict; it cannot be resumed by this version: start the run again")
+        if self.warmup_steps is None:  # the engine sets it after loading, from the epoch length
+            self.rule.from_step = state["warmup_steps"]
+        elif state["warmup_steps"] != self.warmup_steps:
+            raise FixNormError(f"the saved LAWN warm-up is {state['warmup_steps']} steps, this one's is "
+                               f"{self.warmup_steps}")
 
 
 def _check_warmup(value: Any) -> None:

@@ -30,12 +30,12 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
-from torch.utils.hooks import RemovableHandle
 
 from ..errors import FixNormError
 from ..models.cifar_resnet import BasicBlock
 from ..models.preact_resnet import PreActBlock
 from ..models.resnet import Bottleneck
+from ..rules import Attachment, CentreFilters, attach, centre_filters_
 from . import Method, method_settings, register_method
 from .baselines import base_optimizer, decay_groups
 
@@ -191,32 +191,19 @@ def centered_weights(model: nn.Module, min_fan_in: int = REFERENCE_MIN_FAN_IN, *
     return chosen
 
 
-@torch.no_grad()
 def center_filters_(params: Iterable[torch.Tensor]) -> None:
-    """Subtract from each filter (slice along dim 0) its mean over dims 1.., in place.
-
-    Means are taken in fp32; the subtraction is one ``_foreach_sub_`` per device and dtype.
-    No host synchronisation, so it can run after every step.
-    """
-    groups: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-    for p in params:
-        if p.ndim < 2:
-            raise FixNormError(f"center_filters_ needs filters (tensors with ndim >= 2), got shape {tuple(p.shape)}")
-        mean = p.mean(dim=tuple(range(1, p.ndim)), keepdim=True, dtype=torch.float32).to(p.dtype)
-        tensors, means = groups.setdefault((p.device, p.dtype), ([], []))
-        tensors.append(p)
-        means.append(mean)
-    for tensors, means in groups.values():
-        torch._foreach_sub_(tensors, means)
+    """Subtract from each filter (slice along dim 0) its mean over dims 1.., in place (fp32 means, no sync)."""
+    centre_filters_(params)
 
 
-def attach_weight_centering(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor]) -> RemovableHandle:
+def attach_weight_centering(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor]) -> Attachment:
     """Centre ``params`` now and after every ``optimizer.step()``; works with any torch optimizer.
 
     With SGD (momentum, Nesterov, weight decay) on zero-mean weights this is exactly training the
     reparametrisation ``W - mean(W)``: the update is linear in the gradient, so centring after the
     step equals centring the gradient. With adaptive optimizers it is a projection after the step.
-    Returns the hook's handle (``handle.remove()`` detaches it).
+    It is the rule :class:`fixnorm.rules.CentreFilters` attached with :func:`fixnorm.rules.attach`;
+    returns the attachment (``.remove()`` detaches it).
     """
     params = list(params)
     if not params:
@@ -230,12 +217,7 @@ def attach_weight_centering(optimizer: torch.optim.Optimizer, params: Iterable[t
     for p in params:
         if p.ndim < 2:
             raise FixNormError(f"weight centring needs filters (ndim >= 2), got shape {tuple(p.shape)}")
-    center_filters_(params)
-
-    def hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        center_filters_(params)
-
-    return optimizer.register_step_post_hook(hook)
+    return attach(optimizer, [CentreFilters(params)], name="centring")
 
 
 # -- the engine method ------------------------------------------------------------------------------

@@ -1,0 +1,499 @@
+"""Rules: small per-step jobs on some parameters, and the one ``attach`` that runs them after an optimizer's step.
+
+A rule does one thing (hold norms, centre filters, ...). ``attach(optimizer, rules)`` owns everything around it,
+once for every method:
+
+- one step post-hook (torch's public ``register_step_post_hook``), so any ``torch.optim`` optimizer works;
+- one non-finite policy: kernels return "bad" flags as device tensors, checked without stalling the device,
+  raised as :class:`NonFiniteError` (or counted and skipped with ``nonfinite="skip"``);
+- the state: each rule's per-parameter tensors (and the step count) ride in the optimizer's own
+  ``state_dict()["state"]`` entries, which every checkpoint API carries, distributed ones included.
+
+LAWN (``methods/lawn.py``) is ``HoldNorms`` from the end of its warm-up; MimicNorm's centring
+(``methods/mimicnorm.py``) is ``CentreFilters``.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .constraints import filter_norms, fix_filter_norms_, fix_tensor_norms_, tensor_norms_fp32
+from .errors import FixNormError, NonFiniteError
+
+NONFINITE_POLICIES = ("raise", "skip")
+
+
+class DeviceFlags:
+    """Per-parameter "bad" flags from in-place kernels, checked when it is cheap.
+
+    "raise": CPU flags are checked at once; device flags are copied to pinned memory without a sync and
+    raised when their copy has landed (at the latest by :meth:`check`). "skip": they are only counted.
+    """
+
+    def __init__(self, policy: str, names: Mapping[torch.Tensor, str]) -> None:
+        if policy not in NONFINITE_POLICIES:
+            raise FixNormError(f"unknown nonfinite policy {policy!r}; choose one of {NONFINITE_POLICIES}")
+        self.policy = policy
+        self.names = names
+        self._pending: list[tuple[torch.Tensor, Any, list[torch.Tensor], str]] = []
+        self._skipped: dict[torch.device, torch.Tensor] = {}
+
+    def flag(self, bad: torch.Tensor, params: list[torch.Tensor], what: str) -> None:
+        if self.policy == "skip":
+            count = self._skipped.get(bad.device)
+            self._skipped[bad.device] = bad.sum() if count is None else count + bad.sum()
+            return
+        if bad.device.type == "cpu":
+            self._pending.append((bad, None, params, what))
+            return
+        host = torch.empty(bad.shape, dtype=bad.dtype, pin_memory=True)
+        host.copy_(bad, non_blocking=True)
+        event = torch.cuda.Event() if bad.device.type == "cuda" else None
+        if event is not None:
+            event.record()
+        self._pending.append((host, event, params, what))
+
+    def raise_ready(self, wait: bool = False) -> None:
+        """Raise for flags that are ready: CPU ones at once, device ones when their copy has landed."""
+        still = []
+        for host, event, params, what in self._pending:
+            if event is not None and not (wait or event.query()):
+                still.append((host, event, params, what))
+                continue
+            if event is not None:
+                event.synchronize()
+            if bool(host.any()):
+                self._pending = []
+                bad_names = [self.names.get(p, "?") for p, b in zip(params, host.tolist()) if b]
+                raise NonFiniteError(f"parameter(s) {bad_names[:6]} {what}. The step was applied: reload the last "
+                                     "checkpoint. A NaN/inf gradient usually means the learning rate is too high or "
+                                     "the loss overflowed (fp16 without GradScaler); nonfinite='skip' skips such "
+                                     "updates instead")
+        self._pending = still
+
+    def check(self) -> None:
+        """Wait for every outstanding flag and raise if any is set (syncs)."""
+        self.raise_ready(wait=True)
+
+    @property
+    def skipped_count(self) -> int:
+        """Flags counted so far under "skip" (syncs)."""
+        return int(sum(int(c) for c in self._skipped.values()))
+
+
+class Rule:
+    """One job on ``params`` after every optimizer step.
+
+    Subclasses implement :meth:`apply_` (in place, no host sync; bad flags go to ``flags``) and, when they
+    keep per-parameter tensors, :meth:`param_state` / :meth:`load_param_state`.
+    """
+
+    params: list[torch.Tensor]
+    stateful = False  # True: keeps per-parameter state (then the attachment saves its step count too)
+
+    def on_attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Called once by :func:`attach` (check the optimizer, adjust its groups)."""
+
+    def apply_(self, step: int, flags: DeviceFlags) -> None:
+        """Act after optimizer step number ``step`` (1 for the first step after attaching)."""
+        raise NotImplementedError
+
+    def param_state(self) -> dict[int, dict[str, torch.Tensor]]:
+        """Per-parameter tensors to checkpoint, keyed by the index in ``params``."""
+        return {}
+
+    def load_param_state(self, entries: dict[int, dict[str, torch.Tensor]], step: int) -> None:
+        """Restore what :meth:`param_state` gave (``step``: the attachment's step count when it was saved)."""
+
+
+def _bucket_by_layout(params: Sequence[torch.Tensor]) -> list[list[int]]:
+    """Indices of ``params`` grouped by (device, dtype), for one multi-tensor kernel per group."""
+    buckets: OrderedDict[tuple[torch.device, torch.dtype], list[int]] = OrderedDict()
+    for i, p in enumerate(params):
+        buckets.setdefault((p.device, p.dtype), []).append(i)
+    return list(buckets.values())
+
+
+class HoldNorms(Rule):
+    """Hold each parameter's L2 norm (the whole tensor's, or each filter's) at a target after every step.
+
+    Args:
+        params: the weights to hold.
+        names: their names, for messages.
+        per: "tensor" (one norm per tensor) or "filter" (one per slice along dim 0).
+        targets: fp32 targets, one per parameter (a scalar for "tensor", a vector for "filter"), held from the
+            first step; None takes each parameter's norm(s) right after step ``from_step``.
+        from_step: with ``targets=None``, the step after which the norms are taken (0: at attach; None: set
+            ``from_step`` before the first step). The steps before it are free: "from step k on".
+        scale: with ``targets=None``, a factor per parameter index applied to the norm taken (default 1).
+        on_hold: called once with the rule when the targets are taken (LAWN turns weight decay off there).
+    """
+
+    stateful = True
+
+    def __init__(self, params: Sequence[torch.Tensor], *, names: Sequence[str] | None = None, per: str = "tensor",
+                 targets: Sequence[torch.Tensor] | None = None, from_step: int | None = 0,
+                 scale: Mapping[int, float] | None = None,
+                 on_hold: Callable[[HoldNorms], None] | None = None) -> None:
+        if per not in ("tensor", "filter"):
+            raise FixNormError(f"HoldNorms per must be 'tensor' or 'filter', got {per!r}")
+        self.params = list(params)
+        if not self.params:
+            raise FixNormError("HoldNorms needs at least one parameter")
+        self.names = list(names) if names is not None else [f"param{i}" for i in range(len(self.params))]
+        if len(self.names) != len(self.params):
+            raise FixNormError("HoldNorms got a different number of names and params")
+        if per == "filter":
+            flat = [n for n, p in zip(self.names, self.params) if p.ndim < 2]
+            if flat:
+                raise FixNormError(f"{flat[:4]}: holding filter norms needs ndim >= 2")
+        self.per = per
+        self.scale = dict(scale or {})
+        self.on_hold = on_hold
+        self._from_step: int | None = None
+        self.targets: list[torch.Tensor] | None = None
+        self._kernels: list[tuple[list[torch.Tensor], Any]] | None = None
+        self._layout: list[tuple[torch.device, torch.dtype]] = []
+        if targets is not None:
+            targets = [torch.as_tensor(t, dtype=torch.float32) for t in targets]
+            self._check_targets(targets)
+            self.targets = [t.to(p.device).clone() for t, p in zip(targets, self.params)]
+            self._from_step = 0
+        else:
+            self.from_step = from_step
+            if from_step == 0:
+                self.take_targets()
+
+    # -- the moment the norms are taken ---------------------------------------------------------
+    @property
+    def from_step(self) -> int | None:
+        return self._from_step
+
+    @from_step.setter
+    def from_step(self, value: int | None) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise FixNormError(f"from_step must be a whole number of steps >= 0 (or None to set later), got {value!r}")
+        if self.targets is not None and self._from_step is not None and value != self._from_step:
+            raise FixNormError(f"the norms were already taken after step {self._from_step}; from_step cannot "
+                               f"change to {value}")
+        self._from_step = value
+
+    @property
+    def holding(self) -> bool:
+        """Whether the targets are taken and the norms held."""
+        return self.targets is not None
+
+    @torch.no_grad()
+    def current_norms(self) -> list[torch.Tensor]:
+        """Each parameter's norm now (fp32; a vector for "filter"), on its device, without a host sync."""
+        if self.per == "filter":
+            return [filter_norms(p).float() for p in self.params]
+        out: list[torch.Tensor] = [torch.empty(0)] * len(self.params)
+        for bucket in _bucket_by_layout(self.params):
+            norms = tensor_norms_fp32([self.params[i] for i in bucket]).float()
+            for i, n in zip(bucket, norms.unbind(0)):
+                out[i] = n
+        return out
+
+    @torch.no_grad()
+    def checked_norms(self) -> list[torch.Tensor]:
+        """:meth:`current_norms`, raising on a zero or non-finite one (syncs)."""
+        norms = self.current_norms()
+        bad = [n for n, t in zip(self.names, norms) if not bool((torch.isfinite(t) & (t > 0)).all())]
+        if bad:
+            raise FixNormError(f"parameter(s) {bad[:6]} have a zero or non-finite norm when their norms are taken "
+                               f"(after step {self._from_step}): a zero weight has no direction to hold. Initialise "
+                               "them, lower the learning rate, or leave them out")
+        return norms
+
+    def take_targets(self) -> None:
+        """Hold every parameter at its norm(s) now, times its ``scale``."""
+        norms = self.checked_norms()
+        self.targets = [n.clone() * self.scale[i] if i in self.scale else n.clone() for i, n in enumerate(norms)]
+        self._kernels = None
+        if self.on_hold is not None:
+            self.on_hold(self)
+
+    # -- the step -------------------------------------------------------------------------------
+    def _kernel_plan(self) -> list[tuple[list[torch.Tensor], Any]]:
+        layout = [(p.device, p.dtype) for p in self.params]
+        if self._kernels is None or layout != self._layout:
+            assert self.targets is not None
+            self._layout = layout
+            self.targets = [t.to(p.device) for t, p in zip(self.targets, self.params)]
+            kernels = []
+            for bucket in _bucket_by_layout(self.params):
+                params = [self.params[i] for i in bucket]
+                if self.per == "tensor":
+                    targets: Any = torch.stack([self.targets[i].reshape(()) for i in bucket])
+                else:
+                    targets = [self.targets[i] for i in bucket]
+                kernels.append((params, targets))
+            self._kernels = kernels
+        return self._kernels
+
+    @torch.no_grad()
+    def project_(self, flags: DeviceFlags) -> None:
+        """Every parameter back to its target norm(s) now."""
+        for params, targets in self._kernel_plan():
+            bad = fix_tensor_norms_(params, targets) if self.per == "tensor" else fix_filter_norms_(params, targets)
+            flags.flag(bad, params, "has a zero or non-finite norm after the step (a NaN/inf gradient?)")
+
+    def apply_(self, step: int, flags: DeviceFlags) -> None:
+        if self.targets is None:
+            if self._from_step is None:
+                raise FixNormError("the step from which the norms are held (HoldNorms.from_step, LAWN's "
+                                   "warmup_steps) is not set: set it before the first optimizer step")
+            if step >= self._from_step:
+                self.take_targets()
+            return
+        self.project_(flags)
+
+    # -- state ----------------------------------------------------------------------------------
+    def _check_targets(self, targets: Sequence[torch.Tensor]) -> None:
+        if len(targets) != len(self.params):
+            raise FixNormError(f"HoldNorms got {len(targets)} targets for {len(self.params)} parameters")
+        for name, t, p in zip(self.names, targets, self.params):
+            shape = (p.shape[0],) if self.per == "filter" else ()
+            if tuple(t.shape) not in (shape, (1,) if self.per == "tensor" else shape):
+                raise FixNormError(f"target of {name!r} has shape {tuple(t.shape)}, expected {shape}")
+            if not bool((torch.isfinite(t) & (t > 0)).all()):
+                raise FixNormError(f"target of {name!r} must be positive and finite")
+
+    def param_state(self) -> dict[int, dict[str, torch.Tensor]]:
+        """``target`` (a placeholder of ones before the norms are taken) and ``held`` (0 or 1) per parameter.
+
+        The keys are the same before and after the norms are taken: distributed checkpoint loads only the
+        keys a fresh optimizer's state dict already has.
+        """
+        held = torch.tensor(int(self.targets is not None), dtype=torch.int64)
+        out = {}
+        for i, p in enumerate(self.params):
+            if self.targets is not None:
+                target = self.targets[i].detach().clone()
+            else:
+                target = torch.ones((p.shape[0],) if self.per == "filter" else (), dtype=torch.float32)
+            out[i] = {"target": target, "held": held.clone()}
+        return out
+
+    def load_param_state(self, entries: dict[int, dict[str, torch.Tensor]], step: int) -> None:
+        if set(entries) != set(range(len(self.params))) or not all(
+                {"target", "held"} <= set(e) for e in entries.values()):
+            raise FixNormError("the saved norm targets do not cover this rule's parameters; was the state saved "
+                               "with other parameters held?")
+        held = {int(e["held"]) for e in entries.values()}
+        if held not in ({0}, {1}):
+            raise FixNormError(f"the saved 'held' flags {sorted(held)} are not all 0 or all 1")
+        self._kernels = None
+        if held == {0}:  # saved during the free steps: the norms are taken later, at from_step
+            if self._from_step is not None and 0 < self._from_step <= step:
+                raise FixNormError(f"the saved state is at step {step}, past from_step {self._from_step}, but its "
+                                   "norms were not taken")
+            self.targets = None
+            return
+        targets = [entries[i]["target"] for i in range(len(self.params))]
+        if not all(isinstance(t, torch.Tensor) for t in targets):
+            raise FixNormError("a saved norm target is not a tensor")
+        self._check_targets(targets)
+        self.targets = [t.to(device=p.device, dtype=torch.float32).clone() for t, p in zip(targets, self.params)]
+        if self.on_hold is not None:
+            self.on_hold(self)
+
+
+class CentreFilters(Rule):
+    """Subtract from each filter (slice along dim 0) its mean over the other dims, after every step.
+
+    Means in fp32, one ``_foreach_sub_`` per (device, dtype), no host sync. Centres once at attach too.
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor]) -> None:
+        self.params = list(params)
+        if not self.params:
+            raise FixNormError("no weights to centre")
+        flat = [tuple(p.shape) for p in self.params if p.ndim < 2]
+        if flat:
+            raise FixNormError(f"centring filters needs ndim >= 2, got shape(s) {flat[:3]}")
+
+    def on_attach(self, optimizer: torch.optim.Optimizer) -> None:
+        centre_filters_(self.params)
+
+    def apply_(self, step: int, flags: DeviceFlags) -> None:
+        centre_filters_(self.params)
+
+
+@torch.no_grad()
+def centre_filters_(params: Iterable[torch.Tensor]) -> None:
+    """Subtract from each filter (slice along dim 0) its mean over dims 1.., in place (fp32 means)."""
+    groups: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    for p in params:
+        if p.ndim < 2:
+            raise FixNormError(f"centring filters needs tensors with ndim >= 2, got shape {tuple(p.shape)}")
+        mean = p.mean(dim=tuple(range(1, p.ndim)), keepdim=True, dtype=torch.float32).to(p.dtype)
+        tensors, means = groups.setdefault((p.device, p.dtype), ([], []))
+        tensors.append(p)
+        means.append(mean)
+    for tensors, means in groups.values():
+        torch._foreach_sub_(tensors, means)
+
+
+class Attachment:
+    """Rules attached to an optimizer by :func:`attach`: their step count, flags and state-dict entries."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, rules: Sequence[Rule], *, name: str,
+                 nonfinite: str = "raise", names: Mapping[torch.Tensor, str] | None = None) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise FixNormError(f"rules attach to a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if not rules or not all(isinstance(r, Rule) for r in rules):
+            raise FixNormError("attach needs a non-empty list of fixnorm.rules.Rule objects")
+        if not name.isidentifier():
+            raise FixNormError(f"the attachment's name {name!r} must be an identifier (it prefixes state keys)")
+        for hook in getattr(optimizer, "_optimizer_step_post_hooks", {}).values():
+            owner = getattr(hook, "__self__", None)
+            if isinstance(owner, Attachment) and owner.name == name:
+                raise FixNormError(f"this optimizer already has rules attached under the name {name!r}; give the new "
+                                   "attachment another name, or remove() the old one")
+        owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        for rule in rules:
+            missing = [tuple(p.shape) for p in rule.params if id(p) not in owned]
+            if missing:
+                raise FixNormError(f"{type(rule).__name__}: {len(missing)} parameter(s) (shapes {missing[:3]}) are "
+                                   "not trained by this optimizer; a rule acts only on parameters the optimizer steps")
+        self.optimizer = optimizer
+        self.rules = list(rules)
+        self.name = name
+        self.steps = 0
+        self.flags = DeviceFlags(nonfinite, names or {})
+        for rule in self.rules:
+            rule.on_attach(optimizer)
+        self._stashed: dict[int, dict[str, Any]] | None = None
+        self._handles = [optimizer.register_step_post_hook(self._after_step)]
+        if any(rule.stateful for rule in self.rules):  # stateless rules (centring) add nothing to checkpoints
+            self._handles += [optimizer.register_state_dict_post_hook(self._pack),
+                              optimizer.register_load_state_dict_pre_hook(self._unpack),
+                              optimizer.register_load_state_dict_post_hook(self._restore)]
+        if nonfinite == "skip":
+            self._handles.append(optimizer.register_step_pre_hook(self._zero_bad_gradients))
+
+    # -- the step -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _zero_bad_gradients(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """"skip": a non-finite gradient of a ruled parameter is zeroed before the step, and counted."""
+        params = [p for rule in self.rules for p in rule.params if p.grad is not None and not p.grad.is_sparse]
+        for bucket in _bucket_by_layout([p.grad for p in params]):
+            grads = [params[i].grad for i in bucket]
+            bad = ~torch.isfinite(tensor_norms_fp32(grads))
+            for g, b in zip(grads, bad.unbind(0)):
+                g.copy_(torch.where(b, torch.zeros_like(g), g))
+            self.flags.flag(bad, [params[i] for i in bucket], "has a non-finite gradient")
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.flags.raise_ready()
+        self.steps += 1
+        for rule in self.rules:
+            rule.apply_(self.steps, self.flags)
+        self.flags.raise_ready()
+
+    def check(self) -> None:
+        """Wait for the outstanding device-side checks and raise if any failed (syncs)."""
+        self.flags.check()
+
+    @property
+    def skipped_count(self) -> int:
+        return self.flags.skipped_count
+
+    def remove(self) -> None:
+        """Detach: no more rule steps and no more state-dict entries."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    # -- state: per-parameter entries of the optimizer's state dict -----------------------------
+    def _keys(self) -> tuple[str, str]:
+        return f"{self.name}_steps", f"{self.name}_"
+
+    def _positions(self) -> dict[int, int]:
+        order = [p for g in self.optimizer.param_groups for p in g["params"]]
+        return {id(p): i for i, p in enumerate(order)}
+
+    def _pack(self, optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+        self.flags.check()
+        steps_key, prefix = self._keys()
+        positions = self._positions()
+        packed = dict(state_dict["state"])  # the entries are the live state dicts: copy before adding to them
+        steps = torch.tensor(self.steps, dtype=torch.int64)
+        for r, rule in enumerate(self.rules):
+            if not rule.stateful:
+                continue
+            saved = rule.param_state()
+            for i, p in enumerate(rule.params):
+                key = positions[id(p)]
+                entry = dict(packed.get(key, {}))
+                entry[steps_key] = steps.clone()
+                for field, value in saved.get(i, {}).items():
+                    entry[f"{prefix}r{r}_{field}"] = value
+                packed[key] = entry
+        state_dict["state"] = packed
+        return state_dict
+
+    def _unpack(self, optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Take this attachment's entries out (the base optimizer sees only its own) and keep them for _restore."""
+        steps_key, prefix = self._keys()
+        order = [key for group in state_dict.get("param_groups", []) for key in group.get("params", [])]
+        position = {key: i for i, key in enumerate(order)}
+        mine: dict[int, dict[str, Any]] = {}
+        packed = {}
+        for key, entry in dict(state_dict.get("state", {})).items():
+            if isinstance(entry, Mapping) and steps_key in entry:
+                if key not in position:
+                    raise FixNormError(f"state entry {key!r} belongs to no saved parameter group")
+                entry = dict(entry)
+                mine[position[key]] = {k: entry.pop(k) for k in list(entry) if k == steps_key or k.startswith(prefix)}
+                if not entry:  # nothing of the base optimizer's: leave no empty entry (Adam inits on len == 0)
+                    continue
+            packed[key] = entry
+        if not mine:
+            raise FixNormError(f"this optimizer state has no {self.name!r} rule state ({steps_key!r} entries): it "
+                               f"was saved without these rules attached (or by an older fixnorm), so their state "
+                               "cannot be restored")
+        state_dict = dict(state_dict)
+        state_dict["state"] = packed
+        self._stashed = mine
+        return state_dict
+
+    def _restore(self, optimizer: torch.optim.Optimizer) -> None:
+        mine, self._stashed = self._stashed or {}, None
+        steps_key, prefix = self._keys()
+        positions = self._positions()
+        expected = {positions[id(p)] for rule in self.rules if rule.stateful for p in rule.params}
+        if set(mine) != expected:
+            raise FixNormError(f"the saved {self.name!r} rule state covers other parameters than this attachment's; "
+                               "was it saved with other rules or another model?")
+        steps = {int(entry[steps_key]) for entry in mine.values()}
+        if len(steps) != 1 or min(steps) < 0:
+            raise FixNormError(f"the saved {self.name!r} step counts {sorted(steps)[:4]} are not one whole number")
+        self.steps = steps.pop()
+        for r, rule in enumerate(self.rules):
+            if not rule.stateful:
+                continue
+            tag = f"{prefix}r{r}_"
+            entries: dict[int, dict[str, torch.Tensor]] = {}
+            for i, p in enumerate(rule.params):
+                fields = {k[len(tag):]: v for k, v in mine[positions[id(p)]].items() if k.startswith(tag)}
+                if fields:
+                    entries[i] = fields
+            rule.load_param_state(entries, self.steps)
+        self.flags = DeviceFlags(self.flags.policy, self.flags.names)
+
+
+def attach(optimizer: torch.optim.Optimizer, rules: Sequence[Rule], *, name: str = "rules",
+           nonfinite: str = "raise", names: Mapping[torch.Tensor, str] | None = None) -> Attachment:
+    """Run ``rules`` after every ``optimizer.step()``, their state inside ``optimizer.state_dict()``.
+
+    ``name`` prefixes the state entries (two attachments on one optimizer need different names);
+    ``names`` maps parameters to names for error messages. Returns the :class:`Attachment`
+    (``.check()``, ``.remove()``, ``.steps``).
+    """
+    return Attachment(optimizer, rules, name=name, nonfinite=nonfinite, names=names)

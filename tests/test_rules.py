@@ -1,0 +1,182 @@
+"""Rules and ``attach``: each rule against its definition, state through every checkpoint path, one NaN policy."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fixnorm.errors import FixNormError, NonFiniteError
+from fixnorm.rules import CentreFilters, HoldNorms, attach
+
+
+def net(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 6, 3), nn.ReLU(), nn.Conv2d(6, 6, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(6, 4))
+
+
+def batches(n: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(n)]
+
+
+def train(model: nn.Module, optimizer: torch.optim.Optimizer, data) -> None:
+    for x, y in data:
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+
+def filter_norms(w: torch.Tensor) -> torch.Tensor:
+    return w.detach().reshape(w.shape[0], -1).norm(dim=1)
+
+
+@pytest.mark.parametrize("per", ["tensor", "filter"])
+def test_hold_norms_is_free_until_its_step_then_holds_the_norms_it_had_then(per):
+    model = net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    weights = [model[0].weight, model[2].weight]
+    rule = HoldNorms(weights, per=per, from_step=3)
+    attach(optimizer, [rule])
+    measure = (lambda w: filter_norms(w)) if per == "filter" else (lambda w: w.detach().norm().reshape(()))
+    seen = []
+    for batch in batches(8):
+        train(model, optimizer, [batch])
+        seen.append([measure(w).clone() for w in weights])
+    assert not torch.allclose(seen[0][0], seen[1][0])  # free: the norms move
+    for later in seen[3:]:
+        for now, at_three, target in zip(later, seen[2], rule.targets):
+            torch.testing.assert_close(now, at_three, rtol=1e-6, atol=0)
+            torch.testing.assert_close(target.float(), at_three.float(), rtol=1e-6, atol=0)
+
+
+def test_given_targets_are_held_from_the_first_step_and_scale_multiplies_a_taken_norm():
+    model = net()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    w0, w1 = model[0].weight, model[2].weight
+    start = float(w1.detach().norm())
+    attach(optimizer, [HoldNorms([w0], targets=[torch.tensor(2.5)]), HoldNorms([w1], from_step=0, scale={0: 2.0})])
+    train(model, optimizer, batches(3))
+    assert float(w0.detach().norm()) == pytest.approx(2.5, rel=1e-6)
+    assert float(w1.detach().norm()) == pytest.approx(2 * start, rel=1e-6)
+
+
+def test_centre_filters_leaves_every_filter_mean_zero_and_saves_nothing():
+    model = net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
+    weights = [model[0].weight, model[2].weight]
+    attach(optimizer, [CentreFilters(weights)], name="centring")
+    for w in weights:  # centred at attach
+        assert w.detach().reshape(w.shape[0], -1).mean(1).abs().max() < 1e-7
+    train(model, optimizer, batches(4))
+    for w in weights:
+        assert w.detach().reshape(w.shape[0], -1).mean(1).abs().max() < 1e-7
+    assert all(not any(k.startswith("centring") for k in entry) for entry in optimizer.state_dict()["state"].values())
+
+
+@pytest.mark.parametrize("save_at", [1, 5])
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_state_round_trip_continues_bit_identically(save_at, kind):
+    data = batches(9)
+
+    def build():
+        model = net()
+        cls, kwargs = (torch.optim.SGD, {"lr": 0.3, "momentum": 0.9}) if kind == "sgd" else (torch.optim.Adam,
+                                                                                            {"lr": 0.02})
+        optimizer = cls(model.parameters(), **kwargs)
+        rules = [HoldNorms([model[0].weight], per="filter", from_step=3), HoldNorms([model[6].weight], from_step=0)]
+        return model, optimizer, attach(optimizer, rules, name="hold")
+
+    model, optimizer, attachment = build()
+    train(model, optimizer, data[:save_at])
+    saved = copy.deepcopy({"model": model.state_dict(), "opt": optimizer.state_dict()})
+    assert all(int(e["hold_steps"]) == save_at for e in saved["opt"]["state"].values() if "hold_steps" in e)
+    train(model, optimizer, data[save_at:])
+
+    model2, optimizer2, attachment2 = build()
+    model2.load_state_dict(saved["model"])
+    optimizer2.load_state_dict(saved["opt"])
+    assert attachment2.steps == save_at
+    train(model2, optimizer2, data[save_at:])
+    for (name, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert attachment2.steps == attachment.steps == 9
+
+
+@pytest.mark.parametrize("save_at", [1, 4])  # before and after the norms are taken (step 2)
+def test_distributed_checkpoint_carries_the_rule_state(tmp_path, save_at):
+    """torch.distributed.checkpoint keeps only `state` and `param_groups`, keyed by parameter name."""
+    from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter, load, save
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    data = batches(8)
+
+    def build(seed):
+        model = net(seed)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
+        attach(optimizer, [HoldNorms([model[0].weight, model[2].weight], from_step=2)], name="hold")
+        return model, optimizer
+
+    model, optimizer = build(0)
+    train(model, optimizer, data[:save_at])
+    osd = get_optimizer_state_dict(model, optimizer)
+    assert any("hold_r0_target" in entry for entry in osd["state"].values())
+    save({"model": model.state_dict(), "optim": osd}, storage_writer=FileSystemWriter(str(tmp_path / "dcp")))
+    resumed, optimizer2 = build(9)  # another init: its taken norms would differ
+    target = {"model": resumed.state_dict(), "optim": get_optimizer_state_dict(resumed, optimizer2)}
+    load(target, storage_reader=FileSystemReader(str(tmp_path / "dcp")))
+    resumed.load_state_dict(target["model"])
+    set_optimizer_state_dict(resumed, optimizer2, target["optim"])
+    train(model, optimizer, data[save_at:])
+    train(resumed, optimizer2, data[save_at:])
+    for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_a_nan_gradient_raises_nonfinite_error_or_is_skipped_and_counted():
+    model = net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    attach(optimizer, [HoldNorms([model[0].weight])], names={model[0].weight: "stem"})
+    x, y = batches(1)[0]
+    F.cross_entropy(model(x), y).backward()
+    model[0].weight.grad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="'stem'.*non-finite norm"):
+        optimizer.step()
+
+    model = net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    attachment = attach(optimizer, [HoldNorms([model[0].weight])], nonfinite="skip")
+    start = model[0].weight.detach().clone()
+    F.cross_entropy(model(x), y).backward()
+    model[0].weight.grad.fill_(float("inf"))
+    optimizer.step()
+    assert torch.equal(model[0].weight.detach(), start)  # the bad gradient was zeroed: no move, norm kept
+    assert attachment.skipped_count == 1
+
+
+def test_misuse_fails_loudly():
+    model = net()
+    optimizer = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    with pytest.raises(FixNormError, match="not trained by this optimizer"):
+        attach(optimizer, [HoldNorms([model[2].weight])])
+    with pytest.raises(FixNormError, match="zero or non-finite norm"):
+        HoldNorms([torch.zeros(3, 3)])
+    with pytest.raises(FixNormError, match="ndim >= 2"):
+        HoldNorms([torch.ones(3)], per="filter")
+    with pytest.raises(FixNormError, match="shape"):
+        HoldNorms([model[0].weight], per="filter", targets=[torch.ones(2)])
+    first = attach(optimizer, [HoldNorms([model[0].weight])], name="a")
+    with pytest.raises(FixNormError, match="already has rules attached"):
+        attach(optimizer, [HoldNorms([model[0].weight])], name="a")
+    first.remove()
+    deferred = HoldNorms([model[0].weight], from_step=None)
+    attach(optimizer, [deferred], name="b")
+    model[0].weight.grad = torch.zeros_like(model[0].weight)
+    with pytest.raises(FixNormError, match="from_step.* is not set"):
+        optimizer.step()
+    plain = torch.optim.SGD(model[0].parameters(), lr=0.1).state_dict()
+    with pytest.raises(FixNormError, match="no 'b' rule state"):
+        optimizer.load_state_dict(plain)
