@@ -362,12 +362,12 @@ def test_bf16_weights_keep_their_norm_with_fp32_accumulation():
     model = small_net().to(torch.bfloat16)
     x, y = batches(1)[0]
     opt = FixNorm(model, x.to(torch.bfloat16), lr=0.1, momentum=0.9)
-    target = float(opt._targets[model[3].weight])
+    target = float(opt.norm_targets()["3.weight"])
     for _ in range(3):
         opt.zero_grad()
         F.cross_entropy(model(x.to(torch.bfloat16)).float(), y).backward()
         opt.step()
-    assert opt._targets[model[3].weight].dtype == torch.float32
+    assert opt.norm_targets()["3.weight"].dtype == torch.float32
     assert abs(float(model[3].weight.float().norm()) - target) / target < 1e-2  # bf16 rounding of the weights
 
 
@@ -663,3 +663,24 @@ def test_lr_power_bends_the_schedule_of_the_scale_invariant_weights_only():
     for (name, a), (_, b) in zip(bent_model.state_dict().items(), plain_model.state_dict().items()):
         assert torch.equal(a, b), name
     assert all(g["lr"] == 0.1 for g in bent.param_groups)  # the scheduler's values are left as they were
+
+
+@pytest.mark.parametrize("save_at", [1, 4])  # inside and after the free phase (2 steps)
+def test_a_state_dict_saved_before_the_held_flag_existed_resumes_bit_identically(save_at):
+    """The layout before rules: per-parameter fixnorm_target / fixnorm_steps, no fixnorm_held."""
+    data = batches(7)
+    model = small_net()
+    opt = FixNorm(model, data[0][0], free_steps=2, lr=0.5, momentum=0.9)
+    train(model, opt, data[:save_at])
+    saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict()})
+    for entry in saved["opt"]["state"].values():
+        assert entry.pop("fixnorm_held", None) is not None or "fixnorm_target" not in entry
+    train(model, opt, data[save_at:])
+    resumed = small_net(seed=4)
+    opt2 = FixNorm(resumed, data[0][0], free_steps=2, lr=0.5, momentum=0.9)
+    resumed.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    assert opt2.steps_done == save_at
+    train(resumed, opt2, data[save_at:])
+    for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name

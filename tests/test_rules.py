@@ -123,7 +123,7 @@ def test_distributed_checkpoint_carries_the_rule_state(tmp_path, save_at):
     model, optimizer = build(0)
     train(model, optimizer, data[:save_at])
     osd = get_optimizer_state_dict(model, optimizer)
-    assert any("hold_r0_target" in entry for entry in osd["state"].values())
+    assert any("hold_target" in entry for entry in osd["state"].values())
     save({"model": model.state_dict(), "optim": osd}, storage_writer=FileSystemWriter(str(tmp_path / "dcp")))
     resumed, optimizer2 = build(9)  # another init: its taken norms would differ
     target = {"model": resumed.state_dict(), "optim": get_optimizer_state_dict(resumed, optimizer2)}

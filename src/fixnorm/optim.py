@@ -2,10 +2,14 @@
 
 The wrapper delegates ``param_groups``, ``state`` and ``defaults`` to the base
 optimizer, so LR schedulers, GradScaler, ``zero_grad`` and ``add_param_group`` act
-on the real thing. Settings live in the param groups (``role``, ``constraint``),
-the per-parameter norm targets live in each parameter's entry of ``state_dict()["state"]``
-(``fixnorm_target``), where every checkpoint API carries them: loading a state dict restores
-them, so a resumed run continues bit-identically.
+on the real thing. Settings live in the param groups (``role``, ``constraint``). The norms are
+held by rules (:class:`fixnorm.rules.HoldNorms`: from the first step, or from the end of the free
+phase) attached to this optimizer with :func:`fixnorm.rules.attach`, the mechanism LAWN and MimicNorm
+use too; their targets live in each parameter's entry of ``state_dict()["state"]``
+(``fixnorm_target``, ``fixnorm_held``, ``fixnorm_steps``), where every checkpoint API carries them:
+loading a state dict restores them, so a resumed run continues bit-identically. What stays here is
+what happens around the base step: the lr bend (``lr_power``), the angular-update mode and the
+gradient checks of the unconstrained parameters.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from .constraints import (Plan, build_plan, filter_norms, fix_filter_norms_, fix
 from .checks import warn_if_base_normalizes
 from .errors import FixNormError, NonFiniteError
 from .roles import Roles, analyze
-from .rules import NONFINITE_POLICIES, DeviceFlags
+from .rules import NONFINITE_POLICIES, Attachment, HoldNorms
 
 # Steps of free training before "initial" targets are taken: training, not the initialisation, picks each
 # layer's norm (the classifier's above all). Measured in docs/fixnorm.md ("Why the first reconstruction trailed").
@@ -139,16 +143,14 @@ class FixNorm(torch.optim.Optimizer):
                                      fc_granularity=fc_granularity, others=others,
                                      others_weight_decay=others_weight_decay)
         self.nonfinite = nonfinite
-        self._targets: dict[torch.Tensor, torch.Tensor] = {}
         self._names: dict[torch.Tensor, str] = {p: n for n, p in named.items()}
-        self._flags = DeviceFlags(nonfinite, self._names)  # the one non-finite policy (fixnorm.rules)
-        self._kernels: list[tuple[str, list[torch.Tensor], Any]] | None = None
         self._grad_params: dict[bool | None, list[list[torch.Tensor]]] | None = None
         self.free_steps = free_steps
-        self._steps_done = 0
-        self._deferred: set[torch.Tensor] = set()  # "initial" targets still to be taken (free phase)
         self._layout: list[tuple[torch.device, torch.dtype]] = []  # parameters' (device, dtype) of the cache
-        self._scaled: dict[torch.Tensor, float] = {}  # classifier -> fc_scale, applied when its target is taken
+        # the rules, by constraint: weights held from the first step (explicit targets, or free_steps=0) and
+        # weights held from the end of the free phase (their norms then, the classifier's times fc_scale)
+        held: OrderedDict[str, tuple[list[torch.Tensor], list[str], list[torch.Tensor]]] = OrderedDict()
+        later: OrderedDict[str, tuple[list[torch.Tensor], list[str], dict[int, float]]] = OrderedDict()
 
         groups: OrderedDict[tuple[str, str | None], dict[str, Any]] = OrderedDict()
         for entry in self.plan.entries:
@@ -165,13 +167,17 @@ class FixNorm(torch.optim.Optimizer):
                     value = float(fc_norm)
                 elif entry.role == "scale-invariant" and target != "initial":
                     value = float(target)
-                self._targets[p] = initial_targets(p, entry.name, entry.constraint, value)
-                if entry.role == "classifier" and value is None and fc_scale != 1:
-                    self._scaled[p] = float(fc_scale)
-                    if free_steps == 0:
-                        self._targets[p] = self._targets[p] * float(fc_scale)
+                initial = initial_targets(p, entry.name, entry.constraint, value)  # fails on a zero norm now
+                scaled = entry.role == "classifier" and value is None and fc_scale != 1
                 if value is None and free_steps > 0:
-                    self._deferred.add(p)
+                    params, names, scales = later.setdefault(entry.constraint, ([], [], {}))
+                    if scaled:
+                        scales[len(params)] = float(fc_scale)
+                else:
+                    params, names, targets = held.setdefault(entry.constraint, ([], [], []))
+                    targets.append(initial * float(fc_scale) if scaled else initial)
+                params.append(p)
+                names.append(entry.name)
             if role == "other" and others == "decay":
                 group["weight_decay"] = others_weight_decay
             if lr_power != 1 and role == "scale_invariant":
@@ -179,7 +185,6 @@ class FixNorm(torch.optim.Optimizer):
             if angular_update is not None and role == "scale_invariant":
                 group["angular_update"] = angular_update
                 group["angle_power"] = float(angle_power)
-        self._free_params = frozenset(self._deferred)
         if not groups:
             raise FixNormError("the model has no trainable parameters")
         param_groups = list(groups.values())
@@ -205,6 +210,13 @@ class FixNorm(torch.optim.Optimizer):
                 g["weight_decay"] = others_weight_decay if g["role"] == "other" else 0.0
         self._init_hooks()
         warn_if_base_normalizes(self.base, stacklevel=3)
+        rules: list[HoldNorms] = [HoldNorms(ps, names=ns, per=c, targets=ts) for c, (ps, ns, ts) in held.items()]
+        rules += [HoldNorms(ps, names=ns, per=c, from_step=free_steps, scale=sc) for c, (ps, ns, sc) in later.items()]
+        # attached to this optimizer itself: the projection runs as its first step post-hook, and the targets and
+        # the step count are "fixnorm_target" / "fixnorm_held" / "fixnorm_steps" entries of its state dict
+        self._rules = Attachment(self, rules, name="fixnorm", nonfinite=nonfinite, names=self._names,
+                                 allow_empty=True)
+        self._flags = self._rules.flags
         self._follow_parameters()
         self._project_at_construction()
 
@@ -265,8 +277,8 @@ class FixNorm(torch.optim.Optimizer):
         self._flags.raise_ready(wait=True)  # the last step's flags
         self._check_settings()
         self._follow_parameters()  # once per step, before any cached bucket is used
-        if closure is None and self.nonfinite == "skip":
-            self._check_gradients(self._grad_buckets(constrained=None))  # zero bad gradients before the step
+        if closure is None and self.nonfinite == "skip":  # (the rules' own pre-hook did the constrained ones)
+            self._check_gradients(self._grad_buckets(constrained=False))  # zero bad gradients before the step
         before = self._save_for_rotation()
         scheduled = self._bend_lr()
         try:
@@ -278,30 +290,31 @@ class FixNorm(torch.optim.Optimizer):
         finally:
             for g, lr in scheduled:
                 g["lr"] = lr
-        free_phase = bool(self._deferred)
-        self._rotate(before)
-        self._project()
+        free_phase = self._in_free_phase()
+        self._rotate(before)  # the projection follows, as this optimizer's first step post-hook (fixnorm.rules)
         if self.nonfinite == "raise":
             # constrained weights were checked by the projection's norms (a NaN gradient spoils them);
             # the unconstrained ones (biases, norm parameters: a sliver of the elements) through their gradients,
             # and during the free phase every gradient (the projection does not see the free weights yet)
             self._check_gradients(self._grad_buckets(constrained=None if free_phase else False))
-        self._steps_done += 1
-        if free_phase and self._steps_done >= self.free_steps:
-            self._take_deferred_targets()
         self._flags.raise_ready(wait=False)
         return loss
 
-    def _take_deferred_targets(self) -> None:
-        """End of the free phase: hold each deferred weight at the norm training gave it (no host sync)."""
-        for p in self._deferred:  # a per-filter target is a vector, a per-tensor one a scalar
-            current = filter_norms(p) if self._targets[p].ndim else tensor_norms_fp32([p])[0]
-            self._targets[p] = current.float().clone() * self._scaled.get(p, 1.0)
-        scaled = any(p in self._scaled for p in self._deferred)
-        self._deferred = set()
-        self._kernels = None
-        if scaled:
-            self._project()  # the classifier moves to its scaled norm now, not one step later
+    def _in_free_phase(self) -> bool:
+        return any(not rule.holding for rule in self._hold_rules())
+
+    def _hold_rules(self) -> list[HoldNorms]:
+        return [rule for rule in self._rules.rules if isinstance(rule, HoldNorms)]
+
+    def norm_targets(self) -> dict[str, torch.Tensor]:
+        """The fp32 target of every held weight by name (a vector per filter); none yet during the free phase."""
+        return {name: target for rule in self._hold_rules() if rule.targets is not None
+                for name, target in zip(rule.names, rule.targets)}
+
+    @property
+    def steps_done(self) -> int:
+        """Calls of ``step()`` so far (a step GradScaler skips is not counted); restored by load_state_dict."""
+        return self._rules.steps
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base.zero_grad(set_to_none=set_to_none)
@@ -324,14 +337,19 @@ class FixNorm(torch.optim.Optimizer):
         params = param_group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         param_group["params"] = params
-        self.base.add_param_group(param_group)
-        for i, p in enumerate(params):
-            self._names.setdefault(p, f"added_group{len(self.param_groups) - 1}.{i}")
-            if constraint:
+        names = [self._names.get(p, f"added_group{len(self.param_groups)}.{i}") for i, p in enumerate(params)]
+        targets = []
+        if constraint:
+            for p, name in zip(params, names):
                 if p.ndim < 2 and constraint == "filter":
-                    raise FixNormError(f"{self._names[p]}: a 'filter' constraint needs ndim >= 2")
-                self._targets[p] = initial_targets(p, self._names[p], constraint, target_norm)
-        self._kernels = self._grad_params = None
+                    raise FixNormError(f"{name}: a 'filter' constraint needs ndim >= 2")
+                targets.append(initial_targets(p, name, constraint, target_norm))
+        self.base.add_param_group(param_group)
+        for p, name in zip(params, names):
+            self._names.setdefault(p, name)
+        if constraint:
+            self._rules.add_rule(HoldNorms(params, names=names, per=constraint, targets=targets))
+        self._grad_params = None
 
     def _check_settings(self) -> None:
         for g in self.param_groups:
@@ -347,47 +365,10 @@ class FixNorm(torch.optim.Optimizer):
         HF's Trainer and Fabric do) keeps its Parameter objects; the targets follow them, in fp32, without
         a host sync (a one-time copy, then the kernels run where the weights are).
         """
-        layout = [(p.device, p.dtype) for p in self._targets]
-        if layout != self._layout:
+        layout = [(p.device, p.dtype) for g in self.param_groups for p in g["params"]]
+        if layout != self._layout:  # (the rules follow on their own)
             self._layout = layout
-            for p, target in self._targets.items():
-                if target.device != p.device:
-                    self._targets[p] = target.to(p.device)
-            self._kernels = self._grad_params = None
-
-    def _kernel_plan(self) -> list[tuple[str, list[torch.Tensor], Any]]:
-        """Constrained parameters bucketed by (rule, device, dtype) for multi-tensor kernels."""
-        if self._kernels is None:
-            buckets: OrderedDict[tuple[str, torch.device, torch.dtype], list[torch.Tensor]] = OrderedDict()
-            for g in self.param_groups:
-                if g.get("constraint") is None:
-                    continue
-                for p in g["params"]:
-                    if p not in self._deferred:
-                        buckets.setdefault((g["constraint"], p.device, p.dtype), []).append(p)
-            kernels = []
-            for (constraint, _dev, _dt), params in buckets.items():
-                if constraint == "tensor":
-                    targets: Any = torch.stack([self._targets[p].reshape(()) for p in params])
-                else:
-                    targets = [self._targets[p] for p in params]
-                kernels.append((constraint, params, targets))
-            self._kernels = kernels
-        return self._kernels
-
-    def _project(self) -> None:
-        flags: OrderedDict[torch.device, tuple[list[torch.Tensor], list[torch.Tensor]]] = OrderedDict()
-        for constraint, params, targets in self._kernel_plan():
-            if constraint == "tensor":
-                bad = fix_tensor_norms_(params, targets)
-            else:
-                bad = fix_filter_norms_(params, targets)
-            device_flags, device_params = flags.setdefault(bad.device, ([], []))
-            device_flags.append(bad)
-            device_params.extend(params)
-        for device_flags, device_params in flags.values():  # one check per device, not one per bucket
-            bad = device_flags[0] if len(device_flags) == 1 else torch.cat(device_flags)
-            self._flags.flag(bad, device_params, "has a zero or non-finite norm after the step (a NaN/inf gradient?)")
+            self._grad_params = None
 
     @torch.no_grad()
     def _project_at_construction(self) -> None:
@@ -396,14 +377,16 @@ class FixNorm(torch.optim.Optimizer):
         Lightning and the HF Trainer restore a checkpoint's weights before they build the optimizer: a
         projection of weights that are already at their targets would move them by an ulp and break resume.
         """
-        for constraint, params, targets in self._kernel_plan():
-            for i, p in enumerate(params):
-                target = targets[i].reshape(1) if constraint == "tensor" else targets[i]
-                current = tensor_norms_fp32([p]) if constraint == "tensor" else filter_norms(p)
+        for rule in self._hold_rules():
+            if not rule.holding:
+                continue
+            for p, target in zip(rule.params, rule.targets):
+                target = target.reshape(1) if rule.per == "tensor" else target
+                current = tensor_norms_fp32([p]) if rule.per == "tensor" else filter_norms(p)
                 tolerance = 16 * torch.finfo(p.dtype).eps
                 if bool(((current.double() / target.double() - 1).abs() <= tolerance).all()):
                     continue
-                bad = fix_tensor_norms_([p], target) if constraint == "tensor" else fix_filter_norms_([p], [target])
+                bad = fix_tensor_norms_([p], target) if rule.per == "tensor" else fix_filter_norms_([p], [target])
                 if bool(bad.any()):
                     raise NonFiniteError(f"parameter {self._names.get(p, '?')!r} has a zero or non-finite norm "
                                          "when FixNorm is built")
@@ -454,10 +437,13 @@ class FixNorm(torch.optim.Optimizer):
 
     # -- angular-update mode -----------------------------------------------------------------
     def _save_for_rotation(self) -> list[tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor]]]:
-        saved = []
+        saved: list[tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor]]] = []
+        if not any(g.get("angular_update") is not None for g in self.param_groups):
+            return saved
+        holding = {p for rule in self._hold_rules() if rule.holding for p in rule.params}
         for g in self.param_groups:
             if g.get("angular_update") is not None and g.get("constraint"):
-                params = [p for p in g["params"] if p.grad is not None and p not in self._deferred]
+                params = [p for p in g["params"] if p.grad is not None and p in holding]
                 saved.append((g, params, [p.detach().clone() for p in params]))
         return saved
 
@@ -467,29 +453,18 @@ class FixNorm(torch.optim.Optimizer):
             for p, b in zip(params, before):
                 rotate_by_angle_(p, b, angle, per_filter=g["constraint"] == "filter")
 
-    # -- state dict: the base optimizer's, plus the norm targets ----------------------------
-    def _ordered_params(self) -> list[torch.Tensor]:
-        return [p for g in self.param_groups for p in g["params"]]
-
+    # -- state dict: the base optimizer's; the rules add their entries through the state-dict hooks --------
     def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state dict, each constrained parameter's target in its own state entry.
+        """The base optimizer's state dict, each held parameter's target in its own state entry.
 
-        Per-parameter entries (``fixnorm_target``, fp32; ``fixnorm_steps``) are what every checkpoint API
-        carries, including ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict``, which keeps
-        only ``state`` and ``param_groups`` (renamed by parameter name, sharded under FSDP).
+        Per-parameter entries (``fixnorm_target``, fp32; ``fixnorm_held``; ``fixnorm_steps``, added by the
+        rules' attachment) are what every checkpoint API carries, including
+        ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict``, which keeps only ``state`` and
+        ``param_groups`` (renamed by parameter name, sharded under FSDP).
         """
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         state = self.base.state_dict()
-        packed = dict(state["state"])  # the entries are the live state dicts: copy before adding to them
-        steps = torch.tensor(self._steps_done, dtype=torch.int64)
-        for i, p in enumerate(self._ordered_params()):
-            if p in self._targets:
-                entry = dict(packed.get(i, {}))
-                entry[_TARGET_KEY] = self._targets[p].detach().clone()
-                entry[_STEPS_KEY] = steps.clone()
-                packed[i] = entry
-        state["state"] = packed
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, state)
             if result is not None:
@@ -497,70 +472,29 @@ class FixNorm(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        state_dict = dict(state_dict)
+        state_dict = _from_version_1(dict(state_dict))
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        params = self._ordered_params()
-        saved_targets, steps = self._split_fixnorm_state(state_dict)
-        expected = {i for i, p in enumerate(params) if p in self._targets}
-        if not saved_targets and expected:
-            raise FixNormError("this state dict has no norm targets ('fixnorm_target' entries): it was not saved by "
-                               "FixNorm.state_dict(), so the targets cannot be restored")
-        if set(saved_targets) != expected:
-            raise FixNormError("the saved norm targets do not match this optimizer's constrained parameters; "
-                               "was the state saved from a FixNorm with another plan?")
-        for i, value in saved_targets.items():
-            if not isinstance(value, torch.Tensor) or value.shape != self._targets[params[i]].shape:
-                raise FixNormError(f"saved norm target #{i} has the wrong shape or type")
-        if isinstance(steps, torch.Tensor):
-            steps = int(steps)
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise FixNormError(f"the saved step count {steps!r} is not a whole number >= 0")
         self.base.load_state_dict(state_dict)
-        for i, value in saved_targets.items():
-            p = params[i]
-            self._targets[p] = value.to(device=p.device, dtype=torch.float32).clone()
-        self._steps_done = steps
-        # inside the free phase the saved targets are placeholders; after it they are the norms it took
-        self._deferred = set(self._free_params) if steps < self.free_steps else set()
-        self._kernels = self._grad_params = None
+        self._grad_params = None
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
-    @staticmethod
-    def _split_fixnorm_state(state_dict: dict[str, Any]) -> tuple[dict[int, Any], Any]:
-        """Take FixNorm's entries out of ``state_dict`` (in place) so the base optimizer sees only its own.
 
-        Reads both layouts: per-parameter entries (now) and the top-level ``"fixnorm"`` entry of version 1.
-        """
-        legacy = state_dict.pop("fixnorm", None)
-        if isinstance(legacy, Mapping) and "targets" in legacy:
-            return {int(k): v for k, v in legacy["targets"].items()}, legacy.get("steps", 0)
-        # entries are keyed by index (torch.optim) or by parameter name (distributed checkpoint); either way a
-        # key's place in the saved groups' "params" lists is the parameter's place in this optimizer
-        order = [key for group in state_dict.get("param_groups", []) for key in group.get("params", [])]
-        position = {key: i for i, key in enumerate(order)}
-        targets: dict[int, Any] = {}
-        steps: Any = 0
-        packed = {}
-        for key, entry in dict(state_dict.get("state", {})).items():
-            if isinstance(entry, Mapping) and _TARGET_KEY in entry:
-                if key not in position:
-                    raise FixNormError(f"state entry {key!r} belongs to no saved parameter group")
-                entry = dict(entry)
-                targets[position[key]] = entry.pop(_TARGET_KEY)
-                steps = entry.pop(_STEPS_KEY, steps)
-                if not entry:  # nothing of the base optimizer's: leave no empty entry (Adam inits on len == 0)
-                    continue
-            packed[key] = entry
-        state_dict["state"] = packed
-        return targets, steps
-
-
-_TARGET_KEY = "fixnorm_target"
-_STEPS_KEY = "fixnorm_steps"
+def _from_version_1(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """The first layout kept the targets in a top-level ``"fixnorm"`` entry: move them to per-parameter entries."""
+    legacy = state_dict.pop("fixnorm", None)
+    if not (isinstance(legacy, Mapping) and "targets" in legacy):
+        return state_dict
+    steps = torch.as_tensor(int(legacy.get("steps", 0)), dtype=torch.int64)
+    state = dict(state_dict.get("state", {}))
+    for key, target in legacy["targets"].items():
+        key = int(key)
+        state[key] = {**state.get(key, {}), "fixnorm_target": target, "fixnorm_steps": steps.clone()}
+    state_dict["state"] = state
+    return state_dict
 
 
 def from_weight_decay(lr: float, weight_decay: float, momentum: float = 0.0) -> dict[str, float]:

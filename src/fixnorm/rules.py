@@ -92,7 +92,11 @@ class Rule:
     """
 
     params: list[torch.Tensor]
-    stateful = False  # True: keeps per-parameter state (then the attachment saves its step count too)
+    state_fields: tuple[str, ...] = ()  # names of the per-parameter tensors it checkpoints (none: stateless)
+
+    @property
+    def stateful(self) -> bool:
+        return bool(self.state_fields)
 
     def on_attach(self, optimizer: torch.optim.Optimizer) -> None:
         """Called once by :func:`attach` (check the optimizer, adjust its groups)."""
@@ -132,7 +136,7 @@ class HoldNorms(Rule):
         on_hold: called once with the rule when the targets are taken (LAWN turns weight decay off there).
     """
 
-    stateful = True
+    state_fields = ("target", "held")
 
     def __init__(self, params: Sequence[torch.Tensor], *, names: Sequence[str] | None = None, per: str = "tensor",
                  targets: Sequence[torch.Tensor] | None = None, from_step: int | None = 0,
@@ -249,6 +253,8 @@ class HoldNorms(Rule):
                                    "warmup_steps) is not set: set it before the first optimizer step")
             if step >= self._from_step:
                 self.take_targets()
+                if self.scale:  # a scaled weight moves to its scaled norm now, not one step later
+                    self.project_(flags)
             return
         self.project_(flags)
 
@@ -259,7 +265,8 @@ class HoldNorms(Rule):
         for name, t, p in zip(self.names, targets, self.params):
             shape = (p.shape[0],) if self.per == "filter" else ()
             if tuple(t.shape) not in (shape, (1,) if self.per == "tensor" else shape):
-                raise FixNormError(f"target of {name!r} has shape {tuple(t.shape)}, expected {shape}")
+                raise FixNormError(f"the target of {name!r} has the wrong shape {tuple(t.shape)}, expected {shape} "
+                                   f"(per {self.per!r})")
             if not bool((torch.isfinite(t) & (t > 0)).all()):
                 raise FixNormError(f"target of {name!r} must be positive and finite")
 
@@ -280,11 +287,12 @@ class HoldNorms(Rule):
         return out
 
     def load_param_state(self, entries: dict[int, dict[str, torch.Tensor]], step: int) -> None:
-        if set(entries) != set(range(len(self.params))) or not all(
-                {"target", "held"} <= set(e) for e in entries.values()):
-            raise FixNormError("the saved norm targets do not cover this rule's parameters; was the state saved "
-                               "with other parameters held?")
-        held = {int(e["held"]) for e in entries.values()}
+        if set(entries) != set(range(len(self.params))) or not all("target" in e for e in entries.values()):
+            raise FixNormError("the saved norm targets do not match this rule's parameters; was the state saved "
+                               "with other parameters held (another plan, another model)?")
+        # entries without "held" (FixNorm's layout before rules): held once from_step is reached
+        implied = int(self._from_step is not None and step >= self._from_step)
+        held = {int(e.get("held", implied)) for e in entries.values()}
         if held not in ({0}, {1}):
             raise FixNormError(f"the saved 'held' flags {sorted(held)} are not all 0 or all 1")
         self._kernels = None
@@ -343,10 +351,11 @@ class Attachment:
     """Rules attached to an optimizer by :func:`attach`: their step count, flags and state-dict entries."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, rules: Sequence[Rule], *, name: str,
-                 nonfinite: str = "raise", names: Mapping[torch.Tensor, str] | None = None) -> None:
+                 nonfinite: str = "raise", names: Mapping[torch.Tensor, str] | None = None,
+                 allow_empty: bool = False) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise FixNormError(f"rules attach to a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if not rules or not all(isinstance(r, Rule) for r in rules):
+        if (not rules and not allow_empty) or not all(isinstance(r, Rule) for r in rules):
             raise FixNormError("attach needs a non-empty list of fixnorm.rules.Rule objects")
         if not name.isidentifier():
             raise FixNormError(f"the attachment's name {name!r} must be an identifier (it prefixes state keys)")
@@ -362,20 +371,30 @@ class Attachment:
                 raise FixNormError(f"{type(rule).__name__}: {len(missing)} parameter(s) (shapes {missing[:3]}) are "
                                    "not trained by this optimizer; a rule acts only on parameters the optimizer steps")
         self.optimizer = optimizer
-        self.rules = list(rules)
+        self.rules: list[Rule] = []
         self.name = name
         self.steps = 0
         self.flags = DeviceFlags(nonfinite, names or {})
-        for rule in self.rules:
-            rule.on_attach(optimizer)
+        for rule in rules:
+            self.add_rule(rule)
         self._stashed: dict[int, dict[str, Any]] | None = None
         self._handles = [optimizer.register_step_post_hook(self._after_step)]
-        if any(rule.stateful for rule in self.rules):  # stateless rules (centring) add nothing to checkpoints
+        if any(rule.stateful for rule in rules):  # stateless rules (centring) add nothing to checkpoints
             self._handles += [optimizer.register_state_dict_post_hook(self._pack),
                               optimizer.register_load_state_dict_pre_hook(self._unpack),
                               optimizer.register_load_state_dict_post_hook(self._restore)]
         if nonfinite == "skip":
             self._handles.append(optimizer.register_step_pre_hook(self._zero_bad_gradients))
+
+    def add_rule(self, rule: Rule) -> None:
+        """Attach one more rule (after the others); a parameter keeps each state field of one rule only."""
+        taken = {(id(p), f) for r in self.rules for p in r.params for f in r.state_fields}
+        clash = [f for p in rule.params for f in rule.state_fields if (id(p), f) in taken]
+        if clash:
+            raise FixNormError(f"two rules of the attachment {self.name!r} keep the state {clash[0]!r} of one "
+                               "parameter; attach them under different names")
+        rule.on_attach(self.optimizer)
+        self.rules.append(rule)
 
     # -- the step -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -424,7 +443,7 @@ class Attachment:
         positions = self._positions()
         packed = dict(state_dict["state"])  # the entries are the live state dicts: copy before adding to them
         steps = torch.tensor(self.steps, dtype=torch.int64)
-        for r, rule in enumerate(self.rules):
+        for rule in self.rules:
             if not rule.stateful:
                 continue
             saved = rule.param_state()
@@ -433,7 +452,7 @@ class Attachment:
                 entry = dict(packed.get(key, {}))
                 entry[steps_key] = steps.clone()
                 for field, value in saved.get(i, {}).items():
-                    entry[f"{prefix}r{r}_{field}"] = value
+                    entry[prefix + field] = value
                 packed[key] = entry
         state_dict["state"] = packed
         return state_dict
@@ -455,9 +474,9 @@ class Attachment:
                     continue
             packed[key] = entry
         if not mine:
-            raise FixNormError(f"this optimizer state has no {self.name!r} rule state ({steps_key!r} entries): it "
-                               f"was saved without these rules attached (or by an older fixnorm), so their state "
-                               "cannot be restored")
+            raise FixNormError(f"this optimizer state has no {self.name!r} rule state (no {steps_key!r} entries, "
+                               "so no norm targets or other rule state): it was saved without these rules attached "
+                               "(or by an older fixnorm), so their state cannot be restored")
         state_dict = dict(state_dict)
         state_dict["state"] = packed
         self._stashed = mine
@@ -475,13 +494,13 @@ class Attachment:
         if len(steps) != 1 or min(steps) < 0:
             raise FixNormError(f"the saved {self.name!r} step counts {sorted(steps)[:4]} are not one whole number")
         self.steps = steps.pop()
-        for r, rule in enumerate(self.rules):
+        for rule in self.rules:
             if not rule.stateful:
                 continue
-            tag = f"{prefix}r{r}_"
             entries: dict[int, dict[str, torch.Tensor]] = {}
             for i, p in enumerate(rule.params):
-                fields = {k[len(tag):]: v for k, v in mine[positions[id(p)]].items() if k.startswith(tag)}
+                saved = mine[positions[id(p)]]
+                fields = {f: saved[prefix + f] for f in rule.state_fields if prefix + f in saved}
                 if fields:
                     entries[i] = fields
             rule.load_param_state(entries, self.steps)
