@@ -51,11 +51,17 @@ def test_effective_lr_power_follows_the_optimizer():
 
 
 @needs_fmnist
-def test_measured_angle_is_effective_lr_times_unit_norm_gradient(tmp_path):
-    """Plain SGD on fixed norms: one step turns w by atan(lr * ||g|| / ||w||) = atan(eff_lr * ||g~||)."""
+@pytest.mark.parametrize("lr_power", [1.0, 0.5])
+def test_measured_angle_is_effective_lr_times_unit_norm_gradient(tmp_path, lr_power):
+    """Plain SGD on fixed norms: one step turns w by atan(lr * ||g|| / ||w||) = atan(eff_lr * ||g~||).
+
+    With a milestone at epoch 0 the scheduler's lr is 0.05 / 4 throughout, and lr_power 0.5 makes the
+    scale-invariant weights step with 0.05 * (1/4) ** 0.5 = 0.025: eff_lr must be the lr they step with.
+    """
     cfg = make_config(TINY, {"method": "fixnorm", "free_steps": 0, "momentum": 0.0, "nesterov": False,
-                             "schedule": "constant",
+                             "schedule": "step", "milestones": [0.0], "gamma": 0.25, "lr_power": lr_power,
                              "lr": 0.05, "epochs": 1})
+    stepped = 0.05 * 0.25 ** lr_power
     train(cfg, tmp_path / "run")
     record = rows(tmp_path / "run")[-1]
     # the classifier is not scale-invariant (its gradient has a radial part): only invariant layers obey this
@@ -66,7 +72,7 @@ def test_measured_angle_is_effective_lr_times_unit_norm_gradient(tmp_path):
     for layer in layers:
         norm, eff_lr = float(record[f"{layer}/norm"]), float(record[f"{layer}/eff_lr"])
         angle, grad_norm = float(record[f"{layer}/angle"]), float(record[f"{layer}/grad_norm"])
-        assert eff_lr == pytest.approx(0.05 / norm ** 2, rel=1e-5)
+        assert eff_lr == pytest.approx(stepped / norm ** 2, rel=1e-5)
         # the mean of atan(x) over steps equals the mean of x to O(x^2); x is about 1e-2 here
         assert angle == pytest.approx(eff_lr * norm * grad_norm, rel=2e-3), layer
 

@@ -28,6 +28,7 @@ from torch import nn
 
 from .errors import FixNormError
 from .hooks import Hook, RunState
+from .optim import stepping_lr
 from .roles import analyze
 
 # optimizers whose step size per coordinate does not depend on the weight's scale
@@ -105,7 +106,8 @@ class DiagnosticsHook(Hook):
         both = torch.stack(torch._foreach_norm(grads) + torch._foreach_norm(self._before)).double().cpu()
         grad_norms, norms = both[:len(grads)], both[len(grads):]
         self.sums["grad_norm"] += grad_norms
-        lrs = torch.tensor([g["lr"] if g is not None else math.nan for g in self.groups], dtype=torch.float64)
+        # the lr the weights step with: FixNorm's lr_power bends the scheduler's lr for scale-invariant weights
+        lrs = torch.tensor([stepping_lr(g) if g is not None else math.nan for g in self.groups], dtype=torch.float64)
         self.sums["eff_lr"] += lrs / norms ** self.power
 
     def after_step(self, trainer: RunState) -> None:

@@ -426,13 +426,13 @@ class FixNorm(torch.optim.Optimizer):
         return self._flags.skipped_count
 
     def _bend_lr(self) -> list[tuple[dict[str, Any], Any]]:
-        """lr_power != 1: scale-invariant groups step with lr_ref * (lr / lr_ref) ** lr_power (restored after)."""
+        """lr_power != 1: scale-invariant groups step with :func:`stepping_lr` (restored after the step)."""
         changed = []
         for g in self.param_groups:
-            power = g.get("lr_power", 1.0)
-            if power != 1.0 and g.get("lr_ref"):
+            lr = stepping_lr(g)
+            if lr != g["lr"]:
                 changed.append((g, g["lr"]))
-                g["lr"] = g["lr_ref"] * (g["lr"] / g["lr_ref"]) ** power
+                g["lr"] = lr
         return changed
 
     # -- angular-update mode -----------------------------------------------------------------
@@ -495,6 +495,18 @@ def _from_version_1(state_dict: dict[str, Any]) -> dict[str, Any]:
         state[key] = {**state.get(key, {}), "fixnorm_target": target, "fixnorm_steps": steps.clone()}
     state_dict["state"] = state
     return state_dict
+
+
+def stepping_lr(group: Mapping[str, Any]) -> float:
+    """The lr a param group's weights actually step with: ``lr_ref * (lr / lr_ref) ** lr_power``.
+
+    ``lr`` is what the scheduler set; groups without ``lr_power`` (or power 1) step with it as it is.
+    Diagnostics use this for the effective learning rate.
+    """
+    power = group.get("lr_power", 1.0)
+    if power == 1.0 or not group.get("lr_ref"):
+        return group["lr"]
+    return group["lr_ref"] * (group["lr"] / group["lr_ref"]) ** power
 
 
 def from_weight_decay(lr: float, weight_decay: float, momentum: float = 0.0) -> dict[str, float]:
