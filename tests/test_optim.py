@@ -684,3 +684,24 @@ def test_a_state_dict_saved_before_the_held_flag_existed_resumes_bit_identically
     train(resumed, opt2, data[save_at:])
     for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_lr_power_steps_scale_invariant_weights_with_lr_ref_times_the_schedule_factor_to_the_power():
+    """A scheduler at factor 1/4 with lr_power 0.5: invariant weights step with lr_ref / 2, the rest with lr_ref / 4."""
+    bent_model, plain_model, fc_model = small_net(), small_net(), small_net()
+    x, y = batches(1)[0]
+    bent = FixNorm(bent_model, x, lr=0.2, lr_power=0.5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(bent, lambda step: 0.25)
+    assert [g["lr"] for g in bent.param_groups] == [pytest.approx(0.05)] * len(bent.param_groups)
+    plain = FixNorm(plain_model, x, lr=0.1)  # what the invariant weights should get: 0.2 * 0.25 ** 0.5
+    fc = FixNorm(fc_model, x, lr=0.05)       # what the classifier should get: the scheduler's lr
+    for model, opt in ((bent_model, bent), (plain_model, plain), (fc_model, fc)):
+        train(model, opt, [(x, y)])
+    assert torch.equal(bent_model[0].weight, plain_model[0].weight)
+    assert torch.equal(bent_model[3].weight, plain_model[3].weight)
+    assert torch.equal(bent_model[8].weight, fc_model[8].weight)
+    assert not torch.equal(bent_model[8].weight, plain_model[8].weight)
+    assert all(g["lr"] == pytest.approx(0.05) for g in bent.param_groups)  # the scheduler's lr is left as it was
+    assert fixnorm.optim.stepping_lr(next(g for g in bent.param_groups if g["role"] == "scale_invariant")) == \
+        pytest.approx(0.1)
+    assert scheduler.get_last_lr()[0] == pytest.approx(0.05)
