@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
 LABELS = {"sgd": "SGD + WD (wd 5e-4)", "fixnorm-init": "held at initial norms", "free25": "free 25 steps",
-          "free100": "free 100 steps (default)"}
+          "free100": "free 100 steps, lr_power 1", "free100_lr_power0.5": "free 100 steps, lr_power 0.5 (default)"}
 
 
 def main() -> None:
@@ -44,7 +44,8 @@ def main() -> None:
             spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
             cells.append(f"{statistics.mean(values):.2f}{spread} ({len(values)})" if values else "-")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    text = "\n".join(lines) + ("\n\nMean ± std of the final holdout accuracy (%) over seeds (count in brackets). "
+    text = "\n".join(lines) + (f"\n\nMean ± std of the final accuracy (%) over seeds (count in brackets), on the "
+                               f"runs' evaluation set. "
                                f"Command: `python benchmarks/_lr_sweep_table.py {' '.join(sys.argv[1:])}`\n")
     print(text)
     if args.name:

@@ -14,7 +14,7 @@ from .errors import FixNormError
 
 # flags that are shortcuts for --set KEY=VALUE
 _SHORTCUTS = {"method": str, "model": str, "dataset": str, "data_dir": str, "epochs": int, "lr": float,
-              "fc_norm": float, "free_steps": int, "seed": int, "batch_size": int, "train_subset": int,
+              "fc_norm": float, "free_steps": int, "lr_power": float, "seed": int, "batch_size": int, "train_subset": int,
               "precision": str}
 
 

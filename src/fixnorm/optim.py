@@ -31,6 +31,10 @@ from .rules import NONFINITE_POLICIES, Attachment, HoldNorms
 # Steps of free training before "initial" targets are taken: training, not the initialisation, picks each
 # layer's norm (the classifier's above all). Measured in docs/fixnorm.md ("Why the first reconstruction trailed").
 DEFAULT_FREE_STEPS = 100
+# The scale-invariant weights step with lr0 * (lr / lr0) ** 0.5: weight decay's equilibrium angle per step goes as
+# sqrt(lr), so under SGD + WD the weights keep turning late in a decaying schedule while FixNorm at power 1 freezes
+# them. Measured in docs/fixnorm.md ("lr_power"): ahead on cosine schedules, neutral on a short step schedule.
+DEFAULT_LR_POWER = 0.5
 
 
 class FixNorm(torch.optim.Optimizer):
@@ -68,7 +72,8 @@ class FixNorm(torch.optim.Optimizer):
             weight decay's equilibrium angle sqrt(2 lr wd / (1 + momentum)) does.
         lr_power: the scale-invariant weights step with ``lr0 * (lr / lr0) ** lr_power`` (lr0: the
             lr at construction): 0.5 makes their effective-LR schedule follow the square root of
-            the schedule, as weight decay's equilibrium angle does; 1 (default) is the schedule.
+            the schedule, as weight decay's equilibrium angle does (default ``DEFAULT_LR_POWER``, 0.5);
+            1 makes the schedule itself theirs. A constant schedule is unaffected.
         free_steps: the weights whose target is "initial" train freely (plain base steps,
             no projection) for this many steps and are then held at the norms they have
             reached: training, not the initialisation, chooses each layer's norm and so
@@ -96,7 +101,7 @@ class FixNorm(torch.optim.Optimizer):
         angle_power: float = 1.0,
         free_steps: int = DEFAULT_FREE_STEPS,
         fc_scale: float = 1.0,
-        lr_power: float = 1.0,
+        lr_power: float = DEFAULT_LR_POWER,
         **base_kwargs: Any,
     ) -> None:
         if not isinstance(model, nn.Module):

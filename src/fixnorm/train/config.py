@@ -50,7 +50,7 @@ class TrainConfig:
     others_weight_decay: float = 0.0
     free_steps: int = 100             # fixnorm: steps of free training before "initial" targets are taken
     angular_update: float | None = None  # fixnorm: radians per step for scale-invariant weights (rotational mode)
-    lr_power: float = 1.0             # fixnorm: scale-invariant weights step with lr0 * (lr / lr0) ** lr_power
+    lr_power: float = 0.5             # fixnorm: scale-invariant weights step with lr0 * (lr / lr0) ** lr_power
     angle_power: float = 1.0          # fixnorm, rotational mode: angle follows (lr / initial lr) ** angle_power
     # schedule
     schedule: str = "cosine"         # cosine, step, exponential, constant
