@@ -36,21 +36,24 @@ from fixnorm.train.engine import Trainer  # noqa: E402
 # The arms: the baseline, FixNorm's variants (one hypothesis each) and the peers a user would pick instead.
 ARMS: dict[str, dict[str, Any]] = {
     "sgd": {"method": "sgd"},
-    "fixnorm-init": {"method": "fixnorm", "free_steps": 0},       # the old default: norms held from step 0
     "fixnorm": {"method": "fixnorm"},                               # today's defaults, whatever they are
-    "free25": {"method": "fixnorm", "free_steps": 25},
-    "free50": {"method": "fixnorm", "free_steps": 50},
-    "free100": {"method": "fixnorm", "free_steps": 100},
-    "free200": {"method": "fixnorm", "free_steps": 200},
-    "free400": {"method": "fixnorm", "free_steps": 400},
-    "fc5.5": {"method": "fixnorm", "free_steps": 0, "fc_norm": 5.5},
-    "fc5.5-free100": {"method": "fixnorm", "free_steps": 100, "fc_norm": 5.5},
+    # the variants pin lr_power=1 (the default before the schedule law) so that their names keep one meaning
+    "fixnorm-init": {"method": "fixnorm", "free_steps": 0, "lr_power": 1.0},  # the first reconstruction
+    "fixnorm-lp1": {"method": "fixnorm", "lr_power": 1.0},          # free phase, schedule itself (previous default)
+    "free25": {"method": "fixnorm", "free_steps": 25, "lr_power": 1.0},
+    "free50": {"method": "fixnorm", "free_steps": 50, "lr_power": 1.0},
+    "free100": {"method": "fixnorm", "free_steps": 100, "lr_power": 1.0},
+    "free200": {"method": "fixnorm", "free_steps": 200, "lr_power": 1.0},
+    "free400": {"method": "fixnorm", "free_steps": 400, "lr_power": 1.0},
+    "fc5.5": {"method": "fixnorm", "free_steps": 0, "fc_norm": 5.5, "lr_power": 1.0},
+    "fc5.5-free100": {"method": "fixnorm", "free_steps": 100, "fc_norm": 5.5, "lr_power": 1.0},
     # rotational: every scale-invariant weight turns by the angle SGD+WD's equilibrium would give (from the
     # recipe's lr, weight_decay, momentum), following the LR schedule (power 1) or its square root (0.5)
-    "rot": {"method": "fixnorm", "angular_update": "from_wd"},
-    "rot-p0.5": {"method": "fixnorm", "angular_update": "from_wd", "angle_power": 0.5},
-    "rot-fc5.5": {"method": "fixnorm", "angular_update": "from_wd", "fc_norm": 5.5},
-    "rot-p0.5-fc5.5": {"method": "fixnorm", "angular_update": "from_wd", "angle_power": 0.5, "fc_norm": 5.5},
+    "rot": {"method": "fixnorm", "angular_update": "from_wd", "lr_power": 1.0},
+    "rot-p0.5": {"method": "fixnorm", "angular_update": "from_wd", "angle_power": 0.5, "lr_power": 1.0},
+    "rot-fc5.5": {"method": "fixnorm", "angular_update": "from_wd", "fc_norm": 5.5, "lr_power": 1.0},
+    "rot-p0.5-fc5.5": {"method": "fixnorm", "angular_update": "from_wd", "angle_power": 0.5, "fc_norm": 5.5,
+                       "lr_power": 1.0},
     "lawn": {"method": "lawn"},
     # the peers a user would pick instead (the adamp package; its SGDP calls .view on gradients, which fails on
     # channels_last tensors, so these arms train without channels_last)
