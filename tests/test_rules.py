@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fixnorm.errors import FixNormError, NonFiniteError
-from fixnorm.rules import CentreFilters, HoldNorms, attach
+from fixnorm.rules import CentreFilters, HoldNorms, Mask, Project, attach
 
 
 def net(seed: int = 0) -> nn.Sequential:
@@ -180,3 +180,57 @@ def test_misuse_fails_loudly():
     plain = torch.optim.SGD(model[0].parameters(), lr=0.1).state_dict()
     with pytest.raises(FixNormError, match="no 'b' rule state"):
         optimizer.load_state_dict(plain)
+
+
+def test_mask_keeps_pruned_entries_at_zero_trains_the_rest_and_resumes_bit_identically():
+    data = batches(8)
+
+    def build():
+        model = net()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
+        g = torch.Generator().manual_seed(3)
+        masks = [torch.rand(p.shape, generator=g) > 0.5 for p in (model[0].weight, model[2].weight)]
+        rule = Mask([model[0].weight, model[2].weight], masks)
+        attach(optimizer, [rule], name="mask")
+        return model, optimizer, rule
+
+    model, optimizer, rule = build()
+    start = model[2].weight.detach().clone()
+    for w, m in zip(rule.params, rule.masks):  # applied at attach
+        assert torch.count_nonzero(w.detach()[~m]) == 0
+    train(model, optimizer, data[:3])
+    saved = copy.deepcopy({"model": model.state_dict(), "opt": optimizer.state_dict()})
+    train(model, optimizer, data[3:])
+    for w, m in zip(rule.params, rule.masks):
+        assert torch.count_nonzero(w.detach()[~m]) == 0
+    kept = rule.masks[1]
+    assert bool((model[2].weight.detach()[kept] != start[kept]).all())  # every kept weight trained
+    assert rule.density() == pytest.approx(sum(int(m.sum()) for m in rule.masks) / sum(m.numel() for m in rule.masks))
+
+    model2, optimizer2, rule2 = build()
+    rule2.masks = [torch.ones_like(m) for m in rule2.masks]  # the saved masks must come back from the checkpoint
+    model2.load_state_dict(saved["model"])
+    optimizer2.load_state_dict(saved["opt"])
+    assert all(torch.equal(a, b) for a, b in zip(rule.masks, rule2.masks))
+    train(model2, optimizer2, data[3:])
+    for (name, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(FixNormError, match="bool tensor of shape"):
+        Mask([model[0].weight], [torch.ones(3, 3)])
+
+
+def test_project_applies_its_projection_after_every_step():
+    model = net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    weights = [model[0].weight, model[2].weight]
+    attach(optimizer, [Project(weights, lambda w: w.clamp(-0.05, 0.05))], name="box")
+    for w in weights:
+        assert bool(w.detach().abs().max() <= torch.tensor(0.05))  # float32 bound
+    x, y = batches(1)[0]
+    F.cross_entropy(model(x), y).backward()
+    expected = [(w.detach() - w.grad).clamp(-0.05, 0.05) for w in weights]
+    optimizer.step()
+    for w, e in zip(weights, expected):
+        assert torch.equal(w.detach(), e)
+    with pytest.raises(FixNormError, match="shape"):
+        attach(optimizer, [Project(weights, lambda w: w.flatten())], name="bad")

@@ -9,8 +9,9 @@ once for every method:
 - the state: each rule's per-parameter tensors (and the step count) ride in the optimizer's own
   ``state_dict()["state"]`` entries, which every checkpoint API carries, distributed ones included.
 
-LAWN (``methods/lawn.py``) is ``HoldNorms`` from the end of its warm-up; MimicNorm's centring
-(``methods/mimicnorm.py``) is ``CentreFilters``.
+FixNorm (``optim.py``) and LAWN (``methods/lawn.py``) are ``HoldNorms``, from the first step or from the end of a
+free phase / warm-up; MimicNorm's centring (``methods/mimicnorm.py``) is ``CentreFilters``; ``Mask`` and ``Project``
+are the rules pruning and ADMM-style methods build on.
 """
 from __future__ import annotations
 
@@ -345,6 +346,87 @@ def centre_filters_(params: Iterable[torch.Tensor]) -> None:
         means.append(mean)
     for tensors, means in groups.values():
         torch._foreach_sub_(tensors, means)
+
+
+class Mask(Rule):
+    """Hold pruned entries at zero: ``w <- w * mask`` at attach and after every step (pruning, lottery tickets).
+
+    Masks are boolean tensors shaped like their parameters (True keeps the entry); they are checkpointed with the
+    optimizer's state. Masking after the step equals masking in the forward pass for the kept weights (a pruned
+    weight is zero in every forward either way); a pruned weight's momentum may be non-zero but never reaches it.
+    """
+
+    state_fields = ("mask",)
+
+    def __init__(self, params: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], *,
+                 names: Sequence[str] | None = None) -> None:
+        self.params = list(params)
+        self.names = list(names) if names is not None else [f"param{i}" for i in range(len(self.params))]
+        if not self.params or len(masks) != len(self.params) or len(self.names) != len(self.params):
+            raise FixNormError("Mask needs one boolean mask (and one name) per parameter, at least one")
+        self.masks = [self._checked(m, p, n) for m, p, n in zip(masks, self.params, self.names)]
+
+    @staticmethod
+    def _checked(mask: Any, p: torch.Tensor, name: str) -> torch.Tensor:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != p.shape:
+            got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise FixNormError(f"the mask of {name!r} must be a bool tensor of shape {tuple(p.shape)}, got {got}")
+        return mask.to(p.device).clone()
+
+    @torch.no_grad()
+    def _apply(self) -> None:
+        for i, p in enumerate(self.params):
+            if self.masks[i].device != p.device:  # the model moved after attach
+                self.masks[i] = self.masks[i].to(p.device)
+            p.mul_(self.masks[i])
+
+    def on_attach(self, optimizer: torch.optim.Optimizer) -> None:
+        self._apply()
+
+    def apply_(self, step: int, flags: DeviceFlags) -> None:
+        self._apply()
+
+    def density(self) -> float:
+        """The fraction of entries kept (syncs)."""
+        kept = sum(int(m.sum()) for m in self.masks)
+        return kept / sum(m.numel() for m in self.masks)
+
+    def param_state(self) -> dict[int, dict[str, torch.Tensor]]:
+        return {i: {"mask": m.clone()} for i, m in enumerate(self.masks)}
+
+    def load_param_state(self, entries: dict[int, dict[str, torch.Tensor]], step: int) -> None:
+        if set(entries) != set(range(len(self.params))) or not all("mask" in e for e in entries.values()):
+            raise FixNormError("the saved masks do not match this rule's parameters")
+        self.masks = [self._checked(entries[i]["mask"], p, n) for i, (p, n) in enumerate(zip(self.params, self.names))]
+
+
+class Project(Rule):
+    """``w <- project(w)`` after every step: a projection onto a set (a box, a sparsity or block pattern, ADMM's
+    constraint set). ``project`` maps a tensor to a tensor of the same shape; its own settings are the caller's."""
+
+    def __init__(self, params: Sequence[torch.Tensor], project: Callable[[torch.Tensor], torch.Tensor], *,
+                 at_attach: bool = True) -> None:
+        self.params = list(params)
+        if not self.params or not callable(project):
+            raise FixNormError("Project needs parameters and a callable project(tensor) -> tensor")
+        self.project = project
+        self.at_attach = at_attach
+
+    @torch.no_grad()
+    def _apply(self) -> None:
+        for p in self.params:
+            value = self.project(p.detach())
+            if not isinstance(value, torch.Tensor) or value.shape != p.shape:
+                raise FixNormError(f"project returned {type(value).__name__} "
+                                   f"{tuple(getattr(value, 'shape', ()))} for a parameter of shape {tuple(p.shape)}")
+            p.copy_(value)
+
+    def on_attach(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.at_attach:
+            self._apply()
+
+    def apply_(self, step: int, flags: DeviceFlags) -> None:
+        self._apply()
 
 
 class Attachment:
