@@ -31,7 +31,8 @@ import torch  # noqa: E402
 
 from fixnorm.optim import from_weight_decay  # noqa: E402
 from fixnorm.train.config import load_recipe, make_config, parse_overrides  # noqa: E402
-from fixnorm.train.engine import Trainer  # noqa: E402
+from fixnorm.run_folder import RunFolder  # noqa: E402
+from fixnorm.train.engine import train_or_reuse  # noqa: E402
 
 # The arms: the baseline, FixNorm's variants (one hypothesis each) and the peers a user would pick instead.
 ARMS: dict[str, dict[str, Any]] = {
@@ -134,15 +135,14 @@ def run_all(args: argparse.Namespace, recipe: dict[str, Any], overrides: dict[st
         if index % shards != shard:
             continue
         run_dir = Path(args.out) / run_dir_name(arm, seed)
-        if (run_dir / "summary.json").exists():
+        if RunFolder(run_dir).finished:
             continue
         settings = arm_settings(arm, {})
         if settings.get("angular_update") == "from_wd":  # the recipe's SGD+WD equilibrium angle
             base = make_config(recipe, overrides, {k: v for k, v in settings.items() if k != "angular_update"})
             settings["angular_update"] = from_weight_decay(base.lr, base.weight_decay, base.momentum)["angular_update"]
         cfg = make_config(recipe, overrides, settings, {"seed": seed, "threads": args.threads})
-        resume = (run_dir / "last.pt").exists()
-        summary = Trainer(None if resume else cfg, run_dir, resume=resume).fit()
+        summary = train_or_reuse(cfg, run_dir)
         print(f"{arm} seed {seed}: final {100 * summary['final_test_acc']:.2f}", flush=True)
 
 

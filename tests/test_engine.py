@@ -348,3 +348,22 @@ def test_a_train_step_with_state_resumes_bit_for_bit(tmp_path):
     train(cfg, tmp_path / "plain")  # the penalty really acted
     plain, anchored = weights(tmp_path / "plain" / "last.pt"), weights(tmp_path / "straight" / "last.pt")
     assert any(not torch.equal(plain[k], anchored[k]) for k in plain)
+
+
+@needs_fmnist
+def test_train_or_reuse_trains_a_new_run_resumes_an_interrupted_one_and_reads_a_finished_one(tmp_path):
+    from fixnorm.run_folder import RunFolder
+    from fixnorm.train.engine import train_or_reuse
+
+    cfg = make_config(TINY, {"method": "fixnorm"})
+    straight = train_or_reuse(cfg, tmp_path / "straight")
+    assert RunFolder(tmp_path / "straight").finished
+    train_until(cfg, tmp_path / "killed", epoch=1)
+    folder = RunFolder(tmp_path / "killed")
+    assert folder.interrupted and not folder.finished
+    resumed = train_or_reuse(cfg, folder.path)
+    assert resumed["final_test_acc"] == straight["final_test_acc"]
+    stamp = folder.summary.stat().st_mtime_ns
+    again = train_or_reuse(make_config(TINY, {"method": "sgd"}), folder.path)  # finished: read, not retrained
+    assert again == folder.read_summary() and folder.summary.stat().st_mtime_ns == stamp
+    assert not RunFolder(tmp_path / "nothing").finished and not RunFolder(tmp_path / "nothing").interrupted

@@ -8,7 +8,6 @@ and logit scale) and ``boundary.png`` (flip rate, near-boundary fraction, margin
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import yaml
 
 from .errors import FixNormError
 from .io import write_text_atomic
+from .run_folder import RunFolder
 
 
 @dataclass
@@ -54,7 +54,8 @@ class RunRecords:
 def read_run(path: str | Path) -> RunRecords:
     """Read a run directory; a directory without metrics.csv is an error naming what is there."""
     path = Path(path)
-    metrics = path / "metrics.csv"
+    folder = RunFolder(path)
+    metrics = folder.metrics
     if not metrics.is_file():
         raise FixNormError(f"{path} is not a run directory with records: no metrics.csv "
                            f"(found: {', '.join(sorted(p.name for p in path.iterdir())) if path.is_dir() else 'nothing'})")
@@ -68,8 +69,8 @@ def read_run(path: str | Path) -> RunRecords:
                 except ValueError:
                     row[key] = math.nan
             rows.append(row)
-    config = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").is_file() else {}
-    summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").is_file() else {}
+    config = yaml.safe_load(folder.config.read_text()) if folder.config.is_file() else {}
+    summary = folder.read_summary() if folder.finished else {}
     method = (config or {}).get("method")
     label = path.name if method and method in path.name else f"{path.name} ({method or '?'})"
     return RunRecords(path=path, label=label, config=config or {}, summary=summary, rows=rows)

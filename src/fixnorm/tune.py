@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import FixNormError, NonFiniteError
+from .run_folder import RunFolder
 
 try:  # the sampler classes subclass Optuna's; without the tune extra they exist but refuse to start
     from optuna.samplers import BaseSampler as _BaseSampler
@@ -774,13 +775,12 @@ def training_objective(settings: Mapping[str, Any], runs_dir: str | Path,
     the epoch in progress. Evaluate on a holdout (``holdout=N``) to keep the test set out of tuning.
     """
     from .train.config import make_config
-    from .train.engine import Trainer
+    from .train.engine import train_or_reuse
 
     def objective(values: dict[str, float], trial: Any) -> float:
         run_dir = Path(runs_dir) / run_key(values)
-        summary_path = run_dir / "summary.json"
-        if summary_path.exists():
-            return float(json.loads(summary_path.read_text())["final_test_acc"])
+        if RunFolder(run_dir).finished:
+            return float(RunFolder(run_dir).read_summary()["final_test_acc"])
         cfg = make_config(settings, values)
         def epoch_done(record: dict[str, Any]) -> None:
             if on_epoch is not None:
@@ -794,8 +794,7 @@ def training_objective(settings: Mapping[str, Any], runs_dir: str | Path,
             if trial is not None:
                 trial.heartbeat()
 
-        trainer = Trainer(cfg, run_dir, resume=(run_dir / "last.pt").exists(), on_step=step_done, on_epoch=epoch_done)
-        summary = trainer.fit()
+        summary = train_or_reuse(cfg, run_dir, on_step=step_done, on_epoch=epoch_done)
         return float(summary["final_test_acc"])
 
     return objective

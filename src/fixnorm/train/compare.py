@@ -5,15 +5,15 @@ Each run lives in ``OUT/<method>-s<seed>``: a finished run (summary.json) is reu
 """
 from __future__ import annotations
 
-import json
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..io import write_json_atomic, write_text_atomic
+from ..run_folder import RunFolder
 from .config import make_config
-from .engine import Trainer
+from .engine import train_or_reuse
 
 
 def run_comparison(settings: Mapping[str, Any], methods: Sequence[str], seeds: Sequence[int], out_dir: str | Path,
@@ -23,14 +23,8 @@ def run_comparison(settings: Mapping[str, Any], methods: Sequence[str], seeds: S
     for method in methods:
         for seed in seeds:
             run_dir = out / f"{method}-s{seed}"
-            summary_path = run_dir / "summary.json"
-            if summary_path.exists():
-                summary = json.loads(summary_path.read_text())
-            else:
-                callbacks = make_callbacks(method, seed) if make_callbacks else {}
-                resume = (run_dir / "last.pt").exists()
-                cfg = make_config(settings, {"method": method, "seed": seed})
-                summary = Trainer(cfg, run_dir, resume=resume, **callbacks).fit()
+            callbacks = {} if RunFolder(run_dir).finished or not make_callbacks else make_callbacks(method, seed)
+            summary = train_or_reuse(make_config(settings, {"method": method, "seed": seed}), run_dir, **callbacks)
             runs.append({"method": method, "seed": seed, "run_dir": str(run_dir), **summary})
     rows = [_aggregate(method, [r for r in runs if r["method"] == method]) for method in methods]
     result = {"settings": dict(settings), "methods": list(methods), "seeds": list(seeds), "rows": rows, "runs": runs}

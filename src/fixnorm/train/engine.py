@@ -29,6 +29,7 @@ from ..errors import FixNormError
 from ..hooks import TrainStep
 from ..methods import get_method
 from ..models import create_model
+from ..run_folder import RunFolder
 from .checkpoint import (load_checkpoint, remove_stale_temp_files, save_checkpoint, write_json_atomic,
                          write_text_atomic)
 from .config import TrainConfig, make_config
@@ -68,13 +69,14 @@ class Trainer:
                  on_step: StepCallback | None = None, on_epoch: EpochCallback | None = None,
                  hooks: Sequence[Hook] = ()) -> None:
         self.run_dir = Path(run_dir)
+        self.folder = RunFolder(self.run_dir)
         checkpoint = None
         if resume:
-            checkpoint = load_checkpoint(self.run_dir / "last.pt")
+            checkpoint = load_checkpoint(self.folder.last)
             cfg = make_config(checkpoint["config"])
         elif cfg is None:
             raise FixNormError("Trainer needs a TrainConfig, or resume=True to take the one saved in the run")
-        elif (self.run_dir / "last.pt").exists():
+        elif self.folder.last.exists():
             raise FixNormError(f"{self.run_dir} already holds a run (last.pt); resume it with --resume "
                                "or choose another run directory")
         self.cfg, self.on_step, self.on_epoch = cfg, on_step, on_epoch
@@ -128,7 +130,7 @@ class Trainer:
                 remove_stale_temp_files(self.run_dir)  # a kill during an atomic write leaves its temp file
         elif self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(self.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            write_text_atomic(self.folder.config, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         self.tensorboard = self._tensorboard_writer()
 
     # -- data ----------------------------------------------------------------------------------
@@ -243,9 +245,9 @@ class Trainer:
             # checkpoints first: an epoch that metrics.csv shows is already in last.pt, whenever a kill lands
             last = epoch + 1 == self.cfg.epochs
             if (epoch + 1) % self.cfg.checkpoint_every == 0 or last:
-                save_checkpoint(self.run_dir / "last.pt", self._state(epoch + 1))
+                save_checkpoint(self.folder.last, self._state(epoch + 1))
             if improved:
-                save_checkpoint(self.run_dir / "best.pt", {"epoch": epoch + 1, "config": self.cfg.to_dict(),
+                save_checkpoint(self.folder.best, {"epoch": epoch + 1, "config": self.cfg.to_dict(),
                                                            "model": self.model.state_dict(),
                                                            "test_acc": record["test_acc"]})
             self._write_metrics()
@@ -285,7 +287,7 @@ class Trainer:
         writer = csv.DictWriter(buffer, fieldnames=columns)
         writer.writeheader()
         writer.writerows(self.history)
-        write_text_atomic(self.run_dir / "metrics.csv", buffer.getvalue())
+        write_text_atomic(self.folder.metrics, buffer.getvalue())
 
     def _tensorboard_writer(self) -> Any:
         if not self.dist.is_main:
@@ -294,7 +296,7 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             return None
-        return SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=self.start_epoch + 1)
+        return SummaryWriter(log_dir=str(self.folder.tensorboard), purge_step=self.start_epoch + 1)
 
     def _summary(self, seconds: float) -> dict[str, Any]:
         final = self.history[-1] if self.history else {}
@@ -315,10 +317,21 @@ class Trainer:
                             "host": socket.gethostname(), "pid": os.getpid()},
         }
         if self.dist.is_main:
-            write_json_atomic(self.run_dir / "summary.json", summary)
+            write_json_atomic(self.folder.summary, summary)
         return summary
 
 
 def train(cfg: TrainConfig, run_dir: str | Path, **kwargs: Any) -> dict[str, Any]:
     """Train one run and return its summary (see Trainer)."""
     return Trainer(cfg, run_dir, **kwargs).fit()
+
+
+def train_or_reuse(cfg: TrainConfig, run_dir: str | Path, **trainer_kwargs: Any) -> dict[str, Any]:
+    """The summary of the run in ``run_dir``: read if it finished, resumed if it was interrupted, trained if new.
+
+    How ``compare``, the tuner and the benchmarks survive being killed: start them again with the same folders.
+    """
+    folder = RunFolder(run_dir)
+    if folder.finished:
+        return folder.read_summary()
+    return Trainer(cfg, run_dir, resume=folder.interrupted, **trainer_kwargs).fit()
