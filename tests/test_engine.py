@@ -367,3 +367,23 @@ def test_train_or_reuse_trains_a_new_run_resumes_an_interrupted_one_and_reads_a_
     again = train_or_reuse(make_config(TINY, {"method": "sgd"}), folder.path)  # finished: read, not retrained
     assert again == folder.read_summary() and folder.summary.stat().st_mtime_ns == stamp
     assert not RunFolder(tmp_path / "nothing").finished and not RunFolder(tmp_path / "nothing").interrupted
+
+
+@needs_fmnist
+def test_init_from_starts_a_run_from_another_runs_final_weights(tmp_path):
+    dense = make_config(TINY, {"method": "sgd", "epochs": 1})
+    Trainer(dense, tmp_path / "dense").fit()
+    final = load_checkpoint(tmp_path / "dense" / "last.pt")["model"]
+    tuned = Trainer(make_config(TINY, {"method": "fixnorm", "free_steps": 0, "init_from": str(tmp_path / "dense")}),
+                    tmp_path / "finetune")
+    for key, value in tuned.model.state_dict().items():
+        assert torch.equal(value, final[key]), key
+    # FixNorm analysed and took its norms from the loaded weights, not from a fresh initialisation
+    for name, target in tuned.optimizer.norm_targets().items():
+        assert float(target) == pytest.approx(float(final[name].float().norm()), rel=1e-6), name
+    assert tuned.optimizer.steps_done == 0 and tuned.start_epoch == 0  # a new run: fresh optimizer and schedule
+    with pytest.raises(FixNormError, match="another model"):
+        Trainer(make_config(TINY, {"method": "sgd", "model_kwargs": {"width": 4}, "init_from": str(tmp_path / "dense")}),
+                tmp_path / "other")
+    with pytest.raises(FixNormError, match="no checkpoint"):
+        Trainer(make_config(TINY, {"method": "sgd", "init_from": str(tmp_path / "missing")}), tmp_path / "none")

@@ -78,6 +78,9 @@ class TrainConfig:
     threads: int | None = None
     seed: int = 0
     checkpoint_every: int = 1        # epochs
+    # start from another run's weights: a run folder (its last.pt) or a checkpoint file; model state only (the
+    # optimizer, schedule and step count start fresh). Phases of multi-phase studies (fine-tuning) are such runs.
+    init_from: str | None = None
 
     def validate(self) -> TrainConfig:
         choices = {"schedule": ("cosine", "step", "exponential", "constant"), "augment": ("none", "crop", "crop_flip"),

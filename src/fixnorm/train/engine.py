@@ -101,6 +101,8 @@ class Trainer:
         model = self.method.prepare_model(model, cfg).to(self.device)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        if cfg.init_from and checkpoint is None:  # before the method analyses the model and takes its norms
+            load_model_state(model, cfg.init_from)
         self.model = model
         example = self.prepare_batch(self.data.example())
         self.optimizer, method_hooks = self.method.build(model, cfg, example)
@@ -324,6 +326,23 @@ class Trainer:
 def train(cfg: TrainConfig, run_dir: str | Path, **kwargs: Any) -> dict[str, Any]:
     """Train one run and return its summary (see Trainer)."""
     return Trainer(cfg, run_dir, **kwargs).fit()
+
+
+def load_model_state(model: nn.Module, source: str | Path) -> None:
+    """Load the model state of another run (its folder's last.pt, or a checkpoint file) into ``model``, strictly."""
+    path = Path(source)
+    if path.is_dir():
+        path = RunFolder(path).last
+    state = load_checkpoint(path)
+    if not isinstance(state.get("model"), dict):
+        raise FixNormError(f"init_from={source}: the checkpoint holds no model state")
+    mine, theirs = model.state_dict(), state["model"]
+    missing, extra = sorted(set(mine) - set(theirs)), sorted(set(theirs) - set(mine))
+    wrong = sorted(k for k in set(mine) & set(theirs) if tuple(mine[k].shape) != tuple(theirs[k].shape))
+    if missing or extra or wrong:
+        raise FixNormError(f"init_from={source} holds another model: missing {missing[:4]}, unexpected {extra[:4]}, "
+                           f"other shapes {wrong[:4]}; the run must build the same model (model, model_kwargs, method)")
+    model.load_state_dict(theirs)
 
 
 def train_or_reuse(cfg: TrainConfig, run_dir: str | Path, **trainer_kwargs: Any) -> dict[str, Any]:
