@@ -31,10 +31,15 @@ def base_optimizer(cfg: TrainConfig) -> tuple[type[torch.optim.Optimizer], dict[
     return torch.optim.RMSprop, {"lr": cfg.lr, "alpha": cfg.alpha, "eps": cfg.eps, "momentum": cfg.momentum}
 
 
+def decayed_optimizer(model: nn.Module, cfg: TrainConfig, base: str | None = None) -> torch.optim.Optimizer:
+    """``cfg.base`` (or ``base``) over ``model`` with ``cfg.weight_decay`` on its weights: every method's starting point."""
+    cls, kwargs = base_optimizer(cfg if base is None else replace(cfg, base=base))
+    return cls(decay_groups(model, cfg.weight_decay), **kwargs)
+
+
 def _with_decay(base: str):
     def build(model: nn.Module, cfg: TrainConfig, example: torch.Tensor) -> torch.optim.Optimizer:
-        cls, kwargs = base_optimizer(replace(cfg, base=base))
-        return cls(decay_groups(model, cfg.weight_decay), **kwargs)
+        return decayed_optimizer(model, cfg, base)
 
     return build
 

@@ -25,7 +25,7 @@ from ..roles import Roles, analyze
 from ..rules import HoldNorms, attach
 from ..hooks import Hook, RunState
 from . import Method, method_settings, register_method
-from .baselines import base_optimizer, decay_groups
+from .baselines import decayed_optimizer
 
 if TYPE_CHECKING:
     from ..train.config import TrainConfig
@@ -249,8 +249,7 @@ def setup_lawn(model: nn.Module, cfg: TrainConfig,
                example: torch.Tensor) -> tuple[torch.optim.Optimizer, list[Hook]]:
     """The base optimizer (``cfg.base``, ``cfg.weight_decay`` on weights) with LAWN attached, and LAWN's hook."""
     settings = lawn_settings(cfg)
-    cls, kwargs = base_optimizer(cfg)
-    optimizer = cls(decay_groups(model, cfg.weight_decay), **kwargs)
+    optimizer = decayed_optimizer(model, cfg)
     layers = settings["layers"]
     params = FINAL_HOMOGENEOUS if layers == FINAL_HOMOGENEOUS else glob_names(model, layers)
     lawn = LAWN(model, optimizer, example, warmup_steps=None, params=params)

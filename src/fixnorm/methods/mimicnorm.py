@@ -37,7 +37,7 @@ from ..models.preact_resnet import PreActBlock
 from ..models.resnet import Bottleneck
 from ..rules import Attachment, CentreFilters, attach, centre_filters_
 from . import Method, method_settings, register_method
-from .baselines import base_optimizer, decay_groups
+from .baselines import decayed_optimizer
 
 if TYPE_CHECKING:
     from ..train.config import TrainConfig
@@ -247,8 +247,7 @@ def build_mimicnorm(model: nn.Module, cfg: TrainConfig, example: torch.Tensor) -
     for key in ("center_grouped", "center_linear"):
         if not isinstance(s[key], bool):
             raise FixNormError(f"method_kwargs.mimicnorm.{key} must be true or false, got {s[key]!r}")
-    cls, kwargs = base_optimizer(cfg)
-    optimizer = cls(decay_groups(model, cfg.weight_decay), **kwargs)
+    optimizer = decayed_optimizer(model, cfg)
     attach_weight_centering(optimizer, centered_weights(model, s["min_fan_in"], include_grouped=s["center_grouped"],
                                                         include_linear=s["center_linear"]))
     return optimizer

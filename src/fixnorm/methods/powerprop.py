@@ -23,7 +23,7 @@ from torch.nn.utils import parametrize
 
 from ..errors import FixNormError
 from . import Method, method_settings, register_method
-from .baselines import base_optimizer, decay_groups
+from .baselines import decayed_optimizer
 
 if TYPE_CHECKING:
     from ..train.config import TrainConfig
@@ -254,8 +254,7 @@ def build_powerprop_optimizer(model: nn.Module, cfg: TrainConfig, example: torch
     further toward zero. Set ``weight_decay=0`` for plain, unregularised training.
     """
     _settings(cfg)  # unknown keys fail here too, also when prepare_model was bypassed
-    cls, kwargs = base_optimizer(cfg)
-    return cls(decay_groups(model, cfg.weight_decay), **kwargs)
+    return decayed_optimizer(model, cfg)
 
 
 register_method(Method("powerprop", "Powerpropagation: conv/linear weights trained as w = v|v|^(alpha-1) "
