@@ -186,8 +186,10 @@ def decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 def make_optimizer(kind: str, model: nn.Module, roles: fixnorm.Roles) -> torch.optim.Optimizer:
     if kind == "fixnorm":
+        # free_steps=0: every step projects, the steady state after the free phase (what a run pays for nearly all
+        # its steps); with the default the first 100 timed steps would skip the projection
         return fixnorm.FixNorm(model, None, base=torch.optim.SGD, roles=roles, lr=LR, momentum=MOMENTUM,
-                               nesterov=False, foreach=True)
+                               nesterov=False, foreach=True, free_steps=0)
     if kind == "sgd_wd":
         return torch.optim.SGD(decay_groups(model, WEIGHT_DECAY), lr=LR, momentum=MOMENTUM, nesterov=False,
                                foreach=True)

@@ -387,3 +387,20 @@ def test_init_from_starts_a_run_from_another_runs_final_weights(tmp_path):
                 tmp_path / "other")
     with pytest.raises(FixNormError, match="no checkpoint"):
         Trainer(make_config(TINY, {"method": "sgd", "init_from": str(tmp_path / "missing")}), tmp_path / "none")
+
+
+@needs_fmnist
+def test_a_run_saved_before_a_setting_existed_resumes_with_the_value_it_trained_with(tmp_path):
+    """Runs from before the free phase and the schedule law resume with free_steps=0 and lr_power=1."""
+    from fixnorm.train.checkpoint import save_checkpoint
+    from fixnorm.train.config import SETTINGS_BEFORE_THEY_EXISTED
+
+    cfg = make_config(TINY, {"method": "fixnorm", "free_steps": 0, "lr_power": 1.0})
+    train_until(cfg, tmp_path / "old", epoch=1)
+    state = load_checkpoint(tmp_path / "old" / "last.pt")
+    for key in SETTINGS_BEFORE_THEY_EXISTED:  # as an older fixnorm wrote it
+        del state["config"][key]
+    save_checkpoint(tmp_path / "old" / "last.pt", {k: v for k, v in state.items() if k not in ("format", "version")})
+    resumed = Trainer(None, tmp_path / "old", resume=True)
+    assert resumed.cfg.free_steps == 0 and resumed.cfg.lr_power == 1.0
+    assert resumed.fit()["final_test_acc"] == train(cfg, tmp_path / "straight")["final_test_acc"]

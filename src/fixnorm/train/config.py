@@ -216,6 +216,19 @@ def _deep_merge(base: Any, update: Any) -> Any:
     return update
 
 
+# Settings added after runs already existed, with the value that reproduces how those runs trained: a config saved
+# without the key is read with this value, not with today's default (resuming an old run must not change it).
+SETTINGS_BEFORE_THEY_EXISTED: dict[str, Any] = {
+    "free_steps": 0,     # before the free phase, norms were held from construction
+    "lr_power": 1.0,     # before the square-root schedule law, the schedule was the scale-invariant weights' own
+}
+
+
+def saved_config(saved: Mapping[str, Any]) -> TrainConfig:
+    """The TrainConfig of a saved run (its checkpoint or config.yaml), keys it predates filled as it trained."""
+    return make_config({k: v for k, v in SETTINGS_BEFORE_THEY_EXISTED.items() if k not in saved}, saved)
+
+
 def make_config(*layers: Mapping[str, Any]) -> TrainConfig:
     """Merge settings (later layers win) into a validated TrainConfig; unknown keys are errors."""
     merged: dict[str, Any] = {}

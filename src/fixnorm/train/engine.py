@@ -32,7 +32,7 @@ from ..models import create_model
 from ..run_folder import RunFolder
 from .checkpoint import (load_checkpoint, remove_stale_temp_files, save_checkpoint, write_json_atomic,
                          write_text_atomic)
-from .config import TrainConfig, make_config
+from .config import TrainConfig, saved_config
 from .data_source import make_data
 from .distributed import DistInfo, all_reduce_sum, broadcast_buffers, init_distributed, shutdown
 from .hooks import EmaHook, Hook
@@ -73,7 +73,7 @@ class Trainer:
         checkpoint = None
         if resume:
             checkpoint = load_checkpoint(self.folder.last)
-            cfg = make_config(checkpoint["config"])
+            cfg = saved_config(checkpoint["config"])
         elif cfg is None:
             raise FixNormError("Trainer needs a TrainConfig, or resume=True to take the one saved in the run")
         elif self.folder.last.exists():
