@@ -14,8 +14,7 @@ Writes ``benchmarks/results/<name>.{md,json,png}`` (the png: test accuracy again
 from __future__ import annotations
 
 import argparse
-import csv
-import json
+import math
 import os
 import statistics
 import sys
@@ -30,6 +29,7 @@ from fixnorm_vs_wd import arm_settings, parse_seeds, run_dir_name  # noqa: E402
 import torch  # noqa: E402
 
 from fixnorm.hooks import Hook, RunState  # noqa: E402
+from fixnorm.report import read_run  # noqa: E402
 from fixnorm.train.config import load_recipe, make_config, parse_overrides  # noqa: E402
 from fixnorm.train.engine import Trainer  # noqa: E402
 
@@ -45,17 +45,16 @@ class WallClock(Hook):
 
 
 def curve(run_dir: Path) -> list[tuple[float, float]]:
-    """(wall seconds, test accuracy %) per epoch, from the run's metrics.csv."""
-    with open(run_dir / "metrics.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or not rows[0].get("wall_seconds"):
+    """(wall seconds, test accuracy %) per epoch, from the run's records."""
+    rows = read_run(run_dir).rows
+    if not rows or math.isnan(rows[0].get("wall_seconds", math.nan)):
         raise SystemExit(f"{run_dir} has no wall_seconds column: it was not made by this script")
     points = []
     for row in rows:
-        acc = float(row["test_acc"])
-        if row.get("ema_test_acc"):
-            acc = max(acc, float(row["ema_test_acc"]))
-        points.append((float(row["wall_seconds"]), 100 * acc))
+        acc = row["test_acc"]
+        if not math.isnan(row.get("ema_test_acc", math.nan)):
+            acc = max(acc, row["ema_test_acc"])
+        points.append((row["wall_seconds"], 100 * acc))
     return points
 
 

@@ -191,9 +191,7 @@ def centered_weights(model: nn.Module, min_fan_in: int = REFERENCE_MIN_FAN_IN, *
     return chosen
 
 
-def center_filters_(params: Iterable[torch.Tensor]) -> None:
-    """Subtract from each filter (slice along dim 0) its mean over dims 1.., in place (fp32 means, no sync)."""
-    centre_filters_(params)
+center_filters_ = centre_filters_  # the name this module's users know: fixnorm.rules.centre_filters_
 
 
 def attach_weight_centering(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor]) -> Attachment:

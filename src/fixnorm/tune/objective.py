@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FixNormError
-from ..run_folder import RunFolder
 
 from .lattice import SECOND_AXIS, Axis, SearchSpace, _optuna
 from .worker import Objective
@@ -30,8 +29,6 @@ def training_objective(settings: Mapping[str, Any], runs_dir: str | Path,
 
     def objective(values: dict[str, float], trial: Any) -> float:
         run_dir = Path(runs_dir) / run_key(values)
-        if RunFolder(run_dir).finished:
-            return float(RunFolder(run_dir).read_summary()["final_test_acc"])
         cfg = make_config(settings, values)
         def epoch_done(record: dict[str, Any]) -> None:
             if on_epoch is not None:
