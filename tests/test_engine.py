@@ -43,7 +43,29 @@ def assert_same_weights(a, b):
 def test_overrides_are_typed_and_unknown_keys_are_errors():
     values = parse_overrides(["lr=0.05", "milestones=[60, 120]", "fc_norm=null", "nesterov=false", "method=sgd"])
     cfg = make_config(RECIPES["fmnist-resnet20"], values)
-    assert cfg.lr == 0.05 and cfg.milestones == [60.0, 120.0] and cfg.fc_norm is None and cfg.nesterov is False
+    assert cfg.lr == 0.05 and cfg.milestones == [60.0, 120.0] and cfg.nesterov is False
+    # FixNorm's settings live in method_kwargs.fixnorm; the top-level keys are shortcuts, and the later layer wins
+    assert cfg.method_kwargs == {"fixnorm": {"fc_norm": None}}
+    cfg = make_config({"method_kwargs": {"fixnorm": {"free_steps": 5, "lr_power": 1}}}, {"free_steps": 7})
+    assert cfg.method_kwargs == {"fixnorm": {"free_steps": 7, "lr_power": 1}}
+    assert make_config({"free_steps": 7}) == make_config(parse_overrides(["method_kwargs.fixnorm.free_steps=7"]))
+    with pytest.raises(FixNormError, match="method_kwargs.fixnorm.free_steps must be an integer"):
+        make_config({"free_steps": 2.5})
+    with pytest.raises(FixNormError, match=r"unknown setting\(s\) \['fc_nrom'\] for method_kwargs.fixnorm"):
+        make_config({"method_kwargs": {"fixnorm": {"fc_nrom": 3}}})
+    # unions are read member by member, a string last: "reference" or a number; a list of strings or a string
+    from fixnorm.methods import method_settings
+    from fixnorm.methods.lawn import LAWNSettings
+    from fixnorm.methods.mimicnorm import MimicNormSettings
+    for given, read in (("reference", "reference"), (1.5, 1.5), ("2e-1", 0.2)):
+        cfg = make_config({"method": "mimicnorm", "method_kwargs": {"mimicnorm": {"branch_gain_init": given}}})
+        assert method_settings(cfg, "mimicnorm", MimicNormSettings).branch_gain_init == read
+    with pytest.raises(FixNormError, match="branch_gain_init must be 'reference' or a number"):
+        make_config({"method_kwargs": {"mimicnorm": {"branch_gain_init": "refrence"}}})
+    cfg = make_config({"method_kwargs": {"lawn": {"layers": ["classifier.*"]}}})
+    assert method_settings(cfg, "lawn", LAWNSettings).layers == ["classifier.*"]
+    with pytest.raises(FixNormError, match=r"method_kwargs.lawn.layers\[1\] must be a string"):
+        make_config({"method_kwargs": {"lawn": {"layers": ["classifier.*", 3]}}})
     with pytest.raises(FixNormError, match="unknown setting 'lr_rate'"):
         make_config({"lr_rate": 0.1})
     with pytest.raises(FixNormError, match="epochs must be an integer"):
@@ -52,7 +74,7 @@ def test_overrides_are_typed_and_unknown_keys_are_errors():
         make_config({"schedule": "linear"})
     with pytest.raises(FixNormError, match="milestones"):
         make_config({"schedule": "step"})
-    with pytest.raises(FixNormError, match="target_norm must be a number"):
+    with pytest.raises(FixNormError, match="method_kwargs.fixnorm.target_norm must be a number"):
         make_config({"target_norm": "big"})
     for variant in ({"granularity": "filter"}, {"target_norm": 1.0}, {"fc_norm": 8.0, "fc_granularity": "class"}):
         make_config(variant)  # every variant benchmarks/defaults_ablation.py trains is a valid setting
@@ -390,17 +412,46 @@ def test_init_from_starts_a_run_from_another_runs_final_weights(tmp_path):
 
 
 @needs_fmnist
+def test_states_saved_at_chosen_steps_are_the_run_at_those_steps_and_change_nothing(tmp_path):
+    """save_at_steps writes step-<k>.pt: the initialisation at 0, the epoch-end weights at a boundary; a rewinding point
+    that init_from takes, and the run itself trains exactly as without it."""
+    cfg = make_config(TINY, {"method": "sgd", "epochs": 2})
+    plain = train(cfg, tmp_path / "plain")
+    steps = Trainer(cfg, tmp_path / "probe").steps_per_epoch
+    initial = Trainer(cfg, tmp_path / "fresh").model.state_dict()
+    saving = make_config(cfg.to_dict(), {"save_at_steps": [0, 3, steps]})
+    train_until(saving, tmp_path / "saving", epoch=1)
+    at_epoch = load_checkpoint(tmp_path / "saving" / "last.pt")["model"]
+    for step, expected in ((0, initial), (steps, at_epoch)):
+        state = load_checkpoint(tmp_path / "saving" / f"step-{step}.pt")
+        assert state["global_step"] == step
+        assert all(torch.equal(state["model"][k], expected[k]) for k in expected), step
+    assert (tmp_path / "saving" / "step-3.pt").is_file()
+    assert Trainer(saving, tmp_path / "saving", resume=True).fit()["final_test_acc"] == plain["final_test_acc"]
+    rewound = Trainer(make_config(cfg.to_dict(), {"init_from": str(tmp_path / "saving" / "step-3.pt")}), tmp_path / "rewound")
+    mid = load_checkpoint(tmp_path / "saving" / "step-3.pt")["model"]
+    assert all(torch.equal(v, mid[k]) for k, v in rewound.model.state_dict().items())
+    with pytest.raises(FixNormError, match="save_at_steps"):
+        make_config(cfg.to_dict(), {"save_at_steps": [-1]})
+
+
+@needs_fmnist
 def test_a_run_saved_before_a_setting_existed_resumes_with_the_value_it_trained_with(tmp_path):
     """Runs from before the free phase and the schedule law resume with free_steps=0 and lr_power=1."""
     from fixnorm.train.checkpoint import save_checkpoint
+    from fixnorm.methods.fixnorm_method import fixnorm_settings
     from fixnorm.train.config import SETTINGS_BEFORE_THEY_EXISTED
 
     cfg = make_config(TINY, {"method": "fixnorm", "free_steps": 0, "lr_power": 1.0})
     train_until(cfg, tmp_path / "old", epoch=1)
     state = load_checkpoint(tmp_path / "old" / "last.pt")
-    for key in SETTINGS_BEFORE_THEY_EXISTED:  # as an older fixnorm wrote it
-        del state["config"][key]
+    saved = state["config"]  # as an older fixnorm wrote it: its settings at the top level, without the new ones
+    for key, value in saved["method_kwargs"].pop("fixnorm").items():
+        if key not in SETTINGS_BEFORE_THEY_EXISTED["fixnorm"]:
+            saved[key] = value
     save_checkpoint(tmp_path / "old" / "last.pt", {k: v for k, v in state.items() if k not in ("format", "version")})
     resumed = Trainer(None, tmp_path / "old", resume=True)
-    assert resumed.cfg.free_steps == 0 and resumed.cfg.lr_power == 1.0
+    settings = fixnorm_settings(resumed.cfg)
+    assert settings.free_steps == 0 and settings.lr_power == 1.0
+    assert resumed.cfg.method_kwargs["fixnorm"]["free_steps"] == 0  # written out in full from now on
     assert resumed.fit()["final_test_acc"] == train(cfg, tmp_path / "straight")["final_test_acc"]

@@ -16,7 +16,7 @@ from .errors import FixNormError
 @dataclass(frozen=True)
 class RunFolder:
     """The files of one run: ``config.yaml``, ``metrics.csv``, ``summary.json``, ``last.pt``, ``best.pt``,
-    ``tensorboard/``. A run is *finished* once its summary is written, *interrupted* when it has a checkpoint but no
+    ``step-<k>.pt`` (the states asked for with ``save_at_steps``), ``tensorboard/``. A run is *finished* once its summary is written, *interrupted* when it has a checkpoint but no
     summary, *new* otherwise."""
 
     path: Path
@@ -30,6 +30,10 @@ class RunFolder:
     last = property(lambda self: self.path / "last.pt")
     best = property(lambda self: self.path / "best.pt")
     tensorboard = property(lambda self: self.path / "tensorboard")
+
+    def at_step(self, step: int) -> Path:
+        """The checkpoint saved after optimizer step ``step`` (``save_at_steps``): a rewinding point."""
+        return self.path / f"step-{step}.pt"
 
     @property
     def finished(self) -> bool:

@@ -1,17 +1,20 @@
 """Training methods by name. A method builds the optimizer, may transform the model, and may add engine hooks.
 
-Adding a method is one file here plus ``register_method``; the engine never branches on a method's name.
+Adding a method is one file here plus ``register_method``; the engine never branches on a method's name. A
+method's settings are a dataclass beside its code (defaults there), read from ``method_kwargs.<name>``.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
+import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
 
 from ..errors import FixNormError
+from ..settings import read_settings
 
 if TYPE_CHECKING:
     from ..train.config import TrainConfig
@@ -36,6 +39,8 @@ class Method:
     ``setup(model, cfg, example) -> (optimizer, hooks)`` is the one call that builds a run's optimizer and
     the hooks that go with it (so objects they share need no side channel). Methods without hooks may give
     ``build_optimizer`` instead (and an optional ``hooks``). ``prepare_model`` transforms the model first.
+    ``settings`` is the method's settings dataclass: read with ``method_settings``, and written out in full
+    (defaults included) into every run's saved config, so a resumed run never trains with newer defaults.
     """
 
     name: str
@@ -44,6 +49,7 @@ class Method:
     prepare_model: Callable[[nn.Module, "TrainConfig"], nn.Module] = field(default=_same_model)
     hooks: Callable[[nn.Module, torch.optim.Optimizer, "TrainConfig"], list[Any]] = field(default=_no_hooks)
     setup: Setup | None = None
+    settings: type | None = None
 
     def __post_init__(self) -> None:
         if (self.setup is None) == (self.build_optimizer is None):
@@ -80,18 +86,25 @@ def list_methods() -> list[str]:
     return sorted(_METHODS)
 
 
-def method_settings(cfg: TrainConfig, name: str, defaults: dict[str, Any]) -> dict[str, Any]:
-    """The settings of method ``name``: ``cfg.method_kwargs[name]`` over ``defaults``; unknown keys are errors.
+S = TypeVar("S")
+
+
+def method_settings(cfg: TrainConfig, name: str, settings: type[S]) -> S:
+    """The settings of method ``name``: the dataclass ``settings`` from ``cfg.method_kwargs[name]`` over its
+    defaults; unknown keys and wrong types are errors.
 
     Keyed by method so that one config can carry the settings of several methods (``fixnorm compare``).
     """
-    given = cfg.method_kwargs.get(name) or {}
-    if not isinstance(given, dict):
-        raise FixNormError(f"method_kwargs.{name} must be a mapping of settings, got {given!r}")
-    unknown = sorted(set(given) - set(defaults))
-    if unknown:
-        raise FixNormError(f"unknown setting(s) {unknown} for method {name!r}; known: {sorted(defaults)}")
-    return {**defaults, **given}
+    return read_settings(settings, cfg.method_kwargs.get(name), f"method_kwargs.{name}")
+
+
+def with_method_settings(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with its method's settings written out in full (defaults included), checked: what a run saves."""
+    method = get_method(cfg.method)
+    if method.settings is None:
+        return cfg
+    resolved = dataclasses.asdict(method_settings(cfg, method.name, method.settings))
+    return dataclasses.replace(cfg, method_kwargs={**cfg.method_kwargs, method.name: resolved})
 
 
 from . import baselines, fixnorm_method  # noqa: E402,F401  (registers the built-in methods)

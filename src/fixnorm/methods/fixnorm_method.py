@@ -1,28 +1,53 @@
 """FixNorm as a training method: no weight decay, fixed norms, the classifier norm a setting of its own."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from ..optim import FixNorm
-from . import Method, register_method
+from ..optim import DEFAULT_FREE_STEPS, DEFAULT_LR_POWER, FixNorm
+from . import Method, method_settings, register_method
 from .baselines import base_optimizer
 
 if TYPE_CHECKING:
     from ..train.config import TrainConfig
 
 
+@dataclass(frozen=True)
+class FixNormSettings:
+    """``method_kwargs.fixnorm``; each key is also accepted at the top level of a config (``--set free_steps=0``,
+    ``--fc-norm 5``). The meaning of each is in :class:`fixnorm.FixNorm`'s docstring; docs/fixnorm.md says
+    which defaults were measured and how."""
+
+    fc_norm: float | None = None          # the classifier's norm, held from step 0; None: the one training chose
+    fc_scale: float = 1.0                 # with fc_norm unset: the classifier at fc_scale x the norm training chose
+    granularity: str = "tensor"           # "tensor" or "filter": what one held norm covers
+    target_norm: float | None = None      # scale-invariant weights' norm; None: the norm training chose
+    fc_granularity: str = "tensor"        # "tensor" or "class" (one norm per row)
+    others: str = "free"                  # the remaining parameters: "free", "fixed" or "decay"
+    others_weight_decay: float = 0.0      # with others="decay"
+    free_steps: int = DEFAULT_FREE_STEPS  # steps of free training before the chosen norms are taken
+    angular_update: float | None = None   # rotational mode: radians per step for scale-invariant weights
+    lr_power: float = DEFAULT_LR_POWER    # scale-invariant weights step with lr0 * (lr / lr0) ** lr_power
+    angle_power: float = 1.0              # rotational mode: the angle follows (lr / lr0) ** angle_power
+
+
+def fixnorm_settings(cfg: TrainConfig) -> FixNormSettings:
+    return method_settings(cfg, "fixnorm", FixNormSettings)
+
+
 def build_fixnorm(model: nn.Module, cfg: TrainConfig, example: torch.Tensor) -> torch.optim.Optimizer:
+    s = fixnorm_settings(cfg)
     cls, kwargs = base_optimizer(cfg)
-    target = "initial" if cfg.target_norm is None else cfg.target_norm
-    return FixNorm(model, example, base=cls, fc_norm=cfg.fc_norm, granularity=cfg.granularity, target=target,
-                   fc_granularity=cfg.fc_granularity, others=cfg.others, others_weight_decay=cfg.others_weight_decay,
-                   free_steps=cfg.free_steps, fc_scale=cfg.fc_scale, lr_power=cfg.lr_power,
-                   angular_update=cfg.angular_update,
-                   angle_power=cfg.angle_power, **kwargs)
+    target = "initial" if s.target_norm is None else s.target_norm
+    return FixNorm(model, example, base=cls, fc_norm=s.fc_norm, granularity=s.granularity, target=target,
+                   fc_granularity=s.fc_granularity, others=s.others, others_weight_decay=s.others_weight_decay,
+                   free_steps=s.free_steps, fc_scale=s.fc_scale, lr_power=s.lr_power,
+                   angular_update=s.angular_update, angle_power=s.angle_power, **kwargs)
 
 
 register_method(Method("fixnorm", "FixNorm: scale-invariant weights and the classifier held at fixed norms "
-                       "(base optimizer from `base`; `weight_decay` is not used)", build_fixnorm))
+                       "(base optimizer from `base`; `weight_decay` is not used)", build_fixnorm,
+                       settings=FixNormSettings))

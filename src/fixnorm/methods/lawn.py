@@ -15,6 +15,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -225,24 +226,30 @@ def glob_names(model: nn.Module, patterns: Sequence[str]) -> list[str]:
 
 
 # -- the engine method -------------------------------------------------------------------------
-DEFAULTS: dict[str, Any] = {"warmup_epochs": None, "layers": FINAL_HOMOGENEOUS}
 DEFAULT_WARMUP_FRACTION = 0.2  # of cfg.epochs, when warmup_epochs is not given (our choice, see docs/lawn.md)
 
 
-def lawn_settings(cfg: TrainConfig) -> dict[str, Any]:
-    """The ``lawn`` method's settings, validated, with ``warmup_epochs`` resolved to a number."""
-    settings = method_settings(cfg, "lawn", DEFAULTS)
-    warmup = settings["warmup_epochs"]
-    if warmup is None:
-        warmup = DEFAULT_WARMUP_FRACTION * cfg.epochs
-    if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or not math.isfinite(warmup) or warmup < 0:
-        raise FixNormError(f"method_kwargs.lawn.warmup_epochs must be a number >= 0, got {warmup!r}")
-    layers = settings["layers"]
-    if layers != FINAL_HOMOGENEOUS and not (isinstance(layers, (list, tuple)) and layers
-                                            and all(isinstance(x, str) for x in layers)):
-        raise FixNormError(f"method_kwargs.lawn.layers must be {FINAL_HOMOGENEOUS!r} or a list of parameter-name "
-                           f"globs, got {layers!r}")
-    return {"warmup_epochs": float(warmup), "layers": layers}
+@dataclass(frozen=True)
+class LAWNSettings:
+    """``method_kwargs.lawn``."""
+
+    warmup_epochs: float | None = None    # free epochs before the norms are held; None: DEFAULT_WARMUP_FRACTION
+    layers: str | list[str] = FINAL_HOMOGENEOUS  # which weights: the final homogeneous layers, or name globs
+
+    def __post_init__(self) -> None:
+        if self.warmup_epochs is not None and self.warmup_epochs < 0:
+            raise FixNormError(f"method_kwargs.lawn.warmup_epochs must be a number >= 0, got {self.warmup_epochs!r}")
+        if self.layers != FINAL_HOMOGENEOUS and not (isinstance(self.layers, list) and self.layers):
+            raise FixNormError(f"method_kwargs.lawn.layers must be {FINAL_HOMOGENEOUS!r} or a list of "
+                               f"parameter-name globs, got {self.layers!r}")
+
+
+def lawn_settings(cfg: TrainConfig) -> LAWNSettings:
+    """The ``lawn`` method's settings, checked, with ``warmup_epochs`` resolved to a number."""
+    settings = method_settings(cfg, "lawn", LAWNSettings)
+    if settings.warmup_epochs is None:
+        settings = replace(settings, warmup_epochs=DEFAULT_WARMUP_FRACTION * cfg.epochs)
+    return settings
 
 
 def setup_lawn(model: nn.Module, cfg: TrainConfig,
@@ -250,10 +257,10 @@ def setup_lawn(model: nn.Module, cfg: TrainConfig,
     """The base optimizer (``cfg.base``, ``cfg.weight_decay`` on weights) with LAWN attached, and LAWN's hook."""
     settings = lawn_settings(cfg)
     optimizer = decayed_optimizer(model, cfg)
-    layers = settings["layers"]
+    layers = settings.layers
     params = FINAL_HOMOGENEOUS if layers == FINAL_HOMOGENEOUS else glob_names(model, layers)
     lawn = LAWN(model, optimizer, example, warmup_steps=None, params=params)
-    return optimizer, [LAWNHook(lawn, settings["warmup_epochs"])]
+    return optimizer, [LAWNHook(lawn, settings.warmup_epochs)]
 
 
 def build_lawn(model: nn.Module, cfg: TrainConfig, example: torch.Tensor) -> torch.optim.Optimizer:
@@ -289,4 +296,4 @@ class LAWNHook(Hook):
 register_method(Method(
     "lawn", "LAWN: free warm-up, then the final homogeneous sub-network's weight norms held at their warm-up-end "
     "values (base optimizer from `base`, `weight_decay` on weights, off for the held ones after warm-up; settings "
-    "method_kwargs.lawn.warmup_epochs, .layers)", setup=setup_lawn))
+    "method_kwargs.lawn.warmup_epochs, .layers)", setup=setup_lawn, settings=LAWNSettings))

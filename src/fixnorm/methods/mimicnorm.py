@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -219,38 +220,42 @@ def attach_weight_centering(optimizer: torch.optim.Optimizer, params: Iterable[t
 
 
 # -- the engine method ------------------------------------------------------------------------------
-DEFAULTS: dict[str, Any] = {
-    "min_fan_in": REFERENCE_MIN_FAN_IN,   # centre conv filters with fan-in above this
-    "branch_gain_init": "reference",      # "reference" (1.2**L / i) or a number for every residual branch
-    "shortcut_gain_init": REFERENCE_FACTOR,
-    "conv_bias": True,                    # zero-initialised conv biases in place of BN's shift
-    "center_grouped": False,              # also centre grouped / depthwise convs
-    "center_linear": False,               # also centre the classifier's rows
-}
+@dataclass(frozen=True)
+class MimicNormSettings:
+    """``method_kwargs.mimicnorm``."""
+
+    min_fan_in: int = REFERENCE_MIN_FAN_IN          # centre conv filters with fan-in above this
+    branch_gain_init: str | float = "reference"     # "reference" (1.2**L / i) or a number for every residual branch
+    shortcut_gain_init: float = REFERENCE_FACTOR
+    conv_bias: bool = True                          # zero-initialised conv biases in place of BN's shift
+    center_grouped: bool = False                    # also centre grouped / depthwise convs
+    center_linear: bool = False                     # also centre the classifier's rows
+
+    def __post_init__(self) -> None:
+        if isinstance(self.branch_gain_init, str) and self.branch_gain_init != "reference":
+            raise FixNormError(f"method_kwargs.mimicnorm.branch_gain_init must be 'reference' or a number, "
+                               f"got {self.branch_gain_init!r}")
 
 
-def _settings(cfg: TrainConfig) -> dict[str, Any]:
-    return method_settings(cfg, "mimicnorm", DEFAULTS)
+def _settings(cfg: TrainConfig) -> MimicNormSettings:
+    return method_settings(cfg, "mimicnorm", MimicNormSettings)
 
 
 def prepare_mimicnorm(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     s = _settings(cfg)
-    return mimicnorm_model_(model, branch_gain_init=s["branch_gain_init"],
-                            shortcut_gain_init=s["shortcut_gain_init"], conv_bias=s["conv_bias"])
+    return mimicnorm_model_(model, branch_gain_init=s.branch_gain_init, shortcut_gain_init=s.shortcut_gain_init,
+                            conv_bias=s.conv_bias)
 
 
 def build_mimicnorm(model: nn.Module, cfg: TrainConfig, example: torch.Tensor) -> torch.optim.Optimizer:
     """``cfg.base`` with ``cfg.weight_decay`` on weights (ndim >= 2), filters centred after every step."""
     s = _settings(cfg)
-    for key in ("center_grouped", "center_linear"):
-        if not isinstance(s[key], bool):
-            raise FixNormError(f"method_kwargs.mimicnorm.{key} must be true or false, got {s[key]!r}")
     optimizer = decayed_optimizer(model, cfg)
-    attach_weight_centering(optimizer, centered_weights(model, s["min_fan_in"], include_grouped=s["center_grouped"],
-                                                        include_linear=s["center_linear"]))
+    attach_weight_centering(optimizer, centered_weights(model, s.min_fan_in, include_grouped=s.center_grouped,
+                                                        include_linear=s.center_linear))
     return optimizer
 
 
 register_method(Method("mimicnorm", "MimicNorm: no BN but one on the logits, zero-mean conv filters, learnable "
                        "residual scalars (base optimizer from `base`, `weight_decay` on weights)",
-                       build_mimicnorm, prepare_model=prepare_mimicnorm))
+                       build_mimicnorm, prepare_model=prepare_mimicnorm, settings=MimicNormSettings))

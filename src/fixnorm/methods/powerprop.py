@@ -15,6 +15,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -233,16 +234,21 @@ def weight_sparsity(model: nn.Module, *, layers: list[tuple[str, nn.Module]] | N
 
 
 # -- the engine method ---------------------------------------------------------------------------
-_DEFAULTS = {"alpha": 2.0, "include": None}
+@dataclass(frozen=True)
+class PowerpropSettings:
+    """``method_kwargs.powerprop``."""
+
+    alpha: float = 2.0                      # w = v |v|^(alpha - 1); 1 is plain training
+    include: str | list[str] | None = None  # module-name globs to reparametrise; None: every conv and linear
 
 
-def _settings(cfg: TrainConfig) -> dict[str, Any]:
-    return method_settings(cfg, "powerprop", _DEFAULTS)
+def _settings(cfg: TrainConfig) -> PowerpropSettings:
+    return method_settings(cfg, "powerprop", PowerpropSettings)
 
 
 def prepare_powerprop(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     settings = _settings(cfg)
-    powerprop_(model, settings["alpha"], include=settings["include"])
+    powerprop_(model, settings.alpha, include=settings.include)
     return model
 
 
@@ -259,4 +265,5 @@ def build_powerprop_optimizer(model: nn.Module, cfg: TrainConfig, example: torch
 
 register_method(Method("powerprop", "Powerpropagation: conv/linear weights trained as w = v|v|^(alpha-1) "
                        "(settings alpha=2, include=None); base optimizer from `base`, weight decay on v",
-                       build_powerprop_optimizer, prepare_model=prepare_powerprop))
+                       build_powerprop_optimizer, prepare_model=prepare_powerprop,
+                       settings=PowerpropSettings))

@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from ..errors import FixNormError
+from ..settings import coerce
 
 
 @dataclass
@@ -32,8 +33,10 @@ class TrainConfig:
     eval_batch_size: int = 1000
     # method and optimizer
     method: str = "fixnorm"
-    method_kwargs: dict[str, Any] = field(default_factory=dict)  # {method name: {setting: value}}
-    base: str = "sgd"                # fixnorm's base optimizer: sgd, adam, adamw, rmsprop
+    # {method name: {setting: value}}: each method's settings dataclass (FixNorm's: methods/fixnorm_method.py);
+    # FixNorm's may also be given at the top level (METHOD_SETTING_SHORTCUTS)
+    method_kwargs: dict[str, Any] = field(default_factory=dict)
+    base: str = "sgd"                # the base optimizer of fixnorm, lawn, ...: sgd, adam, adamw, rmsprop
     lr: float = 0.1
     momentum: float = 0.9
     nesterov: bool = True
@@ -41,17 +44,6 @@ class TrainConfig:
     eps: float = 1e-8                # adam/rmsprop epsilon
     alpha: float = 0.9               # rmsprop smoothing constant (TF's "decay")
     weight_decay: float = 5e-4       # for the weight-decay baselines; FixNorm replaces it
-    fc_norm: float | None = None
-    fc_scale: float = 1.0             # fixnorm: classifier at fc_scale x the norm training chose (fc_norm unset)
-    granularity: str = "tensor"
-    target_norm: float | None = None  # fixnorm: scale-invariant weights' norm; None keeps each one's initial norm
-    fc_granularity: str = "tensor"
-    others: str = "free"
-    others_weight_decay: float = 0.0
-    free_steps: int = 100             # fixnorm: steps of free training before "initial" targets are taken
-    angular_update: float | None = None  # fixnorm: radians per step for scale-invariant weights (rotational mode)
-    lr_power: float = 0.5             # fixnorm: scale-invariant weights step with lr0 * (lr / lr0) ** lr_power
-    angle_power: float = 1.0          # fixnorm, rotational mode: angle follows (lr / initial lr) ** angle_power
     # schedule
     schedule: str = "cosine"         # cosine, step, exponential, constant
     warmup_epochs: float = 0.0
@@ -78,6 +70,9 @@ class TrainConfig:
     threads: int | None = None
     seed: int = 0
     checkpoint_every: int = 1        # epochs
+    # also save the state after these optimizer steps, as step-<k>.pt in the run folder (init_from takes that
+    # file): the rewinding points of lottery-ticket studies (step 0 is the initialisation)
+    save_at_steps: list[int] = field(default_factory=list)
     # start from another run's weights: a run folder (its last.pt) or a checkpoint file; model state only (the
     # optimizer, schedule and step count start fresh). Phases of multi-phase studies (fine-tuning) are such runs.
     init_from: str | None = None
@@ -96,11 +91,17 @@ class TrainConfig:
                 raise FixNormError(f"{key} must be a positive number, got {value!r}")
         if not (isinstance(self.holdout, int) and self.holdout >= 0):
             raise FixNormError(f"holdout must be a whole number of images >= 0, got {self.holdout!r}")
-        from ..methods import list_methods  # late: the methods import this module
+        from ..methods import get_method, list_methods, method_settings  # late: the methods import this module
         unknown = sorted(set(self.method_kwargs) - set(list_methods()))
         if unknown:
             raise FixNormError(f"method_kwargs has settings for unknown method(s) {unknown}; "
                                f"write them as method_kwargs.<method>.<setting>, methods: {list_methods()}")
+        for name in self.method_kwargs:  # a wrong key or type fails here, not when the method is built
+            settings = get_method(name).settings
+            if settings is not None:
+                method_settings(self, name, settings)
+        if any(step < 0 for step in self.save_at_steps):
+            raise FixNormError(f"save_at_steps must be optimizer steps >= 0, got {self.save_at_steps}")
         if self.schedule == "step" and not self.milestones:
             raise FixNormError("schedule 'step' needs milestones (epochs), e.g. --set milestones=[60,120,160]")
         return self
@@ -216,24 +217,50 @@ def _deep_merge(base: Any, update: Any) -> Any:
     return update
 
 
+# FixNorm's settings live in method_kwargs.fixnorm (its dataclass, methods/fixnorm_method.py); these keys are also
+# accepted at the top level of a recipe, a --set and the CLI shortcuts (--fc-norm, --free-steps, --lr-power), as
+# they were before the settings moved, and configs saved then hold them there.
+METHOD_SETTING_SHORTCUTS: dict[str, str] = {key: "fixnorm" for key in (
+    "fc_norm", "fc_scale", "granularity", "target_norm", "fc_granularity", "others", "others_weight_decay",
+    "free_steps", "angular_update", "lr_power", "angle_power")}
+
 # Settings added after runs already existed, with the value that reproduces how those runs trained: a config saved
 # without the key is read with this value, not with today's default (resuming an old run must not change it).
-SETTINGS_BEFORE_THEY_EXISTED: dict[str, Any] = {
-    "free_steps": 0,     # before the free phase, norms were held from construction
-    "lr_power": 1.0,     # before the square-root schedule law, the schedule was the scale-invariant weights' own
+SETTINGS_BEFORE_THEY_EXISTED: dict[str, dict[str, Any]] = {
+    "fixnorm": {
+        "free_steps": 0,     # before the free phase, norms were held from construction
+        "lr_power": 1.0,     # before the square-root schedule law, the schedule was the scale-invariant weights' own
+    },
 }
+
+
+def _with_shortcuts_moved(layer: Mapping[str, Any]) -> dict[str, Any]:
+    """A settings layer with top-level method settings moved to ``method_kwargs.<method>`` (they win there)."""
+    moved = {k: v for k, v in layer.items() if k not in METHOD_SETTING_SHORTCUTS}
+    for key, method in METHOD_SETTING_SHORTCUTS.items():
+        if key in layer:
+            kwargs = dict(moved.get("method_kwargs") or {})
+            if not isinstance(kwargs.get(method, {}), Mapping):
+                raise FixNormError(f"method_kwargs.{method} must be a mapping of settings, got {kwargs[method]!r}")
+            kwargs[method] = {**(kwargs.get(method) or {}), key: layer[key]}
+            moved["method_kwargs"] = kwargs
+    return moved
 
 
 def saved_config(saved: Mapping[str, Any]) -> TrainConfig:
     """The TrainConfig of a saved run (its checkpoint or config.yaml), keys it predates filled as it trained."""
-    return make_config({k: v for k, v in SETTINGS_BEFORE_THEY_EXISTED.items() if k not in saved}, saved)
+    saved = _with_shortcuts_moved(saved)
+    kwargs = saved.get("method_kwargs") or {}
+    filled = {method: {k: v for k, v in before.items() if k not in (kwargs.get(method) or {})}
+              for method, before in SETTINGS_BEFORE_THEY_EXISTED.items() if saved.get("method") == method}
+    return make_config({"method_kwargs": {m: f for m, f in filled.items() if f}}, saved)
 
 
 def make_config(*layers: Mapping[str, Any]) -> TrainConfig:
     """Merge settings (later layers win) into a validated TrainConfig; unknown keys are errors."""
     merged: dict[str, Any] = {}
     for layer in layers:
-        for key, value in layer.items():
+        for key, value in _with_shortcuts_moved(layer).items():
             if key not in _FIELDS:
                 close = [k for k in _FIELDS if k.startswith(key[:3])]
                 raise FixNormError(f"unknown setting {key!r}" + (f"; did you mean {close}?" if close else ""))
@@ -244,39 +271,4 @@ def make_config(*layers: Mapping[str, Any]) -> TrainConfig:
 
 
 def _coerce(key: str, value: Any) -> Any:
-    kind = str(_FIELDS[key].type)
-    if value is None:
-        if "None" not in kind:
-            raise FixNormError(f"{key} cannot be null")
-        return None
-    if kind.startswith("bool"):
-        if not isinstance(value, bool):
-            raise FixNormError(f"{key} must be true or false, got {value!r}")
-        return value
-    if kind.startswith("float") or kind.startswith("int"):
-        if isinstance(value, str):
-            # YAML 1.1 reads 1e-3 (no dot) as a string; a number written that way is still a number
-            try:
-                value = float(value)
-            except ValueError:
-                raise FixNormError(f"{key} must be a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise FixNormError(f"{key} must be a number, got {value!r}")
-        if kind.startswith("int") and float(value) != int(value):
-            raise FixNormError(f"{key} must be an integer, got {value!r}")
-        return int(value) if kind.startswith("int") else float(value)
-    if kind.startswith("str"):
-        if not isinstance(value, str):
-            raise FixNormError(f"{key} must be a string, got {value!r}")
-        return value
-    if kind.startswith("tuple"):
-        return tuple(float(v) for v in value)
-    if kind.startswith("list"):
-        if not isinstance(value, (list, tuple)):
-            raise FixNormError(f"{key} must be a list, got {value!r}")
-        return [float(v) for v in value]
-    if kind.startswith("dict"):
-        if not isinstance(value, Mapping):
-            raise FixNormError(f"{key} must be a mapping, got {value!r}")
-        return dict(value)
-    return value
+    return coerce(key, str(_FIELDS[key].type), value)

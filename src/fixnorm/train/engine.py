@@ -27,7 +27,7 @@ from torch import nn
 from ..data import normalize
 from ..errors import FixNormError
 from ..hooks import TrainStep
-from ..methods import get_method
+from ..methods import get_method, with_method_settings
 from ..models import create_model
 from ..run_folder import RunFolder
 from .checkpoint import (load_checkpoint, remove_stale_temp_files, save_checkpoint, write_json_atomic,
@@ -79,6 +79,7 @@ class Trainer:
         elif self.folder.last.exists():
             raise FixNormError(f"{self.run_dir} already holds a run (last.pt); resume it with --resume "
                                "or choose another run directory")
+        cfg = with_method_settings(cfg)  # the method's settings in full: config.yaml says how the run trained
         self.cfg, self.on_step, self.on_epoch = cfg, on_step, on_epoch
         kind = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
         if kind == "cuda" and not torch.cuda.is_available():
@@ -162,6 +163,8 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         for hook in self.hooks:
             hook.on_train_start(self)
+        if self.global_step == 0:
+            self._save_if_asked()
         start = time.perf_counter()
         try:
             for epoch in range(self.start_epoch, self.cfg.epochs):
@@ -204,6 +207,7 @@ class Trainer:
             self.global_step += 1
             for hook in self.hooks:
                 hook.after_step(self)
+            self._save_if_asked()
             loss_sum += loss.detach() * len(y)
             correct += (logits.detach().argmax(1) == y).sum()
             if self.on_step is not None and dist.is_main:
@@ -261,7 +265,13 @@ class Trainer:
         if self.on_epoch is not None and self.dist.is_main:
             self.on_epoch(record)
 
-    def _state(self, epochs_done: int) -> dict[str, Any]:
+    def _save_if_asked(self) -> None:
+        """The state after this optimizer step as step-<k>.pt, when ``save_at_steps`` asks for it."""
+        if self.global_step in self.cfg.save_at_steps and self.dist.is_main:
+            epochs_done = self.global_step / self.steps_per_epoch
+            save_checkpoint(self.folder.at_step(self.global_step), self._state(epochs_done))
+
+    def _state(self, epochs_done: float) -> dict[str, Any]:
         return {"epoch": epochs_done, "global_step": self.global_step, "config": self.cfg.to_dict(),
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),

@@ -49,10 +49,11 @@ def training_objective(settings: Mapping[str, Any], runs_dir: str | Path,
 
 
 # -- search spaces from a recipe -----------------------------------------------------------------------
-def _free_steps(settings: Mapping[str, Any]) -> int:
+def _fixnorm_settings(settings: Mapping[str, Any]) -> Any:
+    from ..methods.fixnorm_method import fixnorm_settings
     from ..train.config import make_config
 
-    return make_config(settings).free_steps
+    return fixnorm_settings(make_config(settings))
 
 def initial_classifier_norm(settings: Mapping[str, Any]) -> float:
     """The classifier's norm at initialisation for these settings (FixNorm's default fc_norm), measured."""
@@ -94,11 +95,12 @@ def search_space(settings: Mapping[str, Any], *, lr_range: Sequence[float] | Non
     lr = float(settings.get("lr", 0.1))
     lo, hi = lr_range or (lr / 16, lr * 16)
     lr_axis = Axis.spanning("lr", min(max(lr, lo), hi), lo, hi, ratio)
-    if method == "fixnorm" and settings.get("fc_norm") is None and _free_steps(settings) > 0:
+    fixnorm = _fixnorm_settings(settings) if method == "fixnorm" else None
+    if fixnorm is not None and fixnorm.fc_norm is None and fixnorm.free_steps > 0:
         lo, hi = second_range or (0.25, 4.0)
         second = Axis.spanning("fc_scale", min(max(1.0, lo), hi), lo, hi, ratio)
     elif method == "fixnorm":
-        center = settings.get("fc_norm") or initial_classifier_norm(settings)
+        center = fixnorm.fc_norm or initial_classifier_norm(settings)
         lo, hi = second_range or (center / 4, center * 16)
         second = Axis.spanning("fc_norm", min(max(center, lo), hi), lo, hi, ratio)
     else:
