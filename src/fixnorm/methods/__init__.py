@@ -40,7 +40,8 @@ class Method:
     the hooks that go with it (so objects they share need no side channel). Methods without hooks may give
     ``build_optimizer`` instead (and an optional ``hooks``). ``prepare_model`` transforms the model first.
     ``settings`` is the method's settings dataclass: read with ``method_settings``, and written out in full
-    (defaults included) into every run's saved config, so a resumed run never trains with newer defaults.
+    (defaults included) into every run's saved config, so a resumed run never trains with newer defaults;
+    ``uses(cfg)`` names the methods it builds on (A-FAN's optimizer), whose settings are written out too.
     """
 
     name: str
@@ -50,6 +51,7 @@ class Method:
     hooks: Callable[[nn.Module, torch.optim.Optimizer, "TrainConfig"], list[Any]] = field(default=_no_hooks)
     setup: Setup | None = None
     settings: type | None = None
+    uses: Callable[["TrainConfig"], list[str]] | None = None  # other methods it builds on (their settings too)
 
     def __post_init__(self) -> None:
         if (self.setup is None) == (self.build_optimizer is None):
@@ -99,15 +101,23 @@ def method_settings(cfg: TrainConfig, name: str, settings: type[S]) -> S:
 
 
 def with_method_settings(cfg: TrainConfig) -> TrainConfig:
-    """``cfg`` with its method's settings written out in full (defaults included), checked: what a run saves."""
-    method = get_method(cfg.method)
-    if method.settings is None:
-        return cfg
-    resolved = dataclasses.asdict(method_settings(cfg, method.name, method.settings))
-    return dataclasses.replace(cfg, method_kwargs={**cfg.method_kwargs, method.name: resolved})
+    """``cfg`` with the settings of its method (and of those it builds on) written out in full, defaults included,
+    checked: what a run saves."""
+    kwargs, todo, done = dict(cfg.method_kwargs), [cfg.method], set()
+    while todo:
+        method = get_method(todo.pop())
+        if method.name in done:
+            continue
+        done.add(method.name)
+        if method.settings is not None:
+            kwargs[method.name] = dataclasses.asdict(method_settings(cfg, method.name, method.settings))
+        if method.uses is not None:
+            todo += method.uses(cfg)
+    return dataclasses.replace(cfg, method_kwargs=kwargs)
 
 
 from . import baselines, fixnorm_method  # noqa: E402,F401  (registers the built-in methods)
 from . import lawn  # noqa: E402,F401
 from . import powerprop  # noqa: E402,F401
 from . import mimicnorm  # noqa: E402,F401
+from . import afan  # noqa: E402,F401
