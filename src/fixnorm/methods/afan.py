@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import FixNormError
 from ..hooks import Hook, RunState, TrainStep
 from ..models.cifar_resnet import CifarResNet
+from ..models.layers import KeepBatchNormStatistics
 from ..models.mobilenetv2 import SETTINGS as MOBILENET_STAGES
 from ..models.mobilenetv2 import MobileNetV2
 from ..models.preact_resnet import PreActResNet
@@ -160,22 +160,6 @@ def feature_points(h: torch.Tensor, adversarial: torch.Tensor, strengths: Sequen
     return points
 
 
-class _KeepBatchNormStatistics:
-    """Restores the running statistics of the BatchNorm layers in ``modules`` on exit (``bn_mode="frozen"``)."""
-
-    def __init__(self, modules: Sequence[nn.Module], active: bool) -> None:
-        self.layers = [m for module in modules for m in module.modules() if isinstance(m, _BatchNorm)] if active else []
-
-    def __enter__(self) -> None:
-        self.saved = [[b.clone() for b in layer.buffers()] for layer in self.layers]
-
-    def __exit__(self, *exc: Any) -> None:
-        # through .data: BatchNorm's backward holds these buffers, and a tracked in-place write would void it
-        for layer, saved in zip(self.layers, self.saved):
-            for buffer, value in zip(layer.buffers(), saved):
-                buffer.data.copy_(value)
-
-
 # -- the engine method ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class AFANSettings:
@@ -233,7 +217,7 @@ class AFANStep(TrainStep):
         h0 = h.detach()
         rms = h0.float().pow(2).mean().sqrt()
         unit = rms if s.step_unit == "rms" else torch.ones_like(rms)
-        with _KeepBatchNormStatistics(split.modules, s.bn_mode == "frozen"):
+        with KeepBatchNormStatistics(split.modules, s.bn_mode == "frozen"):
             h_adv = feature_pgd(split.tail, h0, y, steps=s.steps, step_size=unit * s.step_size,
                                 epsilon=None if s.epsilon is None else unit * s.epsilon, random_start=s.random_start)
             terms = [F.cross_entropy(split.tail(point).float(), y, label_smoothing=run.cfg.label_smoothing)

@@ -1,9 +1,10 @@
-"""Pieces shared by the mobile networks: conv-BN-activation, channel rounding, stochastic depth."""
+"""Pieces shared by the models and the methods: conv-BN-activation, channel rounding, stochastic depth, and
+forwards that leave BatchNorm's running statistics as they were."""
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -62,3 +63,25 @@ class DropPath(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+class KeepBatchNormStatistics:
+    """Restores the running statistics of every BatchNorm layer in ``modules`` on exit.
+
+    For extra forwards in train mode (batch statistics) that must not count as training batches: A-FAN's
+    adversarial forwards with ``bn_mode="frozen"``, the curvature probe. Restores through ``.data``, since a
+    BatchNorm backward still to run holds these buffers and a tracked in-place write would void it.
+    """
+
+    def __init__(self, modules: Sequence[nn.Module], active: bool = True) -> None:
+        self.layers = ([m for module in modules for m in module.modules()
+                        if isinstance(m, nn.modules.batchnorm._BatchNorm)] if active else [])
+
+    def __enter__(self) -> KeepBatchNormStatistics:
+        self.saved = [[b.clone() for b in layer.buffers()] for layer in self.layers]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for layer, saved in zip(self.layers, self.saved):
+            for buffer, value in zip(layer.buffers(), saved):
+                buffer.data.copy_(value)

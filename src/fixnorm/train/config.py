@@ -62,6 +62,10 @@ class TrainConfig:
     diagnostics: bool = False
     diagnostics_every: int = 25      # steps between angle / gradient-norm measurements
     probe_size: int = 1024           # training images whose margins and predictions are followed
+    # rank and curvature (fixnorm.spectra), every this many epochs; 0 is off
+    rank_every: int = 0              # numerical and effective rank of every weight matrix (cheap)
+    curvature_every: int = 0         # top Hessian eigenvalue per weight on a probe batch (20 HVPs per weight)
+    curvature_probe: int = 256       # images in the curvature probe
     # speed and reproducibility
     precision: str = "fp32"          # fp32, bf16, fp16 (fp16 needs a GPU)
     channels_last: bool = False
@@ -100,6 +104,8 @@ class TrainConfig:
             settings = get_method(name).settings
             if settings is not None:
                 method_settings(self, name, settings)
+        if self.rank_every < 0 or self.curvature_every < 0 or self.curvature_probe < 1:
+            raise FixNormError("rank_every and curvature_every are epochs (0: off) and curvature_probe images (>= 1)")
         if any(step < 0 for step in self.save_at_steps):
             raise FixNormError(f"save_at_steps must be optimizer steps >= 0, got {self.save_at_steps}")
         if self.schedule == "step" and not self.milestones:

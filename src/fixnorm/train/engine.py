@@ -114,6 +114,9 @@ class Trainer:
         if cfg.diagnostics:  # last: it sees the step every other hook has shaped
             from ..diagnostics import DiagnosticsHook
             self.hooks.append(DiagnosticsHook(every=cfg.diagnostics_every, probe_size=cfg.probe_size))
+        if cfg.rank_every or cfg.curvature_every:
+            from ..spectra import spectra_hooks
+            self.hooks += spectra_hooks(cfg.rank_every, cfg.curvature_every, curvature_probe=cfg.curvature_probe)
         steps = [h for h in self.hooks if isinstance(h, TrainStep)]
         if len(steps) > 1:
             raise FixNormError(f"a run takes at most one TrainStep hook, got {[type(h).__name__ for h in steps]}")
