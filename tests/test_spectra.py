@@ -114,3 +114,7 @@ def test_hooks_write_rank_and_curvature_columns_and_leave_training_alone(tmp_pat
     assert math.isfinite(top) and math.isfinite(unit)
     with pytest.raises(FixNormError, match="rank_every"):
         make_config(base, {"rank_every": -1})
+    from fixnorm.report import make_report
+
+    make_report([tmp_path / "measured", tmp_path / "plain"], tmp_path / "report")
+    assert (tmp_path / "report" / "spectra.png").stat().st_size > 0

@@ -151,6 +151,19 @@ def make_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
         save(fig, "boundary.png", "Flip rate: probe images whose prediction changed since the last epoch; "
                                   "margins: how far they sit from a decision boundary")
 
+    ranked = [(i, r) for i, r in enumerate(runs) if r.rows and any(k.startswith("rank/") for k in r.rows[-1])]
+    curved = [(i, r) for i, r in enumerate(runs) if r.rows and any(k.startswith("curvature/") for k in r.rows[-1])]
+    if ranked or curved:
+        fig, (ax_rank, ax_curv) = plt.subplots(1, 2, figsize=(11, 4))
+        for i, run in ranked:
+            ax_rank.plot(*run.series("rank/effective_fraction"), color=colors[i % len(colors)], marker=".",
+                         label=run.label)
+        for i, run in curved:
+            ax_curv.plot(*run.series("curvature/top_max"), color=colors[i % len(colors)], marker=".", label=run.label)
+        _style(ax_rank, "Effective rank of the weights", "mean over layers of effective rank / max")
+        _style(ax_curv, "Top Hessian eigenvalue (largest layer)", "eigenvalue")
+        save(fig, "spectra.png", "Rank (rank_every) and curvature (curvature_every) of the weights, per epoch")
+
     markdown = _markdown(runs, figures)
     path = out / "report.md"
     write_text_atomic(path, markdown)
