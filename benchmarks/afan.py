@@ -72,8 +72,8 @@ def table(args: Any) -> None:
             ref_seconds = means
         row.update({f"mean_{k}": v for k, v in means.items()})
     for row in result["rows"]:
-        ratio = (row["mean_seconds"] / ref_seconds["mean_seconds"]
-                 if ref_seconds.get("mean_seconds") and row["mean_seconds"] else None)
+        ratio = (row["mean_seconds"] / ref_seconds["seconds"]
+                 if ref_seconds.get("seconds") and row["mean_seconds"] else None)
         row["cost_ratio"] = ratio
         fmt = lambda v, f: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, f)  # noqa: E731
         lines.append(f"| {row['arm']} | {fmt(row['mean_linf'], '.4f')} | {fmt(row['mean_l2'], '.3f')} | "
