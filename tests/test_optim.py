@@ -615,9 +615,9 @@ def test_the_default_free_phase_is_documented_and_used():
     model = small_net()
     opt = _FixNorm(model, torch.randn(4, 1, 8, 8), lr=0.1)
     assert opt.free_steps == fixnorm.optim.DEFAULT_FREE_STEPS > 0
-    from fixnorm.train import TrainConfig
-    assert TrainConfig().free_steps == fixnorm.optim.DEFAULT_FREE_STEPS
-    assert opt.param_groups[0]["lr_power"] == fixnorm.optim.DEFAULT_LR_POWER == TrainConfig().lr_power == 0.5
+    from fixnorm.methods.fixnorm_method import FixNormSettings
+    assert FixNormSettings().free_steps == fixnorm.optim.DEFAULT_FREE_STEPS
+    assert opt.param_groups[0]["lr_power"] == fixnorm.optim.DEFAULT_LR_POWER == FixNormSettings().lr_power == 0.5
 
 
 def test_fc_scale_holds_the_classifier_at_a_multiple_of_the_norm_training_chose():

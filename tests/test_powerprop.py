@@ -197,12 +197,10 @@ def test_bad_settings_are_clear_errors():
         powerprop_(model, 3.0, include="classifier")
     with pytest.raises(FixNormError, match="no powerprop weights"):
         remove_powerprop_(small_cnn())
-    cfg = make_config(load_recipe("fmnist-smoke"), {"method": "powerprop",
-                                                   "method_kwargs": {"powerprop": {"alfa": 2}}})
-    with pytest.raises(FixNormError, match="unknown setting.*alfa"):
-        get_method("powerprop").prepare_model(small_cnn(), cfg)
-    with pytest.raises(FixNormError, match="unknown setting.*alfa"):
-        get_method("powerprop").build_optimizer(small_cnn(), cfg, batch()[0])
+    with pytest.raises(FixNormError, match="unknown setting.*alfa"):  # as soon as the config is made
+        make_config(load_recipe("fmnist-smoke"), {"method": "powerprop", "method_kwargs": {"powerprop": {"alfa": 2}}})
+    with pytest.raises(FixNormError, match="method_kwargs.powerprop.alpha must be a number"):
+        make_config({"method": "powerprop", "method_kwargs": {"powerprop": {"alpha": "two"}}})
 
 
 def test_method_settings_and_optimizer_groups():
