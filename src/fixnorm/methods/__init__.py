@@ -121,3 +121,4 @@ from . import lawn  # noqa: E402,F401
 from . import powerprop  # noqa: E402,F401
 from . import mimicnorm  # noqa: E402,F401
 from . import afan  # noqa: E402,F401
+from . import pathprox  # noqa: E402,F401
