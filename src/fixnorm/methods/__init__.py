@@ -122,3 +122,4 @@ from . import powerprop  # noqa: E402,F401
 from . import mimicnorm  # noqa: E402,F401
 from . import afan  # noqa: E402,F401
 from . import pathprox  # noqa: E402,F401
+from . import sal  # noqa: E402,F401
