@@ -13,20 +13,13 @@ features' RMS and seconds per epoch relative to the reference arm (run side by s
 """
 from __future__ import annotations
 
-import csv
-import math
 import os
-import statistics
 import sys
-from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fixnorm_vs_wd as arms_runner  # noqa: E402
 
-import _common  # noqa: E402
-
-import torch  # noqa: E402
 
 ARMS: dict[str, dict[str, Any]] = {
     "sgd": {"method": "sgd"},
@@ -39,59 +32,18 @@ ARMS: dict[str, dict[str, Any]] = {
 }
 
 
-def _last_row(run_dir: Path) -> dict[str, str]:
-    with (run_dir / "metrics.csv").open() as f:
-        rows = list(csv.DictReader(f))
-    return rows[-1] if rows else {}
-
-
-def _mean_column(run_dir: Path, key: str) -> float | None:
-    with (run_dir / "metrics.csv").open() as f:
-        values = [float(r[key]) for r in csv.DictReader(f) if r.get(key)]
-    return statistics.mean(values) if values else None
-
-
 _accuracy_table = arms_runner.table
 
 
 def table(args: Any) -> None:
     result = _accuracy_table(args)  # accuracy: mean ± std and the paired difference to the reference
-    ref_seconds = {}
-    lines = ["| arm | mean ‖h_a − h‖∞ | mean ‖h_a − h‖₂ | feature RMS | s / epoch | × reference |", "|---|---|---|---|---|---|"]
-    for row in result["rows"]:
-        extra: dict[str, list[float]] = {"linf": [], "l2": [], "rms": [], "seconds": []}
-        for seed in row["seeds"]:
-            run_dir = Path(args.out) / arms_runner.run_dir_name(row["arm"], seed)
-            for key, column in (("linf", "afan/linf"), ("l2", "afan/l2"), ("rms", "afan/feature_rms"),
-                                ("seconds", "seconds")):
-                value = _mean_column(run_dir, column)
-                if value is not None:
-                    extra[key].append(value)
-        means = {k: statistics.mean(v) if v else None for k, v in extra.items()}
-        if row["arm"] == args.reference:
-            ref_seconds = means
-        row.update({f"mean_{k}": v for k, v in means.items()})
-    for row in result["rows"]:
-        ratio = (row["mean_seconds"] / ref_seconds["seconds"]
-                 if ref_seconds.get("seconds") and row["mean_seconds"] else None)
-        row["cost_ratio"] = ratio
-        fmt = lambda v, f: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, f)  # noqa: E731
-        lines.append(f"| {row['arm']} | {fmt(row['mean_linf'], '.4f')} | {fmt(row['mean_l2'], '.3f')} | "
-                     f"{fmt(row['mean_rms'], '.3f')} | {fmt(row['mean_seconds'], '.1f')} | {fmt(ratio, '.2f')} |")
-    text = "\n".join(lines)
+    text = arms_runner.column_table(args, result, [
+        ("mean ‖h_a − h‖∞", "afan/linf", "mean", ".4f"), ("mean ‖h_a − h‖₂", "afan/l2", "mean", ".3f"),
+        ("feature RMS", "afan/feature_rms", "mean", ".3f")])
     print(text)
-    if args.name:
-        path = os.path.join(_common.RESULTS_DIR, f"{args.name}.md")
-        with open(path) as f:
-            accuracy = f.read()
-        command = "python benchmarks/afan.py " + " ".join(sys.argv[1:])
-        accuracy = accuracy.replace("python benchmarks/fixnorm_vs_wd.py " + " ".join(sys.argv[1:]), command)
-        _common.atomic_write_text(path, accuracy + "\n" + text + "\n\nSizes are per-sample norms averaged over "
-                                  "batches and epochs; seconds per epoch averaged over epochs and seeds, the arms "
-                                  "run interleaved by the same processes.\n")
-        result["command"] = command
-        _common.atomic_write_json(os.path.join(_common.RESULTS_DIR, f"{args.name}.json"),
-                                  {**result, "machine": _common.machine_info(torch.device("cpu"))})
+    arms_runner.save_with_columns(args, result, text, "afan.py", "Sizes are per-sample norms averaged over batches "
+                                  "and epochs; seconds per epoch averaged over epochs and seeds, the arms run "
+                                  "interleaved by the same processes.")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ error and a 95% t-interval; ``within noise`` when the interval contains 0.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import os
@@ -198,6 +199,48 @@ def table(args: argparse.Namespace) -> dict[str, Any]:
         _common.atomic_write_text(os.path.join(_common.RESULTS_DIR, f"{args.name}.md"),
                                   f"# {args.name}\n\n{text}")
     return result
+
+
+def column_table(args: argparse.Namespace, result: dict[str, Any],
+                 columns: list[tuple[str, str, str, str]]) -> str:
+    """Columns read from each run's metrics.csv, averaged over seeds: ``(title, column, "mean"|"last", format)``,
+    plus seconds per epoch and its ratio to the reference arm (same processes, interleaved: the ratio holds).
+    Adds the values to ``result["rows"]``; returns the Markdown table."""
+    def read(run_dir: Path, column: str, how: str) -> float | None:
+        with (run_dir / "metrics.csv").open() as f:
+            values = [float(r[column]) for r in csv.DictReader(f) if r.get(column)]
+        return (statistics.mean(values) if how == "mean" else values[-1]) if values else None
+
+    columns = columns + [("s / epoch", "seconds", "mean", ".1f")]
+    for row in result["rows"]:
+        for title, column, how, _ in columns:
+            values = [read(Path(args.out) / run_dir_name(row["arm"], s), column, how) for s in row["seeds"]]
+            values = [v for v in values if v is not None]
+            row[column] = statistics.mean(values) if values else None
+    reference = next((r for r in result["rows"] if r["arm"] == args.reference), None)
+    lines = ["| arm | " + " | ".join(c[0] for c in columns) + " | × reference |",
+             "|---|" + "---|" * (len(columns) + 1)]
+    for row in result["rows"]:
+        ratio = (row["seconds"] / reference["seconds"] if reference and reference.get("seconds") and row["seconds"]
+                 else None)
+        row["cost_ratio"] = ratio
+        cells = ["-" if row[c[1]] is None else format(row[c[1]], c[3]) for c in columns]
+        lines.append(f"| {row['arm']} | " + " | ".join(cells) + f" | {'-' if ratio is None else format(ratio, '.2f')} |")
+    return "\n".join(lines)
+
+
+def save_with_columns(args: argparse.Namespace, result: dict[str, Any], text: str, script: str, note: str) -> None:
+    """Append the column table to the accuracy table ``table`` wrote, with ``script``'s own command line."""
+    if not args.name:
+        return
+    path = os.path.join(_common.RESULTS_DIR, f"{args.name}.md")
+    with open(path) as f:
+        accuracy = f.read()
+    command = f"python benchmarks/{script} " + " ".join(sys.argv[1:])
+    accuracy = accuracy.replace("python benchmarks/fixnorm_vs_wd.py " + " ".join(sys.argv[1:]), command)
+    _common.atomic_write_text(path, accuracy + "\n" + text + "\n\n" + note + "\n")
+    _common.atomic_write_json(os.path.join(_common.RESULTS_DIR, f"{args.name}.json"),
+                              {**result, "command": command, "machine": _common.machine_info(torch.device("cpu"))})
 
 
 def main() -> None:
