@@ -12,6 +12,7 @@ default; see docs/afan.md), ``bn_mode`` and the choice of optimizer (any registe
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -174,6 +175,7 @@ class AFANSettings:
     strengths: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])  # points lerp(h, h_a, t)
     mixed: list[bool] = field(default_factory=lambda: [False, False, True, True])   # which points go through mix
     bn_mode: str = "train"                # "train": the extra forwards update BN statistics; "frozen": they do not
+    adversarial_precision: str = "fp32"   # "fp32": PGD and the points in full precision; "run": the run's autocast
     optimizer: str = "sgd"                # the method whose optimizer (and hooks) A-FAN trains with
 
     def __post_init__(self) -> None:
@@ -181,6 +183,9 @@ class AFANSettings:
             raise FixNormError(f"method_kwargs.afan: steps >= 1 and step_size > 0, got {self.steps}, {self.step_size}")
         if self.step_unit not in ("rms", "absolute"):
             raise FixNormError(f"method_kwargs.afan.step_unit must be 'rms' or 'absolute', got {self.step_unit!r}")
+        if self.adversarial_precision not in ("fp32", "run"):
+            raise FixNormError(f"method_kwargs.afan.adversarial_precision must be 'fp32' or 'run', got "
+                               f"{self.adversarial_precision!r}")
         if self.bn_mode not in ("train", "frozen"):
             raise FixNormError(f"method_kwargs.afan.bn_mode must be 'train' or 'frozen', got {self.bn_mode!r}")
         if not self.strengths or len(self.strengths) != len(self.mixed):
@@ -217,7 +222,11 @@ class AFANStep(TrainStep):
         h0 = h.detach()
         rms = h0.float().pow(2).mean().sqrt()
         unit = rms if s.step_unit == "rms" else torch.ones_like(rms)
-        with KeepBatchNormStatistics(split.modules, s.bn_mode == "frozen"):
+        full = s.adversarial_precision == "fp32"
+        if full:  # the steps (~0.2% of the RMS) are below bf16's resolution (0.4-0.8%): they would round away
+            h0 = h0.float()
+        with torch.autocast(h0.device.type, enabled=False) if full else contextlib.nullcontext(), \
+                KeepBatchNormStatistics(split.modules, s.bn_mode == "frozen"):
             h_adv = feature_pgd(split.tail, h0, y, steps=s.steps, step_size=unit * s.step_size,
                                 epsilon=None if s.epsilon is None else unit * s.epsilon, random_start=s.random_start)
             terms = [F.cross_entropy(split.tail(point).float(), y, label_smoothing=run.cfg.label_smoothing)
