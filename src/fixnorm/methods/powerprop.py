@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..compress import keep_smallest_pruned
 from ..errors import FixNormError
 from . import Method, method_settings, register_method
 from .baselines import decayed_optimizer
@@ -212,12 +213,9 @@ def magnitude_prune_(model: nn.Module, sparsity: float, *, scope: str = "global"
 
 
 def _keep_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """True for all but the ``round(sparsity * n)`` smallest scores (ties broken by position)."""
-    k = int(round(sparsity * scores.numel()))
-    keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
-    if k:
-        keep[torch.argsort(scores, stable=True)[:k]] = False
-    return keep
+    """True for all but the ``round(sparsity * n)`` smallest scores (ties broken by position): the shared rule of
+    :mod:`fixnorm.compress`."""
+    return keep_smallest_pruned(scores, int(round(sparsity * scores.numel())))
 
 
 @torch.no_grad()
