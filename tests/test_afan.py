@@ -24,7 +24,7 @@ def test_the_split_is_the_model_at_every_point(name):
     torch.manual_seed(0)
     model = create_model(name, num_classes=10, in_channels=1)
     x = torch.randn(4, 1, 28, 28)
-    _, points, _ = split_points(model)
+    _, points = split_points(model)
     assert "stage1" in points
     for mode in (False, True):  # eval, then train mode (batch statistics)
         model.train(mode)

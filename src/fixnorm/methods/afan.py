@@ -42,9 +42,13 @@ MIX_EPS = 1e-5  # sigma = sqrt(var + 1e-5), as the reference's positional normal
 class Split:
     """``model``'s forward as a chain of pieces, cut after piece ``cut``: ``tail(head(x))`` is ``model(x)``."""
 
-    pieces: list[Callable[[torch.Tensor], torch.Tensor]]
+    pieces: list[nn.Module]
     cut: int
-    modules: list[nn.Module]  # the tail's modules (BatchNorm buffers live there)
+
+    @property
+    def tail_modules(self) -> list[nn.Module]:
+        """The tail's modules (its BatchNorm buffers are what the extra forwards touch)."""
+        return self.pieces[self.cut:]
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         for piece in self.pieces[:self.cut]:
@@ -67,26 +71,26 @@ def _conv_stride(conv: nn.Conv2d) -> int:
     return int(conv.stride[0])
 
 
-def split_points(model: nn.Module) -> tuple[list[Callable], dict[str, int], list[nn.Module]]:
-    """(pieces of the forward, {split point name: number of pieces in the head}, modules per piece)."""
+def split_points(model: nn.Module) -> tuple[list[nn.Module], dict[str, int]]:
+    """(the modules whose chain is the forward, {split point name: number of them in the head})."""
     if isinstance(model, CifarResNet):
         blocks = list(model.layers)
         modules = [model.stem, *blocks, model.pool, model.fc]
         ends = _stage_ends(blocks, lambda b: _conv_stride(b.conv1))
         points = {"stem": 1, **{f"stage{i + 1}": 2 + e for i, e in enumerate(ends)}}
-        return list(modules), points, modules
+        return modules, points
     if isinstance(model, PreActResNet):
         blocks = list(model.layers)
         modules = [model.stem, *blocks, model.final, model.pool, model.fc]
         ends = _stage_ends(blocks, lambda b: _conv_stride(b.conv1))
         points = {"stem": 1, **{f"stage{i + 1}": 2 + e for i, e in enumerate(ends)}}
-        return list(modules), points, modules
+        return modules, points
     if isinstance(model, SmallCNN):
         modules = [*model.features, model.classifier]
         kinds = [type(m) for m in model.features]
         # stage 1 ends with the max-pool, stage 2 with the last conv block (before the global pool)
         points = {"stage1": kinds.index(nn.MaxPool2d) + 1, "stage2": kinds.index(nn.AdaptiveAvgPool2d)}
-        return list(modules), points, modules
+        return modules, points
     if isinstance(model, MobileNetV2):
         blocks = list(model.features)
         modules = [*blocks, model.pool, model.dropout, model.fc]
@@ -94,7 +98,7 @@ def split_points(model: nn.Module) -> tuple[list[Callable], dict[str, int], list
         for stage, (_, _, count, _) in enumerate(MOBILENET_STAGES):
             index += count
             points[f"stage{stage + 1}"] = index
-        return list(modules), points, modules
+        return modules, points
     raise FixNormError(f"A-FAN has no split points for {type(model).__name__}; supported: CifarResNet (resnet20/32/"
                        "56/110), PreActResNet (preact_resnet18, wrn16_4, wrn28_10), SmallCNN, MobileNetV2")
 
@@ -104,11 +108,11 @@ DEFAULT_SPLIT = "stage1"  # the end of the first stage (the official ResNet-56 s
 
 def split_model(model: nn.Module, point: str = DEFAULT_SPLIT) -> Split:
     """``model`` cut at a named point (``stem``, ``stage1``, ``stage2``, ...); a clear error lists the points."""
-    pieces, points, modules = split_points(model)
+    pieces, points = split_points(model)
     if point not in points:
         raise FixNormError(f"{type(model).__name__} has no split point {point!r}; it offers {sorted(points)}")
     cut = points[point]
-    return Split(pieces, cut, modules[cut:])
+    return Split(pieces, cut)
 
 
 # -- the algorithm, as functions tested against their definitions ---------------------------------------------
@@ -226,7 +230,7 @@ class AFANStep(TrainStep):
         if full:  # the steps (~0.2% of the RMS) are below bf16's resolution (0.4-0.8%): they would round away
             h0 = h0.float()
         with torch.autocast(h0.device.type, enabled=False) if full else contextlib.nullcontext(), \
-                KeepBatchNormStatistics(split.modules, s.bn_mode == "frozen"):
+                KeepBatchNormStatistics(split.tail_modules, s.bn_mode == "frozen"):
             h_adv = feature_pgd(split.tail, h0, y, steps=s.steps, step_size=unit * s.step_size,
                                 epsilon=None if s.epsilon is None else unit * s.epsilon, random_start=s.random_start)
             terms = [F.cross_entropy(split.tail(point).float(), y, label_smoothing=run.cfg.label_smoothing)

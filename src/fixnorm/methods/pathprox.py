@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ..constraints import filter_norms
 from ..errors import FixNormError
 from ..models.cifar_resnet import CifarResNet
 from ..models.preact_resnet import PreActResNet
@@ -83,8 +84,8 @@ def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
 
 
 def unit_norms_out(w: torch.Tensor) -> torch.Tensor:
-    """|w_j| per unit j (row of W: dim 0, over all other dims), in fp32 or wider."""
-    return _at_least_fp32(w).flatten(1).norm(dim=1)
+    """|w_j| per unit j (row of W: dim 0, over all other dims), in fp32 or wider: the filter norms."""
+    return filter_norms(w)
 
 
 def unit_norms_in(v: torch.Tensor) -> torch.Tensor:
