@@ -104,6 +104,31 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .train.prune import pruning_table, run_pruning
+
+    settings = _settings(args)
+    out = Path(args.out or Path("runs") / f"prune-{args.recipe or 'custom'}")
+    lrs = args.lrs or [float(settings.get("lr", 0.1))]
+
+    def callbacks(name: str) -> dict[str, Any]:
+        if args.quiet:
+            return {}
+        label = f"[{name}] "
+        epochs = int(settings.get("epochs", 3))
+        return {"on_step": _Progress(sys.stderr.isatty(), label).step, "on_epoch": _epoch_line(epochs, label)}
+
+    result = run_pruning(settings, sparsities=args.sparsity, arms=args.arms, seeds=args.seeds, lrs=lrs, out_dir=out,
+                         rewind_step=args.rewind_step, scope=args.scope, prune_first_conv=args.prune_first_conv,
+                         make_callbacks=callbacks)
+    print(pruning_table(result))
+    if result["no_plot"]:
+        print(f"no plot: {result['no_plot']}")
+    if not args.quiet:
+        print(f"written: {out / 'prune.md'}, {out / 'prune.json'}" + "".join(f", {p}" for p in result["plots"]))
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import make_report
 
@@ -220,6 +245,23 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--seeds", nargs="+", type=int, default=[0])
     compare.add_argument("--out", default=None, help="folder for the runs and the table (reruns reuse finished runs)")
     compare.set_defaults(func=cmd_compare)
+
+    prune = sub.add_parser("prune", help="pruning & fine-tuning versus lottery tickets: dense runs, masks, arms")
+    _add_run_options(prune)
+    prune.add_argument("--method", default=None, help="the method of every phase (default: the recipe's)")
+    prune.add_argument("--sparsity", nargs="+", type=float, default=[0.5, 0.8, 0.9],
+                       help="fractions of the masked weights pruned, each in (0, 1)")
+    prune.add_argument("--arms", nargs="+", default=["finetune", "ticket", "rewind", "reinit"],
+                       help="finetune (from the final weights), ticket (from the initialisation), rewind (from "
+                       "step K, schedule resumed there), reinit (from a fresh initialisation)")
+    prune.add_argument("--seeds", nargs="+", type=int, default=[0])
+    prune.add_argument("--lrs", nargs="+", type=float, default=None, help="learning rates (default: the recipe's)")
+    prune.add_argument("--rewind-step", type=int, default=None, help="K of the rewind arm (default: one epoch)")
+    prune.add_argument("--scope", choices=["layer", "global"], default="layer",
+                       help="prune each layer at the rate (the paper's) or all layers together (open_lth's)")
+    prune.add_argument("--prune-first-conv", action="store_true", help="prune the first conv too (default: dense)")
+    prune.add_argument("--out", default=None, help="folder for the runs, masks and table (reruns reuse them)")
+    prune.set_defaults(func=cmd_prune)
 
     roles = sub.add_parser("roles", help="print FixNorm's plan (or, with --why, the role analysis) for a model")
     roles.add_argument("--model", default="resnet20")

@@ -80,6 +80,15 @@ class TrainConfig:
     # start from another run's weights: a run folder (its last.pt) or a checkpoint file; model state only (the
     # optimizer, schedule and step count start fresh). Phases of multi-phase studies (fine-tuning) are such runs.
     init_from: str | None = None
+    # the seed of the model's initial weights (None: seed; the data order always follows seed): a fresh draw for a
+    # run that must not start from the same initialisation as its seed's other runs (lottery tickets' "reinit")
+    init_seed: int | None = None
+    # train with these weights held at zero: a mask file (fixnorm.train.masks, written by `fixnorm prune`); the
+    # masked weights are zeroed at the start and kept at zero after every optimizer step, whatever the method
+    mask_from: str | None = None
+    # begin as if this many optimizer steps had been taken (open_lth's rewinding): the schedule, the data order and
+    # the epoch count continue from step k, and the run trains the remaining epochs x steps per epoch - k steps
+    start_step: int = 0
 
     def validate(self) -> TrainConfig:
         choices = {"schedule": ("cosine", "step", "exponential", "constant"), "augment": ("none", "crop", "crop_flip"),
@@ -108,6 +117,10 @@ class TrainConfig:
             raise FixNormError("rank_every and curvature_every are epochs (0: off) and curvature_probe images (>= 1)")
         if any(step < 0 for step in self.save_at_steps):
             raise FixNormError(f"save_at_steps must be optimizer steps >= 0, got {self.save_at_steps}")
+        if isinstance(self.start_step, bool) or not isinstance(self.start_step, int) or self.start_step < 0:
+            raise FixNormError(f"start_step must be a whole number of optimizer steps >= 0, got {self.start_step!r}")
+        if self.mask_from is not None and not str(self.mask_from).strip():
+            raise FixNormError("mask_from must be the path of a mask file (or null for no mask)")
         if self.schedule == "step" and not self.milestones:
             raise FixNormError("schedule 'step' needs milestones (epochs), e.g. --set milestones=[60,120,160]")
         return self

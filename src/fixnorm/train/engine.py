@@ -36,6 +36,7 @@ from .config import TrainConfig, saved_config
 from .data_source import make_data
 from .distributed import DistInfo, all_reduce_sum, broadcast_buffers, init_distributed, shutdown
 from .hooks import EmaHook, Hook
+from .masks import apply_masks_, attach_masks, checked_masks, load_masks
 
 StepCallback = Callable[[int, int, int], None]          # (epoch, step in epoch, steps per epoch)
 EpochCallback = Callable[[dict[str, Any]], None]
@@ -93,7 +94,7 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
 
-        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        torch.manual_seed(cfg.seed if cfg.init_seed is None else cfg.init_seed)  # the same init on every rank
         self.data = make_data(cfg, self.dist, self.device)
         self.info, self.steps_per_epoch = self.data.info, self.data.steps_per_epoch
         model = create_model(cfg.model, num_classes=self.info.num_classes, in_channels=self.info.in_channels,
@@ -104,10 +105,18 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         if cfg.init_from and checkpoint is None:  # before the method analyses the model and takes its norms
             load_model_state(model, cfg.init_from)
+        masks = checked_masks(load_masks(cfg.mask_from), model, f"mask_from={cfg.mask_from}") if cfg.mask_from else {}
+        apply_masks_(model, masks)  # θ ⊙ m before the method analyses the model: norms over the kept entries
+        if cfg.start_step >= cfg.epochs * self.steps_per_epoch:
+            raise FixNormError(f"start_step={cfg.start_step} leaves nothing to train: {cfg.epochs} epochs are "
+                               f"{cfg.epochs * self.steps_per_epoch} steps")
         self.model = model
         example = self.prepare_batch(self.data.example())
         self.optimizer, method_hooks = self.method.build(model, cfg, example)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(cfg, self.steps_per_epoch))
+        if masks:
+            attach_masks(model, self.optimizer, masks)
+        factor = lr_factor(cfg, self.steps_per_epoch)  # of the global step: a run from start_step k resumes it at k
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: factor(s + cfg.start_step))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.hooks: list[Hook] = ([EmaHook(model, cfg.ema_decay)] if cfg.ema_decay else []) + list(
             method_hooks) + list(hooks)
@@ -129,7 +138,7 @@ class Trainer:
             self.forward_model = torch.compile(self.forward_model)
 
         self.history: list[dict[str, Any]] = []
-        self.start_epoch, self.best_acc, self.global_step = 0, -1.0, 0
+        self.start_epoch, self.best_acc, self.global_step = cfg.start_step // self.steps_per_epoch, -1.0, cfg.start_step
         if checkpoint is not None:
             self._restore(checkpoint)
             if self.dist.is_main:
@@ -166,7 +175,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         for hook in self.hooks:
             hook.on_train_start(self)
-        if self.global_step == 0:
+        if self.global_step == self.cfg.start_step:  # a new run: its starting state, if asked (step-0.pt)
             self._save_if_asked()
         start = time.perf_counter()
         try:
@@ -191,8 +200,12 @@ class Trainer:
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
+        skip, images = cfg.start_step - epoch * self.steps_per_epoch, 0  # batches taken before a run from start_step
         start = time.perf_counter()
         for step, (x_uint8, y) in enumerate(self.data.train_batches(epoch)):
+            if step < skip:  # drawn, augmented and passed over: the rest of the epoch sees the same batches
+                continue
+            images += len(y)
             x = self.prepare_batch(x_uint8)
             with self.autocast():
                 loss, logits = self.step_loss(x, y)
@@ -218,7 +231,7 @@ class Trainer:
         seconds = time.perf_counter() - start
         broadcast_buffers(self.model, dist)  # one model for evaluation and checkpoints, whatever the rank
         totals = all_reduce_sum(torch.stack([loss_sum.float(), correct.float()]), dist)
-        seen = self.data.train_size
+        seen = self.data.train_size if skip <= 0 else images * dist.world_size
         return {"epoch": epoch + 1, "train_loss": float(totals[0]) / seen, "train_acc": float(totals[1]) / seen,
                 "lr": self.optimizer.param_groups[0]["lr"], "seconds": seconds, "images_per_second": seen / seconds}
 

@@ -1,0 +1,91 @@
+"""Mask files and masked runs: how a run trains with some weights held at zero (``mask_from``).
+
+A mask file holds boolean keep masks (True = kept) by parameter name, written atomically by whoever computed them
+(``fixnorm prune`` from a dense run's final weights, with :func:`fixnorm.compress.magnitude_masks`). A masked run
+zeroes the pruned weights before the method analyses the model (``θ ⊙ m``: FixNorm takes its norms over the kept
+entries), masks their gradients as they are computed (they reach no clipping, no momentum, no norm), and keeps them
+at zero after every optimizer step through the :class:`fixnorm.rules.Mask` rule, whatever the method's optimizer.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import FixNormError
+from ..io import atomic_write
+from ..rules import Attachment, Mask, attach
+
+FORMAT = "fixnorm-masks"
+
+
+def save_masks(path: str | Path, masks: Mapping[str, torch.Tensor], **about: Any) -> None:
+    """Write ``masks`` (name -> bool tensor) atomically; ``about`` records how they were made (plain values)."""
+    bad = [n for n, m in masks.items() if not isinstance(m, torch.Tensor) or m.dtype != torch.bool]
+    if not masks or bad:
+        raise FixNormError(f"masks must be a non-empty mapping of bool tensors; not bool: {bad[:4]}")
+    state = {"format": FORMAT, "version": 1, "masks": {n: m.detach().cpu().clone() for n, m in masks.items()},
+             "about": dict(about)}
+    atomic_write(Path(path), lambda handle: torch.save(state, handle))
+
+
+def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
+    """The masks of a file :func:`save_masks` wrote (read without unpickling code)."""
+    return load_mask_file(path)[0]
+
+
+def load_mask_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The masks of a file :func:`save_masks` wrote and how they were made (its ``about``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FixNormError(f"mask_from={str(path)!r}: no such file; give a mask file written by `fixnorm prune` "
+                           "(fixnorm.train.masks.save_masks)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - truncated or foreign files all land here
+        raise FixNormError(f"mask file {path} cannot be read safely ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0][:200]})") from exc
+    if not isinstance(state, dict) or state.get("format") != FORMAT or not isinstance(state.get("masks"), dict):
+        raise FixNormError(f"{path} is not a fixnorm mask file (format {FORMAT!r})")
+    return dict(state["masks"]), dict(state.get("about") or {})
+
+
+def checked_masks(masks: Mapping[str, Any], model: nn.Module, source: str = "the masks") -> dict[str, torch.Tensor]:
+    """``masks`` if every name is a parameter of ``model`` and every mask a bool tensor of its shape; else an error."""
+    params = dict(model.named_parameters())
+    if not masks:
+        raise FixNormError(f"{source} hold no masks")
+    unknown = sorted(set(masks) - set(params))
+    if unknown:
+        raise FixNormError(f"{source} name {unknown[:4]}, which are not parameters of this {type(model).__name__} "
+                           f"(it has e.g. {list(params)[:4]}); were they made for another model or method?")
+    wrong = [f"{n}: {m.dtype if isinstance(m, torch.Tensor) else type(m).__name__} "
+             f"{tuple(getattr(m, 'shape', ()))}, parameter {tuple(params[n].shape)}" for n, m in masks.items()
+             if not isinstance(m, torch.Tensor) or m.dtype != torch.bool or m.shape != params[n].shape]
+    if wrong:
+        raise FixNormError(f"{source} do not fit this model: each must be a bool tensor shaped like its parameter "
+                           f"({'; '.join(wrong[:4])})")
+    return {n: masks[n] for n in params if n in masks}  # in model order
+
+
+@torch.no_grad()
+def apply_masks_(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
+    """``θ <- θ ⊙ m`` for the masked parameters, in place."""
+    params = dict(model.named_parameters())
+    for name, mask in masks.items():
+        params[name].mul_(mask.to(params[name].device))
+
+
+def attach_masks(model: nn.Module, optimizer: torch.optim.Optimizer, masks: Mapping[str, torch.Tensor]) -> Attachment:
+    """Train ``model`` with ``masks``: the Mask rule after every step of ``optimizer`` (its masks are checkpointed
+    in the optimizer state, as ``mask_mask``) and the pruned entries of every gradient zeroed as it is computed."""
+    params = dict(model.named_parameters())
+    names = list(masks)
+    rule = Mask([params[n] for n in names], [masks[n] for n in names], names=names)
+    attachment = attach(optimizer, [rule], name="mask", names={params[n]: n for n in names})
+    for i, name in enumerate(names):  # the rule's masks, read at each backward: a resumed run's, on their device
+        params[name].register_hook(lambda grad, i=i: grad * rule.masks[i].to(grad.device))
+    return attachment
