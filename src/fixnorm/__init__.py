@@ -4,6 +4,7 @@ The flow: ``analyze(model, example_inputs) -> Roles`` -> ``Plan`` (one norm rule
 parameter) -> ``FixNorm`` (any torch.optim optimizer, then the plan applied in place).
 """
 from .constraints import Plan, PlanEntry, build_plan
+from .eman import eman_update_
 from .errors import FixNormError
 from .optim import FixNorm, constrained_parameters, from_weight_decay
 from .roles import Roles, analyze, apply_overrides
@@ -12,5 +13,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FixNorm", "FixNormError", "Plan", "PlanEntry", "Roles", "analyze", "apply_overrides", "build_plan",
-    "constrained_parameters", "from_weight_decay", "__version__",
+    "constrained_parameters", "eman_update_", "from_weight_decay", "__version__",
 ]

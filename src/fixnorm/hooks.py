@@ -37,6 +37,10 @@ class RunState(Protocol):
     def probe_images(self, count: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The first ``count`` training images (stored form, un-augmented) and labels; None for streamed data."""
 
+    def unlabelled_images(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The whole training set (stored form) and its labels, for a semi-supervised step's unlabelled stream
+        (the labels only to measure pseudo-labels); with ``labels_per_class`` the batches are a subset of it."""
+
 
 class Hook:
     """Override what you need. Hooks run in order; their state goes into the checkpoint."""

@@ -24,6 +24,9 @@ class TrainConfig:
     dataset: str = "fashion_mnist"
     data_dir: str | None = None
     train_subset: int | None = None
+    # >0: train on this many labelled images per class, drawn from the seed (labelled_subset); the whole training
+    # set stays available unlabelled to a method's train step (RunState.unlabelled_images): semi-supervised runs
+    labels_per_class: int = 0
     holdout: int = 0                 # >0: evaluate on the last `holdout` training images instead of the test set
     image_size: int = 224            # ImageFolder datasets only
     workers: int | None = None       # ImageFolder DataLoader workers (default: from the CPU count)
@@ -102,6 +105,10 @@ class TrainConfig:
             value = getattr(self, key)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise FixNormError(f"{key} must be a positive number, got {value!r}")
+        if isinstance(self.labels_per_class, bool) or not isinstance(self.labels_per_class, int) \
+                or self.labels_per_class < 0:
+            raise FixNormError(f"labels_per_class must be a whole number >= 0 (0: every label), got "
+                               f"{self.labels_per_class!r}")
         if not (isinstance(self.holdout, int) and self.holdout >= 0):
             raise FixNormError(f"holdout must be a whole number of images >= 0, got {self.holdout!r}")
         from ..methods import get_method, list_methods, method_settings  # late: the methods import this module
@@ -160,6 +167,12 @@ RECIPES: dict[str, dict[str, Any]] = {
                                         nesterov=False, weight_decay=5e-4, schedule="step",
                                         milestones=[80, 110, 135], gamma=0.1, warmup_epochs=2,
                                         augment="crop_flip", method="mimicnorm"),
+    # FixMatch on 400 labels (40 per class) and the whole training set unlabelled, FixMatch's CIFAR settings at CPU
+    # scale: B=64, mu=3 (method_kwargs.fixmatch), SGD 0.03 Nesterov, wd 5e-4, cosine; an epoch is a pass of the unlabelled
+    # stream (938 steps), so 3 epochs are FixMatch's ~3,000 steps at CPU scale (docs/eman.md)
+    "fmnist-fixmatch": dict(model="small_cnn", dataset="fashion_mnist", labels_per_class=40, epochs=3, batch_size=64,
+                            method="fixmatch", lr=0.03, momentum=0.9, nesterov=True, weight_decay=5e-4,
+                            schedule="cosine", augment="crop_flip", crop_padding=4),
     # a smoke test: a small CNN on 2000 images, seconds
     "fmnist-smoke": dict(model="small_cnn", model_kwargs={"width": 8}, dataset="fashion_mnist", train_subset=2000,
                          epochs=2, batch_size=100, lr=0.1, augment="crop", crop_padding=2),

@@ -23,6 +23,22 @@ STREAMING = ("imagefolder", "imagenet")
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
+def labelled_subset(labels: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
+    """Sorted indices of ``per_class`` images of every class, drawn without replacement from ``seed`` alone.
+
+    The same seed gives the same labelled set on every machine and rank (a CPU generator, whatever the device).
+    """
+    labels = labels.cpu()
+    gen = torch.Generator().manual_seed(seed * 6_007 + 101)
+    chosen = []
+    for c in torch.unique(labels).tolist():
+        members = (labels == c).nonzero().flatten()
+        if len(members) < per_class:
+            raise FixNormError(f"labels_per_class={per_class}, but class {c} has only {len(members)} training images")
+        chosen.append(members[torch.randperm(len(members), generator=gen)[:per_class]])
+    return torch.cat(chosen).sort().values
+
+
 class InMemoryData:
     """A dataset held as uint8 tensors on the device, augmented batch by batch there."""
 
@@ -39,10 +55,20 @@ class InMemoryData:
             test_x, test_y, _ = load_dataset(cfg.dataset, cfg.data_dir, "test")
         if cfg.train_subset:
             train_x, train_y = train_x[: cfg.train_subset], train_y[: cfg.train_subset]
-        self.train_x, self.train_y = train_x.to(device), train_y.to(device)
+        train_x, train_y = train_x.to(device), train_y.to(device)
+        # every training image, labels hidden from training: the unlabelled stream of semi-supervised steps
+        self.unlabelled_x, self.unlabelled_y = train_x, train_y
+        if cfg.labels_per_class:
+            keep = labelled_subset(train_y, cfg.labels_per_class, cfg.seed).to(device)
+            train_x, train_y = train_x[keep], train_y[keep]
+        self.train_x, self.train_y = train_x, train_y
         self.test_x, self.test_y = test_x.to(device), test_y.to(device)
-        self.per_rank = len(self.train_x) // dist.world_size  # equal shares: every rank takes as many steps
-        if self.per_rank == 0:
+        # equal shares: every rank takes as many steps. A semi-supervised epoch is a pass of the unlabelled stream
+        # (as many steps as the whole training set gives), the small labelled set cycled through it: with 400 labels
+        # an epoch of the labelled set alone would be 7 steps, each followed by a full evaluation
+        epoch_images = len(self.unlabelled_x) if cfg.labels_per_class else len(self.train_x)
+        self.per_rank = epoch_images // dist.world_size
+        if len(self.train_x) < dist.world_size:
             raise FixNormError(f"{len(self.train_x)} training images cannot be shared by {dist.world_size} ranks")
         self.steps_per_epoch = math.ceil(self.per_rank / cfg.batch_size)
         self.train_size = self.per_rank * dist.world_size
@@ -53,7 +79,9 @@ class InMemoryData:
 
     def train_batches(self, epoch: int) -> Iterator[Batch]:
         cfg, dist = self.cfg, self.dist
-        order = torch.randperm(len(self.train_x), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
+        gen = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
+        passes = math.ceil(self.train_size / len(self.train_x))  # 1 unless a small labelled set is cycled
+        order = torch.cat([torch.randperm(len(self.train_x), generator=gen) for _ in range(passes)])
         mine = order[: self.train_size][dist.rank::dist.world_size].to(self.device)
         gen = torch.Generator().manual_seed(cfg.seed * 104_729 + epoch * 31 + dist.rank)
         for step in range(self.steps_per_epoch):
@@ -86,6 +114,9 @@ class ImageFolderData:
         if cfg.holdout:
             raise FixNormError("holdout works with in-memory datasets; for an ImageFolder tree, put a validation "
                                "split in its own folder and point data_dir at it")
+        if cfg.labels_per_class:
+            raise FixNormError("labels_per_class works with in-memory datasets (fashion_mnist, cifar10, ...), not "
+                               "with a streamed ImageFolder tree")
         common = dict(image_size=cfg.image_size, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size,
                       num_workers=cfg.workers, pin_memory=device.type == "cuda")
         self.train_loader = imagefolder_loader(root / "train", cfg.batch_size, train=True, **common)

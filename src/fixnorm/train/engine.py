@@ -165,6 +165,15 @@ class Trainer:
         n = min(count, len(self.data.train_x))
         return self.data.train_x[:n], self.data.train_y[:n]
 
+    def unlabelled_images(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Every training image (stored form) with its label, which training must not read, or None when streamed.
+
+        With ``labels_per_class`` the batches hold only the labelled subset; this is the whole set it came from.
+        """
+        if not hasattr(self.data, "unlabelled_x"):
+            return None
+        return self.data.unlabelled_x, self.data.unlabelled_y
+
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.cfg.precision == "fp32":
             return contextlib.nullcontext()
