@@ -60,6 +60,9 @@ class TrainConfig:
     crop_padding: int = 4
     cutout: int = 0
     ema_decay: float | None = None
+    # with ema_decay: also evaluate the EMA weights with the student's BN buffers and with BN statistics
+    # re-estimated on 2,000 training images, each epoch (columns ema/*; train/hooks.py EmaHook, docs/eman.md)
+    ema_bn_check: bool = False
     grad_clip: float | None = None
     # diagnostics (fixnorm.diagnostics): effective LR, angles, norms, logit scale, margins, flip rate
     diagnostics: bool = False
@@ -120,6 +123,11 @@ class TrainConfig:
             settings = get_method(name).settings
             if settings is not None:
                 method_settings(self, name, settings)
+        if not isinstance(self.ema_bn_check, bool):
+            raise FixNormError(f"ema_bn_check must be true or false, got {self.ema_bn_check!r}")
+        if self.ema_bn_check and not self.ema_decay:
+            raise FixNormError("ema_bn_check evaluates the EMA model three ways, so it needs one: set ema_decay "
+                               "(e.g. 0.999)")
         if self.rank_every < 0 or self.curvature_every < 0 or self.curvature_probe < 1:
             raise FixNormError("rank_every and curvature_every are epochs (0: off) and curvature_probe images (>= 1)")
         if any(step < 0 for step in self.save_at_steps):

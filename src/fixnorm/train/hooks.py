@@ -1,31 +1,64 @@
 """The engine's own hooks (EMA); the Hook interface itself lives in ``fixnorm.hooks``, below the engine."""
 from __future__ import annotations
 
+import contextlib
+import copy
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..errors import FixNormError
 from ..hooks import Hook
 
 if TYPE_CHECKING:
     from .engine import Trainer
 
-__all__ = ["EmaHook", "Hook"]
+__all__ = ["BN_CHECK_IMAGES", "EmaHook", "Hook", "with_recomputed_bn", "with_student_buffers"]
+
+# training images whose BatchNorm statistics the EMA model is re-estimated on (the issue's 2,000)
+BN_CHECK_IMAGES = 2000
 
 
 class EmaHook(Hook):
-    """Exponential moving average of the weights *and* buffers (BN statistics), evaluated each epoch."""
+    """Exponential moving average of the weights *and* buffers (BN statistics), evaluated each epoch.
+
+    With the run's ``ema_bn_check`` the EMA weights are also evaluated with two other sets of BatchNorm
+    statistics, so one supervised run says which statistics an EMA model should carry (docs/eman.md):
+    ``ema/test_acc_ema_buffers`` (its own averaged buffers: the same number as ``ema_test_acc``),
+    ``ema/test_acc_student_buffers`` (the student's buffers copied in, as USB does) and
+    ``ema/test_acc_recomputed_bn`` (statistics re-estimated on the first ``BN_CHECK_IMAGES`` training images).
+    Each works on a temporary copy: the EMA model, the student and every random stream are left as they were.
+    """
 
     def __init__(self, model: nn.Module, decay: float):
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
         self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
+    def on_train_start(self, trainer: Trainer) -> None:
+        if trainer.cfg.ema_bn_check and trainer.probe_images(1) is None:
+            raise FixNormError(f"ema_bn_check re-estimates BatchNorm statistics on stored training images; the "
+                               f"dataset {trainer.cfg.dataset!r} is streamed: set ema_bn_check=false")
+
     def after_step(self, trainer: Trainer) -> None:
         self.ema.update_parameters(trainer.model)
 
     def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
         record["ema_test_loss"], record["ema_test_acc"] = trainer.evaluate(self.ema.module)
+        if not trainer.cfg.ema_bn_check:
+            return
+        record["ema/test_acc_ema_buffers"] = record["ema_test_acc"]
+        record["ema/test_acc_student_buffers"] = trainer.evaluate(with_student_buffers(self.ema.module,
+                                                                                       trainer.model))[1]
+        images = trainer.probe_images(BN_CHECK_IMAGES)
+        assert images is not None  # checked in on_train_start
+        x, batch = images[0], trainer.cfg.batch_size
+        batches = (trainer.prepare_batch(x[i:i + batch]) for i in range(0, len(x), batch))
+        record["ema/test_acc_recomputed_bn"] = trainer.evaluate(
+            with_recomputed_bn(self.ema.module, batches, autocast=trainer.autocast))[1]
 
     def state_dict(self) -> dict[str, Any]:
         return {"ema": self.ema.state_dict()}
@@ -33,3 +66,42 @@ class EmaHook(Hook):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.ema.load_state_dict(state["ema"])
 
+
+@torch.no_grad()
+def with_student_buffers(model: nn.Module, student: nn.Module) -> nn.Module:
+    """A copy of ``model`` (an EMA) whose buffers, every one, are the student's: USB's teacher. ``model`` untouched."""
+    copied = copy.deepcopy(model)
+    mine, theirs = dict(copied.named_buffers()), dict(student.named_buffers())
+    if mine.keys() != theirs.keys():
+        raise FixNormError(f"the EMA model and the student have different buffers "
+                           f"({sorted(set(mine) ^ set(theirs))[:4]}); the EMA must be a copy of the student")
+    for name, buffer in mine.items():
+        buffer.copy_(theirs[name])
+    return copied
+
+
+@torch.no_grad()
+def with_recomputed_bn(model: nn.Module, batches: Iterable[torch.Tensor], *,
+                       autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+                       ) -> nn.Module:
+    """A copy of ``model`` whose BatchNorm running statistics are re-estimated on ``batches``; ``model`` untouched.
+
+    Each BatchNorm with running statistics is reset and switched to cumulative averaging (``momentum=None``: the
+    running mean is the mean of the batch means, the variance the mean of the unbiased batch variances, every batch
+    weighted alike), and only the BatchNorms run in train mode: dropout and the rest stay in eval mode, so the
+    forwards draw no random numbers. The copy is returned in eval mode with the original momenta.
+    """
+    copied = copy.deepcopy(model).eval()
+    norms = [m for m in copied.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    for x in batches:
+        with autocast():
+            copied(x)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+        m.eval()
+    return copied
