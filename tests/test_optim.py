@@ -647,6 +647,36 @@ def test_fc_scale_holds_the_classifier_at_a_multiple_of_the_norm_training_chose(
         FixNorm(small_net(), x, fc_scale=0.0, lr=0.1)
 
 
+def test_norm_scale_multiplies_the_effective_learning_rate_of_the_scale_invariant_weights():
+    """At norm_scale c the weights compute the same function and turn by tan(angle) x 1/c² per SGD step."""
+    data = batches(5)
+    x = data[0][0]
+    plain, scaled = small_net(), small_net()
+    opt_plain = FixNorm(plain, x, free_steps=3, lr=0.2, momentum=0.0, lr_power=1.0)
+    opt_scaled = FixNorm(scaled, x, free_steps=3, norm_scale=0.5, lr=0.2, momentum=0.0, lr_power=1.0)
+    train(plain, opt_plain, data[:3])
+    train(scaled, opt_scaled, data[:3])
+    for i in (0, 3):  # both convs at half the norm reached; the classifier untouched
+        assert float(scaled[i].weight.norm()) == pytest.approx(0.5 * float(plain[i].weight.norm()), rel=1e-6)
+    assert torch.equal(scaled[8].weight, plain[8].weight)
+    with torch.no_grad():  # scale invariance up to BN eps (batch statistics; copies keep the buffers)
+        torch.testing.assert_close(copy.deepcopy(scaled)(x), copy.deepcopy(plain)(x), rtol=1e-2, atol=5e-4)  # BN eps
+    before = [m[3].weight.detach().clone() for m in (plain, scaled)]
+    train(plain, opt_plain, data[3:4])
+    train(scaled, opt_scaled, data[3:4])
+
+    def tan_angle(a, b):
+        cos = float((a * b).sum() / (a.norm() * b.norm()))
+        return math.sqrt(max(0.0, 1 - cos * cos)) / cos
+
+    turned = [tan_angle(w0, m[3].weight.detach()) for w0, m in zip(before, (plain, scaled))]
+    assert turned[1] / turned[0] == pytest.approx(4.0, rel=1e-2)
+    with pytest.raises(FixNormError, match="norm_scale"):
+        FixNorm(small_net(), x, target=1.0, norm_scale=2.0, lr=0.1)
+    with pytest.raises(FixNormError, match="norm_scale"):
+        FixNorm(small_net(), x, norm_scale=-1.0, lr=0.1)
+
+
 def test_lr_power_bends_the_schedule_of_the_scale_invariant_weights_only():
     """lr_power=0.5 at a scheduled lr of lr0/4: the convs step as with lr0/2, the classifier with lr0/4."""
     data = batches(3)

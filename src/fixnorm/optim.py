@@ -50,6 +50,12 @@ class FixNorm(torch.optim.Optimizer):
         fc_scale: with ``fc_norm=None``, hold the classifier at ``fc_scale`` times the norm it
             has when its target is taken: a classifier norm relative to the one training chose
             (what ``fixnorm tune`` searches, centred on the default 1).
+        norm_scale: with ``target="initial"``, hold every scale-invariant weight at ``norm_scale``
+            times the norm it has when its target is taken. Their effective learning rate is
+            lr / norm²: 1/2 gives them 4x the effective learning rate, with the lr (and so the
+            classifier's and the free parameters' steps) unchanged. After a free phase the norms
+            reached grow with the lr, so the lr alone barely moves the effective learning rate of
+            these weights; this is the knob that does.
         roles: the result of :func:`fixnorm.analyze`, to skip the analysis.
         granularity: "tensor" fixes each scale-invariant weight's norm; "filter" fixes
             each filter's norm where the weight is filter-invariant.
@@ -101,6 +107,7 @@ class FixNorm(torch.optim.Optimizer):
         angle_power: float = 1.0,
         free_steps: int = DEFAULT_FREE_STEPS,
         fc_scale: float = 1.0,
+        norm_scale: float = 1.0,
         lr_power: float = DEFAULT_LR_POWER,
         **base_kwargs: Any,
     ) -> None:
@@ -122,6 +129,12 @@ class FixNorm(torch.optim.Optimizer):
         if isinstance(fc_scale, bool) or not isinstance(fc_scale, (int, float)) or not (
                 math.isfinite(fc_scale) and fc_scale > 0):
             raise FixNormError(f"fc_scale must be a positive number, got {fc_scale!r}")
+        if isinstance(norm_scale, bool) or not isinstance(norm_scale, (int, float)) or not (
+                math.isfinite(norm_scale) and norm_scale > 0):
+            raise FixNormError(f"norm_scale must be a positive number, got {norm_scale!r}")
+        if norm_scale != 1 and target != "initial":
+            raise FixNormError("norm_scale scales the norms training chose; with a numeric target there is nothing "
+                               "to scale: give one of them")
         if fc_scale != 1 and fc_norm is not None:
             raise FixNormError("fc_scale scales the classifier norm that training chose; with fc_norm given there is "
                                "nothing to scale: give one of them")
@@ -153,7 +166,8 @@ class FixNorm(torch.optim.Optimizer):
         self.free_steps = free_steps
         self._layout: list[tuple[torch.device, torch.dtype]] = []  # parameters' (device, dtype) of the cache
         # the rules, by constraint: weights held from the first step (explicit targets, or free_steps=0) and
-        # weights held from the end of the free phase (their norms then, the classifier's times fc_scale)
+        # weights held from the end of the free phase (their norms then, the classifier's times fc_scale, the
+        # scale-invariant weights' times norm_scale)
         held: OrderedDict[str, tuple[list[torch.Tensor], list[str], list[torch.Tensor]]] = OrderedDict()
         later: OrderedDict[str, tuple[list[torch.Tensor], list[str], dict[int, float]]] = OrderedDict()
 
@@ -173,14 +187,16 @@ class FixNorm(torch.optim.Optimizer):
                 elif entry.role == "scale-invariant" and target != "initial":
                     value = float(target)
                 initial = initial_targets(p, entry.name, entry.constraint, value)  # fails on a zero norm now
-                scaled = entry.role == "classifier" and value is None and fc_scale != 1
+                scale = 1.0
+                if value is None:
+                    scale = float({"classifier": fc_scale, "scale-invariant": norm_scale}.get(entry.role, 1.0))
                 if value is None and free_steps > 0:
                     params, names, scales = later.setdefault(entry.constraint, ([], [], {}))
-                    if scaled:
-                        scales[len(params)] = float(fc_scale)
+                    if scale != 1:
+                        scales[len(params)] = scale
                 else:
                     params, names, targets = held.setdefault(entry.constraint, ([], [], []))
-                    targets.append(initial * float(fc_scale) if scaled else initial)
+                    targets.append(initial * scale if scale != 1 else initial)
                 params.append(p)
                 names.append(entry.name)
             if role == "other" and others == "decay":

@@ -23,6 +23,7 @@ class FixNormSettings:
 
     fc_norm: float | None = None          # the classifier's norm, held from step 0; None: the one training chose
     fc_scale: float = 1.0                 # with fc_norm unset: the classifier at fc_scale x the norm training chose
+    norm_scale: float = 1.0               # scale-invariant weights at norm_scale x the norm training chose
     granularity: str = "tensor"           # "tensor" or "filter": what one held norm covers
     target_norm: float | None = None      # scale-invariant weights' norm; None: the norm training chose
     fc_granularity: str = "tensor"        # "tensor" or "class" (one norm per row)
@@ -44,7 +45,7 @@ def build_fixnorm(model: nn.Module, cfg: TrainConfig, example: torch.Tensor) -> 
     target = "initial" if s.target_norm is None else s.target_norm
     return FixNorm(model, example, base=cls, fc_norm=s.fc_norm, granularity=s.granularity, target=target,
                    fc_granularity=s.fc_granularity, others=s.others, others_weight_decay=s.others_weight_decay,
-                   free_steps=s.free_steps, fc_scale=s.fc_scale, lr_power=s.lr_power,
+                   free_steps=s.free_steps, fc_scale=s.fc_scale, norm_scale=s.norm_scale, lr_power=s.lr_power,
                    angular_update=s.angular_update, angle_power=s.angle_power, **kwargs)
 
 
