@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from .compress import BLOCK_SHAPES
 from .errors import FixNormError
 
 # flags that are shortcuts for --set KEY=VALUE
@@ -126,6 +127,28 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(f"no plot: {result['no_plot']}")
     if not args.quiet:
         print(f"written: {out / 'prune.md'}, {out / 'prune.json'}" + "".join(f", {p}" for p in result["plots"]))
+    return 0
+
+
+def cmd_unify(args: argparse.Namespace) -> int:
+    from .train.unify import run_unification, unification_table
+
+    settings = _settings(args)
+    out = Path(args.out or Path("runs") / f"unify-{args.recipe or 'custom'}")
+
+    def callbacks(name: str) -> dict[str, Any]:
+        if args.quiet:
+            return {}
+        label = f"[{name}] "
+        phase_epochs: Any = "-" if not name.startswith("dense") else settings.get("epochs", "-")
+        return {"on_step": _Progress(sys.stderr.isatty(), label).step, "on_epoch": _epoch_line(phase_epochs, label)}
+
+    result = run_unification(settings, blocks=args.block, ratios=args.ratio, prune_ratios=args.prune_ratio,
+                             modes=args.mode, seeds=args.seeds, out_dir=out, admm_epochs=args.admm_epochs,
+                             retrain=args.retrain, unify_first_conv=args.unify_first_conv, make_callbacks=callbacks)
+    print(unification_table(result))
+    if not args.quiet:
+        print(f"written: {out / 'unify.md'}, {out / 'unify.json'}")
     return 0
 
 
@@ -262,6 +285,28 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--prune-first-conv", action="store_true", help="prune the first conv too (default: dense)")
     prune.add_argument("--out", default=None, help="folder for the runs, masks and table (reruns reuse them)")
     prune.set_defaults(func=cmd_prune)
+
+    unify = sub.add_parser("unify", help="micro-structured weight unification: dense run, one-shot projection or "
+                           "ADMM, retraining with the blocks held")
+    _add_run_options(unify)
+    unify.add_argument("--method", default=None, help="the method of every phase, ADMM's W-steps included "
+                       "(default: the recipe's)")
+    unify.add_argument("--block", nargs="+", default=["2x2"], choices=list(BLOCK_SHAPES),
+                       help="block shapes of the (out, in*kh*kw) matrix; kernel = 1 x kh*kw")
+    unify.add_argument("--ratio", nargs="+", type=float, default=[0.5, 0.75, 0.9],
+                       help="shares of each layer's blocks unified, each in [0, 1)")
+    unify.add_argument("--prune-ratio", nargs="+", type=float, default=[0.0],
+                       help="shares of each layer's blocks pruned, each in [0, 1) (combined with every --ratio)")
+    unify.add_argument("--mode", nargs="+", default=["oneshot", "admm"], choices=["oneshot", "admm"],
+                       help="oneshot: project the dense weights, retrain; admm: ADMM, project, retrain (equal epochs)")
+    unify.add_argument("--seeds", nargs="+", type=int, default=[0])
+    unify.add_argument("--admm-epochs", type=int, default=None, help="ADMM's share of the epochs (default: half)")
+    unify.add_argument("--retrain", choices=["fixed", "magnitude"], default="fixed",
+                       help="unified blocks fixed, or one trainable magnitude per block (signs fixed)")
+    unify.add_argument("--unify-first-conv", action="store_true", help="constrain the first conv too "
+                       "(default: dense)")
+    unify.add_argument("--out", default=None, help="folder for the runs, unify files and table (reruns reuse them)")
+    unify.set_defaults(func=cmd_unify)
 
     roles = sub.add_parser("roles", help="print FixNorm's plan (or, with --why, the role analysis) for a model")
     roles.add_argument("--model", default="resnet20")

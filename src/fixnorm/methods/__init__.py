@@ -124,3 +124,4 @@ from . import afan  # noqa: E402,F401
 from . import pathprox  # noqa: E402,F401
 from . import sal  # noqa: E402,F401
 from . import fixmatch  # noqa: E402,F401
+from . import admm  # noqa: E402,F401

@@ -92,6 +92,12 @@ class TrainConfig:
     # train with these weights held at zero: a mask file (fixnorm.train.masks, written by `fixnorm prune`); the
     # masked weights are zeroed at the start and kept at zero after every optimizer step, whatever the method
     mask_from: str | None = None
+    # train with blocks of weights unified (one |value| per block, signs kept) or pruned: a unify file
+    # (fixnorm.train.unified_blocks, written by `fixnorm unify`); the starting weights are projected onto it and the
+    # blocks held after every optimizer step, whatever the method
+    unify_from: str | None = None
+    # with unify_from: each unified block keeps one trainable magnitude (signs fixed) instead of a fixed value
+    unify_magnitudes: bool = False
     # begin as if this many optimizer steps had been taken (open_lth's rewinding): the schedule, the data order and
     # the epoch count continue from step k, and the run trains the remaining epochs x steps per epoch - k steps
     start_step: int = 0
@@ -136,6 +142,11 @@ class TrainConfig:
             raise FixNormError(f"start_step must be a whole number of optimizer steps >= 0, got {self.start_step!r}")
         if self.mask_from is not None and not str(self.mask_from).strip():
             raise FixNormError("mask_from must be the path of a mask file (or null for no mask)")
+        if self.unify_from is not None and not str(self.unify_from).strip():
+            raise FixNormError("unify_from must be the path of a unify file (or null for none)")
+        if self.unify_magnitudes and self.unify_from is None:
+            raise FixNormError("unify_magnitudes trains the magnitudes of unified blocks, so it needs unify_from "
+                               "(a unify file written by `fixnorm unify`)")
         if self.schedule == "step" and not self.milestones:
             raise FixNormError("schedule 'step' needs milestones (epochs), e.g. --set milestones=[60,120,160]")
         return self

@@ -37,6 +37,7 @@ from .data_source import make_data
 from .distributed import DistInfo, all_reduce_sum, broadcast_buffers, init_distributed, shutdown
 from .hooks import EmaHook, Hook
 from .masks import apply_masks_, attach_masks, checked_masks, load_masks
+from .unified_blocks import attach_unified, checked_layers, load_unify_file, project_layers_
 
 StepCallback = Callable[[int, int, int], None]          # (epoch, step in epoch, steps per epoch)
 EpochCallback = Callable[[dict[str, Any]], None]
@@ -107,6 +108,9 @@ class Trainer:
             load_model_state(model, cfg.init_from)
         masks = checked_masks(load_masks(cfg.mask_from), model, f"mask_from={cfg.mask_from}") if cfg.mask_from else {}
         apply_masks_(model, masks)  # θ ⊙ m before the method analyses the model: norms over the kept entries
+        unified = (checked_layers(load_unify_file(cfg.unify_from)[0], model, f"unify_from={cfg.unify_from}")
+                   if cfg.unify_from else {})
+        project_layers_(model, unified)  # Π(θ) before the method analyses the model, as masks
         if cfg.start_step >= cfg.epochs * self.steps_per_epoch:
             raise FixNormError(f"start_step={cfg.start_step} leaves nothing to train: {cfg.epochs} epochs are "
                                f"{cfg.epochs * self.steps_per_epoch} steps")
@@ -115,6 +119,8 @@ class Trainer:
         self.optimizer, method_hooks = self.method.build(model, cfg, example)
         if masks:
             attach_masks(model, self.optimizer, masks)
+        if unified:
+            attach_unified(model, self.optimizer, unified, trainable_magnitudes=cfg.unify_magnitudes)
         factor = lr_factor(cfg, self.steps_per_epoch)  # of the global step: a run from start_step k resumes it at k
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: factor(s + cfg.start_step))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")

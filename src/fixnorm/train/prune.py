@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,23 +26,16 @@ import torch
 from ..compress import SCOPES, magnitude_masks, prunable_weights, weight_correlation
 from ..errors import FixNormError
 from ..io import atomic_write, write_json_atomic, write_text_atomic
-from ..methods import get_method, with_method_settings
-from ..models import create_model
 from ..run_folder import RunFolder
-from .checkpoint import load_checkpoint
 from .config import TrainConfig, make_config
-from .data_source import make_data
-from .distributed import DistInfo
-from .engine import train_or_reuse
 from .masks import load_mask_file, save_masks
+from .study import Callbacks, mean_std, model_state, recipe_model, train_phase
 
 ARMS = ("finetune", "ticket", "rewind", "reinit")
 REINIT_SEED_OFFSET = 1_000_003  # a reinit arm's model is drawn from init_seed = seed + this; its data order is seed's
 DENSE_P = (0.1, 0.2, 0.3, 0.4, 0.5)  # R_p(θ_0, θ_T) of the dense runs at these p
 ARM_P = 0.2  # R_p(start, end) of every arm, over its kept weights
 SET_BY_THE_STUDY = ("init_from", "mask_from", "start_step", "init_seed")
-
-Callbacks = Callable[[str], dict[str, Any]]  # run name -> Trainer keyword arguments (progress display)
 
 
 def run_pruning(settings: Mapping[str, Any], *, sparsities: Sequence[float], arms: Sequence[str],
@@ -65,9 +58,7 @@ def run_pruning(settings: Mapping[str, Any], *, sparsities: Sequence[float], arm
                            f"{steps_per_epoch} steps), got {rewind_step!r}")
 
     def train(name: str, cfg: TrainConfig) -> dict[str, Any]:
-        run_dir = out / name
-        callbacks = {} if RunFolder(run_dir).finished or make_callbacks is None else make_callbacks(name)
-        return train_or_reuse(cfg, run_dir, **callbacks)
+        return train_phase(out, name, cfg, make_callbacks)
 
     dense_runs, arm_runs = [], []
     for lr in lrs:
@@ -80,7 +71,7 @@ def run_pruning(settings: Mapping[str, Any], *, sparsities: Sequence[float], arm
                 if not dense.at_step(step).is_file():
                     raise FixNormError(f"{dense.path} has no step-{step}.pt: it was trained with other save_at_steps; "
                                        "give --rewind-step one of its step-<k>.pt files, or remove the run")
-            first, final = _model_state(dense.at_step(0)), _model_state(dense.last)
+            first, final = model_state(dense.at_step(0)), model_state(dense.last)
             dense_runs.append({"lr": lr, "seed": seed, "run_dir": str(dense.path),
                                "final_test_acc": summary["final_test_acc"],
                                "r_p": {str(p): weight_correlation(first, final, p, names=prunable) for p in DENSE_P}})
@@ -95,7 +86,7 @@ def run_pruning(settings: Mapping[str, Any], *, sparsities: Sequence[float], arm
                                                  "save_at_steps": [start]}, arm_settings)
                     summary = train(arm_name, cfg)
                     folder = RunFolder(out / arm_name)
-                    r_p = _kept_correlation(_model_state(folder.at_step(start)), _model_state(folder.last), masks)
+                    r_p = _kept_correlation(model_state(folder.at_step(start)), model_state(folder.last), masks)
                     arm_runs.append({"lr": lr, "seed": seed, "sparsity": sparsity, "arm": arm,
                                      "run_dir": str(folder.path), "final_test_acc": summary["final_test_acc"],
                                      "r_p_start_end": r_p})
@@ -163,17 +154,10 @@ def _arm_start(arm: str, dense: RunFolder, seed: int, rewind_step: int) -> tuple
 def _weights_and_steps(cfg: TrainConfig, prune_first_conv: bool) -> tuple[list[str], list[str], int]:
     """The conv and linear weights of the recipe's model as its method trains it (all; those pruned: the first conv
     left out unless asked), and the steps per epoch."""
-    data = make_data(cfg, DistInfo(), torch.device("cpu"))
-    cfg = with_method_settings(cfg)
-    model = create_model(cfg.model, num_classes=data.info.num_classes, in_channels=data.info.in_channels,
-                         **cfg.model_kwargs)
-    model = get_method(cfg.method).prepare_model(model, cfg)
+    model, steps_per_epoch = recipe_model(cfg)
     return (list(prunable_weights(model)), list(prunable_weights(model, exclude_first_conv=not prune_first_conv)),
-            data.steps_per_epoch)
+            steps_per_epoch)
 
-
-def _model_state(path: Path) -> dict[str, torch.Tensor]:
-    return load_checkpoint(path)["model"]
 
 
 def _kept_correlation(start: Mapping[str, torch.Tensor], end: Mapping[str, torch.Tensor],
@@ -183,18 +167,14 @@ def _kept_correlation(start: Mapping[str, torch.Tensor], end: Mapping[str, torch
                               ARM_P)
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def _arm_row(lr: float, sparsity: float, arm: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
-    final = _mean_std([r["final_test_acc"] for r in runs])
+    final = mean_std([r["final_test_acc"] for r in runs])
     return {"lr": lr, "sparsity": sparsity, "arm": arm, "runs": len(runs), "final_mean": final[0],
             "final_std": final[1], "r_p_start_end": statistics.mean(r["r_p_start_end"] for r in runs)}
 
 
 def _dense_row(lr: float, runs: list[dict[str, Any]]) -> dict[str, Any]:
-    final = _mean_std([r["final_test_acc"] for r in runs])
+    final = mean_std([r["final_test_acc"] for r in runs])
     return {"lr": lr, "runs": len(runs), "final_mean": final[0], "final_std": final[1],
             "r_p": {str(p): statistics.mean(r["r_p"][str(p)] for r in runs) for p in DENSE_P}}
 
