@@ -37,19 +37,27 @@ def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
     return load_mask_file(path)[0]
 
 
-def load_mask_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The masks of a file :func:`save_masks` wrote and how they were made (its ``about``)."""
+def load_tagged_state(path: str | Path, fmt: str, key: str, *, kind: str, setting: str,
+                      writer: str) -> dict[str, Any]:
+    """A file of ours tagged ``{"format": fmt, key: {...}}``, read without unpickling code (``weights_only``); a
+    missing, truncated, tampered or foreign file is a FixNormError naming the setting and what writes such files."""
     path = Path(path)
     if not path.is_file():
-        raise FixNormError(f"mask_from={str(path)!r}: no such file; give a mask file written by `fixnorm prune` "
-                           "(fixnorm.train.masks.save_masks)")
+        raise FixNormError(f"{setting}={str(path)!r}: no such file; give a {kind} file written by {writer}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - truncated or foreign files all land here
-        raise FixNormError(f"mask file {path} cannot be read safely ({type(exc).__name__}: "
+        raise FixNormError(f"{kind} file {path} cannot be read safely ({type(exc).__name__}: "
                            f"{str(exc).splitlines()[0][:200]})") from exc
-    if not isinstance(state, dict) or state.get("format") != FORMAT or not isinstance(state.get("masks"), dict):
-        raise FixNormError(f"{path} is not a fixnorm mask file (format {FORMAT!r})")
+    if not isinstance(state, dict) or state.get("format") != fmt or not isinstance(state.get(key), dict):
+        raise FixNormError(f"{path} is not a fixnorm {kind} file (format {fmt!r})")
+    return state
+
+
+def load_mask_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The masks of a file :func:`save_masks` wrote and how they were made (its ``about``)."""
+    state = load_tagged_state(path, FORMAT, "masks", kind="mask", setting="mask_from",
+                              writer="`fixnorm prune` (fixnorm.train.masks.save_masks)")
     return dict(state["masks"]), dict(state.get("about") or {})
 
 

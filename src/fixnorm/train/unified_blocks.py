@@ -29,6 +29,7 @@ from ..compress import FREE, PRUNED, UNIFIED, Block, block_dims, block_sums, exp
 from ..errors import FixNormError
 from ..io import atomic_write
 from ..rules import Attachment, DeviceFlags, Rule, attach
+from .masks import load_tagged_state
 
 FORMAT = "fixnorm-unify"
 
@@ -53,17 +54,8 @@ def save_unify_file(path: str | Path, layers: Mapping[str, UnifiedLayer], **abou
 
 def load_unify_file(path: str | Path) -> tuple[dict[str, UnifiedLayer], dict[str, Any]]:
     """The layers of a file :func:`save_unify_file` wrote and its ``about`` (read without unpickling code)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FixNormError(f"unify_from={str(path)!r}: no such file; give a unify file written by `fixnorm unify` "
-                           "(fixnorm.train.unified_blocks.save_unify_file)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - truncated or foreign files all land here
-        raise FixNormError(f"unify file {path} cannot be read safely ({type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0][:200]})") from exc
-    if not isinstance(state, dict) or state.get("format") != FORMAT or not isinstance(state.get("layers"), dict):
-        raise FixNormError(f"{path} is not a fixnorm unify file (format {FORMAT!r})")
+    state = load_tagged_state(path, FORMAT, "layers", kind="unify", setting="unify_from",
+                              writer="`fixnorm unify` (fixnorm.train.unified_blocks.save_unify_file)")
     layers = {}
     for name, entry in state["layers"].items():
         block = entry.get("block") if isinstance(entry, dict) else None
