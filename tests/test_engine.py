@@ -455,3 +455,15 @@ def test_a_run_saved_before_a_setting_existed_resumes_with_the_value_it_trained_
     assert settings.free_steps == 0 and settings.lr_power == 1.0
     assert resumed.cfg.method_kwargs["fixnorm"]["free_steps"] == 0  # written out in full from now on
     assert resumed.fit()["final_test_acc"] == train(cfg, tmp_path / "straight")["final_test_acc"]
+
+
+@needs_fmnist
+def test_a_diverged_run_stops_with_a_clear_error_and_keeps_its_last_good_state(tmp_path):
+    """A NaN training loss ends the run (NonFiniteError, which the tuner records as a diverged trial) before the
+    epoch's checkpoint, instead of training NaN weights to the end."""
+    from fixnorm.errors import NonFiniteError
+
+    cfg = make_config(TINY, {"epochs": 2, "lr": 1e30, "method": "sgd"})  # FixNorm has its own check (rules)
+    with pytest.raises(NonFiniteError, match="diverged in epoch 1"):
+        Trainer(cfg, tmp_path / "run").fit()
+    assert not (tmp_path / "run" / "last.pt").exists()  # nothing of the diverged epoch was saved as a result

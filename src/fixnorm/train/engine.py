@@ -25,7 +25,7 @@ import yaml
 from torch import nn
 
 from ..data import normalize
-from ..errors import FixNormError
+from ..errors import FixNormError, NonFiniteError
 from ..hooks import TrainStep
 from ..methods import get_method, with_method_settings
 from ..models import create_model
@@ -196,6 +196,10 @@ class Trainer:
         try:
             for epoch in range(self.start_epoch, self.cfg.epochs):
                 record = self.train_epoch(epoch)
+                if not math.isfinite(record["train_loss"]):  # before any checkpoint: last.pt keeps the state before
+                    raise NonFiniteError(f"training diverged in epoch {epoch + 1}: the mean training loss is "
+                                         f"{record['train_loss']}; the run folder keeps the state before this epoch. "
+                                         "Lower the learning rate (or clip gradients, grad_clip=...)")
                 record["test_loss"], record["test_acc"] = self.evaluate(self.model)
                 for hook in self.hooks:
                     hook.on_epoch_end(self, record)
