@@ -61,15 +61,23 @@ def load_mask_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
     return dict(state["masks"]), dict(state.get("about") or {})
 
 
+def parameters_named_by(entries: Mapping[str, Any], model: nn.Module, source: str,
+                        what: str) -> dict[str, nn.Parameter]:
+    """The parameters of ``model`` by name, once ``entries`` (a file's masks or layers) is known to be non-empty and
+    to name only parameters of ``model``; a clear error otherwise (a file made for another model or method)."""
+    params = dict(model.named_parameters())
+    if not entries:
+        raise FixNormError(f"{source}: no {what}")
+    unknown = sorted(set(entries) - set(params))
+    if unknown:
+        raise FixNormError(f"{source}: {what} {unknown[:4]}, which are not parameters of this {type(model).__name__} "
+                           f"(it has e.g. {list(params)[:4]}); made for another model or method?")
+    return params
+
+
 def checked_masks(masks: Mapping[str, Any], model: nn.Module, source: str = "the masks") -> dict[str, torch.Tensor]:
     """``masks`` if every name is a parameter of ``model`` and every mask a bool tensor of its shape; else an error."""
-    params = dict(model.named_parameters())
-    if not masks:
-        raise FixNormError(f"{source} hold no masks")
-    unknown = sorted(set(masks) - set(params))
-    if unknown:
-        raise FixNormError(f"{source} name {unknown[:4]}, which are not parameters of this {type(model).__name__} "
-                           f"(it has e.g. {list(params)[:4]}); were they made for another model or method?")
+    params = parameters_named_by(masks, model, source, "masks")
     wrong = [f"{n}: {m.dtype if isinstance(m, torch.Tensor) else type(m).__name__} "
              f"{tuple(getattr(m, 'shape', ()))}, parameter {tuple(params[n].shape)}" for n, m in masks.items()
              if not isinstance(m, torch.Tensor) or m.dtype != torch.bool or m.shape != params[n].shape]

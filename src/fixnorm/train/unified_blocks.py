@@ -29,7 +29,7 @@ from ..compress import FREE, PRUNED, UNIFIED, Block, block_dims, block_sums, exp
 from ..errors import FixNormError
 from ..io import atomic_write
 from ..rules import Attachment, DeviceFlags, Rule, attach
-from .masks import load_tagged_state
+from .masks import load_tagged_state, parameters_named_by
 
 FORMAT = "fixnorm-unify"
 
@@ -69,13 +69,7 @@ def load_unify_file(path: str | Path) -> tuple[dict[str, UnifiedLayer], dict[str
 def checked_layers(layers: Mapping[str, UnifiedLayer], model: nn.Module,
                    source: str = "the unify file") -> dict[str, UnifiedLayer]:
     """``layers`` if each names a parameter of ``model`` and its assignment fits that parameter's tile grid."""
-    params = dict(model.named_parameters())
-    if not layers:
-        raise FixNormError(f"{source} holds no layers")
-    unknown = sorted(set(layers) - set(params))
-    if unknown:
-        raise FixNormError(f"{source} names {unknown[:4]}, which are not parameters of this {type(model).__name__} "
-                           f"(it has e.g. {list(params)[:4]}); was it made for another model or method?")
+    params = parameters_named_by(layers, model, source, "layers")
     wrong = []
     for name, layer in layers.items():
         shape = params[name].shape
