@@ -5,7 +5,8 @@ Phase 1 (``--phase grid``, the expensive part): train every point of two 8 x 7 l
 the training set), once each:
 
     SGD + WD:  lr 0.0125 .. 1.6 (x2 steps)  x  weight decay 1e-5 .. 1e-2 (x sqrt(10) steps)
-    FixNorm:   lr 0.0125 .. 1.6 (x2 steps)  x  classifier norm 0.5 .. 32 (x2 steps)
+    FixNorm:   lr 0.0125 .. 1.6 (x2 steps)  x  fc_scale 1/4 .. 4 (x2 steps: the classifier at that multiple of
+               the norm the free phase chose; what ``fixnorm tune`` searches at the defaults)
 
 Every trial is a real run directory (reused when finished, resumed when interrupted); the table of
 accuracies is written after each trial, so the phase can be stopped and continued.
@@ -16,7 +17,7 @@ class and Optuna storage as ``fixnorm tune``, over many tuner seeds. Reported pe
 needed to come within 0.3 points of the method's grid best, and the best accuracy found at equal
 numbers of trials. The lookup removes trial-to-trial noise; each grid point was trained once.
 
-    python benchmarks/tuning_efficiency.py --phase grid [--max-new N]
+    python benchmarks/tuning_efficiency.py --phase grid [--max-new N] [--shard K/N]
     python benchmarks/tuning_efficiency.py --phase tuners [--tuner-seeds 20]
     python benchmarks/tuning_efficiency.py --phase recheck   # the best points again, on seeds 1 2 3
 """
@@ -45,7 +46,7 @@ TOLERANCE = 0.003  # 0.3 points of accuracy
 
 SPACES = {
     "sgd": SearchSpace((Axis("lr", 0.1, 2.0, -3, 4), Axis("weight_decay", 10 ** -3.5, math.sqrt(10), -3, 3))),
-    "fixnorm": SearchSpace((Axis("lr", 0.1, 2.0, -3, 4), Axis("fc_norm", 2.0, 2.0, -2, 4))),
+    "fixnorm": SearchSpace((Axis("lr", 0.1, 2.0, -3, 4), Axis("fc_scale", 1.0, 2.0, -2, 2))),
 }
 # (label, method, tuner); the coordinate search is deterministic, the samplers get many seeds
 TUNERS = [("FixNorm coordinate search", "fixnorm", "coordinate"), ("TPE on SGD+WD", "sgd", "tpe"),
@@ -60,8 +61,10 @@ def grid_phase(args: argparse.Namespace) -> None:
         space = SPACES[method]
         runs = Path(args.runs) / method
         objective = training_objective({**settings, "method": method, "seed": args.seed}, runs)
-        for point in space.grid():
+        for index, point in enumerate(space.grid()):
             values = space.values(point)
+            if index % args.shard[1] != args.shard[0]:
+                continue
             if (runs / run_key(values) / "summary.json").exists():
                 continue
             if args.max_new is not None and new >= args.max_new:
@@ -77,7 +80,13 @@ def grid_phase(args: argparse.Namespace) -> None:
 
 
 def write_table(args: argparse.Namespace, settings: dict) -> None:
-    """The table of every finished grid run, rebuilt from the run directories (several grid workers may write it)."""
+    """The table of every finished grid run, rebuilt from the run directories (several grid workers may write it).
+
+    Rows of the current lattices already in the table are kept when their run directories are not here (a grid
+    trained on another machine or session); rows of a lattice that changed are dropped.
+    """
+    path = Path(args.results) / "tuning_grid.json"
+    previous = json.loads(path.read_text())["methods"] if path.exists() else {}
     table = {"meta": {"recipe": "fmnist-tune", "settings": settings, "seed": args.seed,
                       "spaces": {m: s.to_dict() for m, s in SPACES.items()},
                       "machine": machine_info(torch.device("cpu")), "command": command_line()}, "methods": {}}
@@ -85,12 +94,14 @@ def write_table(args: argparse.Namespace, settings: dict) -> None:
         rows = table["methods"].setdefault(method, {})
         for point in space.grid():
             values = space.values(point)
+            if run_key(values) in previous.get(method, {}):
+                rows[run_key(values)] = previous[method][run_key(values)]
             summary = Path(args.runs) / method / run_key(values) / "summary.json"
             if summary.exists():
                 data = json.loads(summary.read_text())
                 rows[run_key(values)] = {"point": list(point), **values, "accuracy": data["final_test_acc"],
                                          "train_seconds": data["train_seconds"]}
-    atomic_write_json(Path(args.results) / "tuning_grid.json", table)
+    atomic_write_json(path, table)
 
 
 def tuners_phase(args: argparse.Namespace) -> None:
@@ -118,7 +129,7 @@ def tuners_phase(args: argparse.Namespace) -> None:
             needed.append(hit)
             if tuner == "coordinate":
                 coordinate_trials = len(result.trials)
-                coordinate_best = {k: result.best[k] for k in ("lr", "fc_norm")}
+                coordinate_best = {axis.name: result.best[axis.name] for axis in SPACES[method].axes}
         reached = [n for n in needed if n is not None]
         # a seed that never got there counts as "more than the budget": the median stays defined while most do
         censored = sorted(n if n is not None else math.inf for n in needed)
@@ -214,11 +225,17 @@ def main() -> None:
                         help="torch threads per trial (1 keeps trials steady on a shared machine)")
     parser.add_argument("--methods", nargs="+", choices=list(SPACES), default=list(SPACES),
                         help="grid phase: which lattices to train (run one process per method to use 2 cores)")
+    parser.add_argument("--shard", default="0/1", help="grid phase: train every N-th point from the K-th (K/N), "
+                        "one process per shard")
     parser.add_argument("--max-new", type=int, default=None, help="grid phase: stop after this many new trials")
     parser.add_argument("--tuner-seeds", type=int, default=20)
     parser.add_argument("--budget", type=int, default=30, help="trials per tuner run")
     parser.add_argument("--at", type=int, nargs="+", default=[5, 10, 15, 20, 30])
     args = parser.parse_args()
+    k, n = (int(v) for v in args.shard.split("/"))
+    if not 0 <= k < n:
+        raise SystemExit(f"--shard K/N needs 0 <= K < N, got {args.shard}")
+    args.shard = (k, n)
     {"grid": grid_phase, "tuners": tuners_phase, "recheck": recheck_phase}[args.phase](args)
 
 

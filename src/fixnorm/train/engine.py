@@ -263,14 +263,18 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> tuple[float, float]:
-        """(mean loss, accuracy) on the test set, sharded across ranks and summed."""
+        """(mean loss, accuracy) on the test set, sharded across ranks and summed; ``eval_flip`` averages the logits
+        of each image and its mirror."""
         was_training = model.training
         model.eval()
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device)
         for x, y in self.data.test_batches():
+            x = self.prepare_batch(x)
             with self.autocast():
-                logits = model(self.prepare_batch(x)).float()
+                logits = model(x).float()
+                if self.cfg.eval_flip:  # the mean of the logits of the image and its left-right mirror
+                    logits = (logits + model(x.flip(-1)).float()) / 2
             loss_sum += F.cross_entropy(logits, y, reduction="sum")
             correct += (logits.argmax(1) == y).sum()
         model.train(was_training)
