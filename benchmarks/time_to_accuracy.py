@@ -72,8 +72,8 @@ def main() -> None:
     seeds = parse_seeds(args.seeds)
     recipe, overrides = load_recipe(args.recipe), parse_overrides(args.set)
 
-    for arm in args.arms:
-        for seed in seeds:
+    for seed in seeds:  # seed by seed, so that a stopped benchmark leaves pairs
+        for arm in args.arms:
             run_dir = Path(args.out) / run_dir_name(arm, seed)
             if (run_dir / "summary.json").exists():
                 continue

@@ -200,3 +200,39 @@ def test_fixnorm_prune_from_the_command_line(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "| 0.05 | 0.5 | ticket | 1 |" in proc.stdout and (tmp_path / "p" / "prune.json").is_file()
+
+
+def test_iterative_masks_are_nested_rounds_at_one_rate_and_each_lineage_retrains_as_defined(tmp_path):
+    out = tmp_path / "iterative"
+    result = run_pruning(TINY, sparsities=[0.75], arms=["finetune", "ticket"], seeds=[0], lrs=[0.1], out_dir=out,
+                         rounds=2)
+    assert result["rounds"] == 2 and "iterative, 2 rounds" in (out / "prune.md").read_text()
+    dense = out / "dense-lr0.1-s0"
+    theta_0, theta_T = model_state(dense / "step-0.pt"), model_state(dense / "last.pt")
+    for lineage, round_start in (("reset", theta_0), ("continue", theta_T)):
+        first = load_masks(out / "masks" / f"lr0.1-s0-sp0.75-{lineage}-r1of2.pt")
+        last = load_masks(out / "masks" / f"lr0.1-s0-sp0.75-{lineage}-r2of2.pt")
+        assert first.keys() == last.keys()
+        for name in first:
+            n = first[name].numel()
+            assert int((~first[name]).sum()) == round(0.5 * n), name  # 1 - (1 - 0.75) ** (1 / 2): half a round
+            assert int((~last[name]).sum()) == round(0.75 * n), name
+            assert not (last[name] & ~first[name]).any(), name      # nested: nothing pruned grows back
+        # round 1 was computed from θ_T, trained from its lineage's start under it; round 2 from that run's end
+        assert all(torch.equal(first[k], m) for k, m in magnitude_masks({k: theta_T[k] for k in first}, 0.5).items())
+        round_run = out / f"round1of2-{lineage}-lr0.1-s0-sp0.75"
+        started = model_state(round_run / "step-0.pt")
+        end = model_state(round_run / "last.pt")
+        expect_last = magnitude_masks({k: end[k] for k in first}, 0.75, previous=first)
+        assert all(torch.equal(last[k], m) for k, m in expect_last.items())
+        assert all(torch.equal(end[k][~first[k]], torch.zeros_like(end[k][~first[k]])) for k in first)
+        assert all(torch.equal(started[k], round_start[k] * first[k] if k in first else round_start[k])
+                   for k in round_start)
+        arm = "ticket" if lineage == "reset" else "finetune"
+        arm_start = load_checkpoint(out / f"{arm}-lr0.1-sp0.75-s0-it2" / "step-0.pt")["model"]
+        source = theta_0 if lineage == "reset" else end   # fine-tune starts from the last round's end
+        for key, value in source.items():
+            want = value * last[key] if key in last else value
+            assert torch.equal(arm_start[key], want), (arm, key)
+    with pytest.raises(FixNormError, match="rounds"):
+        run_pruning(TINY, sparsities=[0.5], arms=["ticket"], seeds=[0], lrs=[0.1], out_dir=tmp_path / "x", rounds=0)

@@ -121,7 +121,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     result = run_pruning(settings, sparsities=args.sparsity, arms=args.arms, seeds=args.seeds, lrs=lrs, out_dir=out,
                          rewind_step=args.rewind_step, scope=args.scope, prune_first_conv=args.prune_first_conv,
-                         make_callbacks=callbacks)
+                         rounds=args.rounds, make_callbacks=callbacks)
     print(pruning_table(result))
     if result["no_plot"]:
         print(f"no plot: {result['no_plot']}")
@@ -283,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--scope", choices=["layer", "global"], default="layer",
                        help="prune each layer at the rate (the paper's) or all layers together (open_lth's)")
     prune.add_argument("--prune-first-conv", action="store_true", help="prune the first conv too (default: dense)")
+    prune.add_argument("--rounds", type=int, default=1,
+                       help="1: one-shot masks; N > 1: iterative, N rounds at one rate per round, nested masks, "
+                            "each round retrained T epochs (from θ_0 for ticket/rewind/reinit, continued for finetune)")
     prune.add_argument("--out", default=None, help="folder for the runs, masks and table (reruns reuse them)")
     prune.set_defaults(func=cmd_prune)
 

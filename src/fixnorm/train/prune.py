@@ -9,6 +9,13 @@ file from its final weights θ_T (:func:`fixnorm.compress.magnitude_masks`, one 
 - ``rewind``: ``init_from`` θ_K with ``start_step=K`` (open_lth's rewinding): steps K .. T x steps per epoch;
 - ``reinit``: a fresh draw (``init_seed = seed + REINIT_SEED_OFFSET``), T epochs.
 
+With ``rounds`` > 1 the masks are iterative (nested, the same rate per round of the weights left, the last round at
+the asked sparsity): mask k+1 is taken among mask k's kept weights from the end of a round run trained under mask k.
+Two lineages, each the arms' own retraining: ``reset`` (every round run starts from θ_0, Frankle & Carbin's iterative
+magnitude pruning) gives the masks of ticket, rewind and reinit; ``continue`` (every round run starts from the previous
+round's end, round 0 being θ_T) gives fine-tune's mask and its start, the last round's end. A round's retraining
+lasts T epochs like every arm.
+
 Every run gets a fresh optimizer and the seed's data order. The folders live in ``OUT``: a finished run is reused and
 an interrupted one resumed (``train_or_reuse``), mask files are written once, so a killed study picks up where it
 stopped. ``prune.json`` and ``prune.md`` hold the table, ``accuracy-lr<lr>.png`` the plot per learning rate.
@@ -17,13 +24,13 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..compress import SCOPES, magnitude_masks, prunable_weights, weight_correlation
+from ..compress import SCOPES, iterative_sparsity, magnitude_masks, prunable_weights, weight_correlation
 from ..errors import FixNormError
 from ..io import atomic_write, write_json_atomic, write_text_atomic
 from ..run_folder import RunFolder
@@ -32,6 +39,7 @@ from .masks import load_mask_file, save_masks
 from .study import Callbacks, mean_std, model_state, recipe_model, train_phase
 
 ARMS = ("finetune", "ticket", "rewind", "reinit")
+LINEAGE = {"finetune": "continue", "ticket": "reset", "rewind": "reset", "reinit": "reset"}  # whose masks an arm takes
 REINIT_SEED_OFFSET = 1_000_003  # a reinit arm's model is drawn from init_seed = seed + this; its data order is seed's
 DENSE_P = (0.1, 0.2, 0.3, 0.4, 0.5)  # R_p(θ_0, θ_T) of the dense runs at these p
 ARM_P = 0.2  # R_p(start, end) of every arm, over its kept weights
@@ -40,11 +48,12 @@ SET_BY_THE_STUDY = ("init_from", "mask_from", "start_step", "init_seed")
 
 def run_pruning(settings: Mapping[str, Any], *, sparsities: Sequence[float], arms: Sequence[str],
                 seeds: Sequence[int], lrs: Sequence[float], out_dir: str | Path, rewind_step: int | None = None,
-                scope: str = "layer", prune_first_conv: bool = False,
+                scope: str = "layer", prune_first_conv: bool = False, rounds: int = 1,
                 make_callbacks: Callbacks | None = None) -> dict[str, Any]:
-    """Dense runs, masks and arms for every (lr, seed, sparsity); returns (and writes) the table and every run."""
+    """Dense runs, masks (one shot, or iterative over ``rounds``) and arms for every (lr, seed, sparsity); returns
+    (and writes) the table and every run."""
     sparsities, arms, seeds, lrs = list(sparsities), list(arms), list(seeds), list(lrs)
-    _check_study(settings, sparsities, arms, seeds, lrs, scope)
+    _check_study(settings, sparsities, arms, seeds, lrs, scope, rounds)
     out = Path(out_dir)
     base = make_config(settings)
     prunable, masked, steps_per_epoch = _weights_and_steps(base, prune_first_conv)
@@ -76,12 +85,17 @@ def run_pruning(settings: Mapping[str, Any], *, sparsities: Sequence[float], arm
                                "final_test_acc": summary["final_test_acc"],
                                "r_p": {str(p): weight_correlation(first, final, p, names=prunable) for p in DENSE_P}})
             for sparsity in sparsities:
-                mask_file = out / "masks" / f"lr{lr:g}-s{seed}-sp{sparsity:g}.pt"
-                how = {"sparsity": sparsity, "scope": scope, "prune_first_conv": prune_first_conv}
-                masks = _masks_once(mask_file, {n: final[n] for n in masked}, how, source=dense.last)
+                how = {"scope": scope, "prune_first_conv": prune_first_conv}
+                lineages = {}  # lineage -> (mask file of the last round, where fine-tune starts)
+                for lineage in sorted({LINEAGE[arm] for arm in arms}):
+                    lineages[lineage] = _mask_rounds(
+                        out, lineage, train, settings=settings, lr=lr, seed=seed,
+                        sparsity=sparsity, rounds=rounds, how=how, masked=masked, dense=dense)
                 for arm in arms:
-                    start, arm_settings = _arm_start(arm, dense, seed, rewind_step)
-                    arm_name = f"{arm}-lr{lr:g}-sp{sparsity:g}-s{seed}"
+                    mask_file, continued = lineages[LINEAGE[arm]]
+                    masks = load_mask_file(mask_file)[0]
+                    start, arm_settings = _arm_start(arm, dense, seed, rewind_step, continued)
+                    arm_name = f"{arm}-lr{lr:g}-sp{sparsity:g}-s{seed}" + (f"-it{rounds}" if rounds > 1 else "")
                     cfg = make_config(settings, {"lr": lr, "seed": seed, "mask_from": str(mask_file.resolve()),
                                                  "save_at_steps": [start]}, arm_settings)
                     summary = train(arm_name, cfg)
@@ -95,7 +109,7 @@ def run_pruning(settings: Mapping[str, Any], *, sparsities: Sequence[float], arm
     dense_rows = [_dense_row(lr, [r for r in dense_runs if r["lr"] == lr]) for lr in lrs]
     result = {"settings": dict(settings), "sparsities": sparsities, "arms": arms, "seeds": seeds, "lrs": lrs,
               "rewind_step": rewind_step, "steps_per_epoch": steps_per_epoch, "scope": scope,
-              "prune_first_conv": prune_first_conv, "masked_weights": masked, "dense": dense_rows, "rows": rows,
+              "prune_first_conv": prune_first_conv, "rounds": rounds, "masked_weights": masked, "dense": dense_rows, "rows": rows,
               "dense_runs": dense_runs, "runs": arm_runs, "plots": [], "no_plot": None}
     try:
         result["plots"] = [str(plot_accuracy_vs_sparsity(result, lr, out / f"accuracy-lr{lr:g}.png")) for lr in lrs]
@@ -107,7 +121,7 @@ def run_pruning(settings: Mapping[str, Any], *, sparsities: Sequence[float], arm
 
 
 def _check_study(settings: Mapping[str, Any], sparsities: list[float], arms: list[str], seeds: list[int],
-                 lrs: list[float], scope: str) -> None:
+                 lrs: list[float], scope: str, rounds: int) -> None:
     bad = [s for s in sparsities if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 < s < 1]
     if not sparsities or bad:
         raise FixNormError(f"sparsities must be fractions pruned in (0, 1), e.g. 0.5 0.8 0.9; got {bad or 'none'}")
@@ -121,17 +135,52 @@ def _check_study(settings: Mapping[str, Any], sparsities: list[float], arms: lis
         raise FixNormError(f"learning rates must be positive numbers, got {lrs}")
     if scope not in SCOPES:
         raise FixNormError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise FixNormError(f"rounds must be a whole number >= 1 (1: one shot), got {rounds!r}")
     taken = [k for k in SET_BY_THE_STUDY if k in settings]
     if taken:
         raise FixNormError(f"{taken} are set per phase by the pruning study (dense run, arms); leave them out")
 
 
-def _masks_once(path: Path, weights: Mapping[str, torch.Tensor], how: Mapping[str, Any],
-                source: Path) -> dict[str, torch.Tensor]:
-    """The masks of ``path``, computed from ``weights`` and written (atomically) the first time; a file made
-    otherwise (another scope, sparsity or first-conv choice) is an error, not a silent mix of two studies."""
+def round_sparsities(sparsity: float, rounds: int) -> list[float]:
+    """The sparsity after each of ``rounds`` rounds at one rate per round, ``1 - (1 - s)^(k / rounds)``, the last
+    exactly ``sparsity``."""
+    rate = 1 - (1 - sparsity) ** (1 / rounds)
+    return [iterative_sparsity(rate, k) for k in range(1, rounds)] + [sparsity]
+
+
+def _mask_rounds(out: Path, lineage: str, train: Callable[[str, TrainConfig], Any], *, settings: Mapping[str, Any],
+                 lr: float, seed: int, sparsity: float, rounds: int, how: Mapping[str, Any], masked: list[str],
+                 dense: RunFolder) -> tuple[Path, Path]:
+    """The mask file of the last round of ``lineage`` and the checkpoint fine-tune starts from (the dense end, or
+    the end of the last ``continue`` round), training the round runs between masks (reused when finished)."""
+    stem = f"lr{lr:g}-s{seed}-sp{sparsity:g}"
+    weights_from, previous = dense.last, None
+    for k, target in enumerate(round_sparsities(sparsity, rounds), start=1):
+        if rounds == 1:  # one shot: the file name and record of the one-shot study
+            path, about = out / "masks" / f"{stem}.pt", {"sparsity": sparsity, **how}
+        else:
+            path = out / "masks" / f"{stem}-{lineage}-r{k}of{rounds}.pt"
+            about = {"sparsity": target, **how, "rounds": rounds, "round": k, "lineage": lineage}
+        final = model_state(weights_from)
+        masks = _masks_once(path, {n: final[n] for n in masked}, about, source=weights_from, previous=previous)
+        if k == rounds:
+            return path, weights_from
+        start = dense.at_step(0) if lineage == "reset" else weights_from
+        name = f"round{k}of{rounds}-{lineage}-{stem}"
+        train(name, make_config(settings, {"lr": lr, "seed": seed, "mask_from": str(path.resolve()),
+                                           "init_from": str(start.resolve()), "save_at_steps": [0]}))
+        weights_from, previous = RunFolder(out / name).last, masks
+    raise AssertionError("unreachable: the last round returns")
+
+
+def _masks_once(path: Path, weights: Mapping[str, torch.Tensor], how: Mapping[str, Any], source: Path,
+                previous: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The masks of ``path``, computed from ``weights`` (nested in ``previous``) and written (atomically) the first
+    time; a file made otherwise (another scope, sparsity, round or first-conv choice) is an error, not a silent mix of
+    two studies."""
     if not path.is_file():
-        masks = magnitude_masks(weights, how["sparsity"], scope=how["scope"])
+        masks = magnitude_masks(weights, how["sparsity"], scope=how["scope"], previous=previous)
         save_masks(path, masks, **how, source=str(source))
     masks, about = load_mask_file(path)
     if {k: about.get(k) for k in how} != dict(how):
@@ -140,10 +189,12 @@ def _masks_once(path: Path, weights: Mapping[str, torch.Tensor], how: Mapping[st
     return masks
 
 
-def _arm_start(arm: str, dense: RunFolder, seed: int, rewind_step: int) -> tuple[int, dict[str, Any]]:
-    """The step an arm starts at and the settings that make it that arm."""
+def _arm_start(arm: str, dense: RunFolder, seed: int, rewind_step: int,
+               continued: Path) -> tuple[int, dict[str, Any]]:
+    """The step an arm starts at and the settings that make it that arm (fine-tune from ``continued``: θ_T, or the
+    end of the last iterative round)."""
     if arm == "finetune":
-        return 0, {"init_from": str(dense.last.resolve())}
+        return 0, {"init_from": str(continued.resolve())}
     if arm == "ticket":
         return 0, {"init_from": str(dense.at_step(0).resolve())}
     if arm == "rewind":
@@ -194,10 +245,18 @@ def pruning_table(result: Mapping[str, Any]) -> str:
                      f"{100 * r['final_mean']:.2f} ± {100 * r['final_std']:.2f} | {r['r_p_start_end']:.3f} |")
     shown = ", ".join(f"{k}={v}" for k, v in result["settings"].items() if k not in ("lr", "seed"))  # per row
     return "\n".join(lines) + (
-        f"\n\nSettings: {shown}. Masks: {result['scope']}-wise magnitude, one shot, from the dense run's final "
-        f"weights ({'first conv pruned too' if result['prune_first_conv'] else 'first conv left dense'}); rewind at "
+        f"\n\nSettings: {shown}. Masks: {result['scope']}-wise magnitude, {_how_masks(result)} "
+        f"({'first conv pruned too' if result['prune_first_conv'] else 'first conv left dense'}); rewind at "
         f"step {result['rewind_step']} ({result['steps_per_epoch']} steps per epoch). Mean ± std over seeds "
         f"{result['seeds']}; R_p is a mean over seeds, the arms' over their kept weights.")
+
+
+def _how_masks(result: Mapping[str, Any]) -> str:
+    rounds = result.get("rounds", 1)
+    if rounds == 1:
+        return "one shot, from the dense run's final weights"
+    return (f"iterative, {rounds} rounds at one rate per round (ticket, rewind, reinit: each round retrained from "
+            f"θ_0; fine-tune: from the previous round's end, and started from the last one's)")
 
 
 def plot_accuracy_vs_sparsity(result: Mapping[str, Any], lr: float, path: str | Path) -> Path:
