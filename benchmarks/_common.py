@@ -26,6 +26,17 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 
 
 # -- devices and timing -----------------------------------------------------------------------
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"k/n"`` (this process runs every n-th job from the k-th) as ``(k, n)``; a clear exit on anything else."""
+    try:
+        k, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise SystemExit(f"--shard must be K/N, e.g. 0/2; got {text!r}") from None
+    if not 0 <= k < n:
+        raise SystemExit(f"--shard K/N needs 0 <= K < N, got {text}")
+    return k, n
+
+
 def resolve_device(name: str) -> torch.device:
     """``torch.device(name)``, with a clear error when CUDA is asked for but not there."""
     device = torch.device(name)

@@ -130,7 +130,7 @@ def run_dir_name(arm: str, seed: int) -> str:
 
 
 def run_all(args: argparse.Namespace, recipe: dict[str, Any], overrides: dict[str, Any]) -> None:
-    shard, shards = (int(v) for v in args.shard.split("/"))
+    shard, shards = _common.parse_shard(args.shard)
     jobs = [(arm, seed) for seed in args.seeds for arm in args.arms]  # seed-major: paired results arrive together
     for index, (arm, seed) in enumerate(jobs):
         if index % shards != shard:

@@ -33,7 +33,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import atomic_write_json, atomic_write_text, command_line, machine_info, markdown_table  # noqa: E402
+from _common import (atomic_write_json, atomic_write_text, command_line, machine_info, markdown_table,  # noqa: E402
+                     parse_shard)
 
 import torch  # noqa: E402
 
@@ -232,10 +233,7 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=30, help="trials per tuner run")
     parser.add_argument("--at", type=int, nargs="+", default=[5, 10, 15, 20, 30])
     args = parser.parse_args()
-    k, n = (int(v) for v in args.shard.split("/"))
-    if not 0 <= k < n:
-        raise SystemExit(f"--shard K/N needs 0 <= K < N, got {args.shard}")
-    args.shard = (k, n)
+    args.shard = parse_shard(args.shard)
     {"grid": grid_phase, "tuners": tuners_phase, "recheck": recheck_phase}[args.phase](args)
 
 

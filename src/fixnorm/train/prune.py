@@ -86,14 +86,13 @@ def run_pruning(settings: Mapping[str, Any], *, sparsities: Sequence[float], arm
                                "r_p": {str(p): weight_correlation(first, final, p, names=prunable) for p in DENSE_P}})
             for sparsity in sparsities:
                 how = {"scope": scope, "prune_first_conv": prune_first_conv}
-                lineages = {}  # lineage -> (mask file of the last round, where fine-tune starts)
+                lineages = {}  # lineage -> (mask file and masks of the last round, where fine-tune starts)
                 for lineage in sorted({LINEAGE[arm] for arm in arms}):
                     lineages[lineage] = _mask_rounds(
                         out, lineage, train, settings=settings, lr=lr, seed=seed,
                         sparsity=sparsity, rounds=rounds, how=how, masked=masked, dense=dense)
                 for arm in arms:
-                    mask_file, continued = lineages[LINEAGE[arm]]
-                    masks = load_mask_file(mask_file)[0]
+                    mask_file, masks, continued = lineages[LINEAGE[arm]]
                     start, arm_settings = _arm_start(arm, dense, seed, rewind_step, continued)
                     arm_name = f"{arm}-lr{lr:g}-sp{sparsity:g}-s{seed}" + (f"-it{rounds}" if rounds > 1 else "")
                     cfg = make_config(settings, {"lr": lr, "seed": seed, "mask_from": str(mask_file.resolve()),
@@ -109,8 +108,8 @@ def run_pruning(settings: Mapping[str, Any], *, sparsities: Sequence[float], arm
     dense_rows = [_dense_row(lr, [r for r in dense_runs if r["lr"] == lr]) for lr in lrs]
     result = {"settings": dict(settings), "sparsities": sparsities, "arms": arms, "seeds": seeds, "lrs": lrs,
               "rewind_step": rewind_step, "steps_per_epoch": steps_per_epoch, "scope": scope,
-              "prune_first_conv": prune_first_conv, "rounds": rounds, "masked_weights": masked, "dense": dense_rows, "rows": rows,
-              "dense_runs": dense_runs, "runs": arm_runs, "plots": [], "no_plot": None}
+              "prune_first_conv": prune_first_conv, "rounds": rounds, "masked_weights": masked, "dense": dense_rows,
+              "rows": rows, "dense_runs": dense_runs, "runs": arm_runs, "plots": [], "no_plot": None}
     try:
         result["plots"] = [str(plot_accuracy_vs_sparsity(result, lr, out / f"accuracy-lr{lr:g}.png")) for lr in lrs]
     except FixNormError as exc:  # matplotlib is optional (the report extra)
@@ -151,36 +150,38 @@ def round_sparsities(sparsity: float, rounds: int) -> list[float]:
 
 def _mask_rounds(out: Path, lineage: str, train: Callable[[str, TrainConfig], Any], *, settings: Mapping[str, Any],
                  lr: float, seed: int, sparsity: float, rounds: int, how: Mapping[str, Any], masked: list[str],
-                 dense: RunFolder) -> tuple[Path, Path]:
-    """The mask file of the last round of ``lineage`` and the checkpoint fine-tune starts from (the dense end, or
-    the end of the last ``continue`` round), training the round runs between masks (reused when finished)."""
+                 dense: RunFolder) -> tuple[Path, dict[str, torch.Tensor], Path]:
+    """The mask file and masks of the last round of ``lineage`` and the checkpoint fine-tune starts from (the dense
+    end, or the end of the last ``continue`` round), training the round runs between masks (reused when finished)."""
     stem = f"lr{lr:g}-s{seed}-sp{sparsity:g}"
-    weights_from, previous = dense.last, None
+
+    def mask_file(k: int) -> Path:  # one shot keeps the one-shot study's file name
+        return out / "masks" / (f"{stem}.pt" if rounds == 1 else f"{stem}-{lineage}-r{k}of{rounds}.pt")
+
+    weights_from, masks = dense.last, None
     for k, target in enumerate(round_sparsities(sparsity, rounds), start=1):
-        if rounds == 1:  # one shot: the file name and record of the one-shot study
-            path, about = out / "masks" / f"{stem}.pt", {"sparsity": sparsity, **how}
-        else:
-            path = out / "masks" / f"{stem}-{lineage}-r{k}of{rounds}.pt"
-            about = {"sparsity": target, **how, "rounds": rounds, "round": k, "lineage": lineage}
-        final = model_state(weights_from)
-        masks = _masks_once(path, {n: final[n] for n in masked}, about, source=weights_from, previous=previous)
-        if k == rounds:
-            return path, weights_from
-        start = dense.at_step(0) if lineage == "reset" else weights_from
-        name = f"round{k}of{rounds}-{lineage}-{stem}"
-        train(name, make_config(settings, {"lr": lr, "seed": seed, "mask_from": str(path.resolve()),
-                                           "init_from": str(start.resolve()), "save_at_steps": [0]}))
-        weights_from, previous = RunFolder(out / name).last, masks
-    raise AssertionError("unreachable: the last round returns")
+        if k > 1:  # retrain under the last round's masks; this round's come from the end of that run
+            start = dense.at_step(0) if lineage == "reset" else weights_from
+            name = f"round{k - 1}of{rounds}-{lineage}-{stem}"
+            train(name, make_config(settings, {"lr": lr, "seed": seed, "mask_from": str(mask_file(k - 1).resolve()),
+                                               "init_from": str(start.resolve()), "save_at_steps": [0]}))
+            weights_from = RunFolder(out / name).last
+        about = {"sparsity": target, **how}
+        if rounds > 1:
+            about.update(rounds=rounds, round=k, lineage=lineage)
+        masks = _masks_once(mask_file(k), masked, about, source=weights_from, previous=masks)
+    return mask_file(rounds), masks, weights_from
 
 
-def _masks_once(path: Path, weights: Mapping[str, torch.Tensor], how: Mapping[str, Any], source: Path,
+def _masks_once(path: Path, names: Sequence[str], how: Mapping[str, Any], source: Path,
                 previous: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """The masks of ``path``, computed from ``weights`` (nested in ``previous``) and written (atomically) the first
-    time; a file made otherwise (another scope, sparsity, round or first-conv choice) is an error, not a silent mix of
-    two studies."""
+    """The masks of ``path``, computed from the ``names`` weights of checkpoint ``source`` (nested in ``previous``)
+    and written (atomically) the first time; a file made otherwise (another scope, sparsity, round or first-conv
+    choice) is an error, not a silent mix of two studies."""
     if not path.is_file():
-        masks = magnitude_masks(weights, how["sparsity"], scope=how["scope"], previous=previous)
+        weights = model_state(source)
+        masks = magnitude_masks({n: weights[n] for n in names}, how["sparsity"], scope=how["scope"],
+                                previous=previous)
         save_masks(path, masks, **how, source=str(source))
     masks, about = load_mask_file(path)
     if {k: about.get(k) for k in how} != dict(how):
