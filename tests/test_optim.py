@@ -736,3 +736,68 @@ def test_lr_power_steps_scale_invariant_weights_with_lr_ref_times_the_schedule_f
     assert fixnorm.optim.stepping_lr(next(g for g in bent.param_groups if g["role"] == "scale_invariant")) == \
         pytest.approx(0.1)
     assert scheduler.get_last_lr()[0] == pytest.approx(0.05)
+
+
+def test_norm_drift_moves_held_norms_as_the_fourth_root_of_the_unit_gradient_mean_square():
+    """The held norm after step k is its norm when taken times (m_k / m_taken) ** 1/4, m the bias-corrected running
+    mean (time constant N steps, from the middle of the free phase) of (|g| |w|)**2, |w| the norm the gradient was
+    computed at; the classifier stays."""
+    data, free, n = batches(9), 4, 4
+    model = small_net()
+    opt = _FixNorm(model, data[0][0], free_steps=free, norm_drift=n, lr=0.3, momentum=0.9)
+    convs = [model[0].weight, model[3].weight]
+    beta, mean, taken, ref = 1 - 1 / n, [0.0, 0.0], None, None
+    fc_norm = None
+    for k, (x, y) in enumerate(data, start=1):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        grads = [float(w.grad.detach().norm()) for w in convs]
+        norm_before = [float(w.detach().norm()) for w in convs]
+        opt.step()
+        if k <= free:  # free phase: the gradient was computed at about the norm the step ends at (no projection)
+            at = [float(w.norm()) for w in convs]
+        else:
+            at = norm_before
+        if k <= free // 2:  # the first half of the free phase is not counted
+            continue
+        mean = [beta * m + (1 - beta) * (g * a) ** 2 for m, g, a in zip(mean, grads, at)]
+        corrected = [m / (1 - beta ** (k - free // 2)) for m in mean]
+        if k == free:
+            taken, ref = [float(w.norm()) for w in convs], corrected
+            fc_norm = float(model[8].weight.norm())
+        elif k > free:
+            expected = [t * (c / r) ** 0.25 for t, c, r in zip(taken, corrected, ref)]
+            for w, e in zip(convs, expected):
+                assert float(w.norm()) == pytest.approx(e, rel=1e-4), k
+            assert float(model[8].weight.norm()) == pytest.approx(fc_norm, rel=1e-5)
+    assert any(abs(float(w.norm()) / t - 1) > 1e-3 for w, t in zip(convs, taken)), "the norms never drifted"
+
+
+def test_norm_drift_resumes_bit_identically_inside_and_after_the_free_phase():
+    data = batches(8)
+    for stop in (2, 6):
+        model = small_net(seed=0)
+        opt = _FixNorm(model, data[0][0], free_steps=4, norm_drift=3, lr=0.5, momentum=0.9)
+        train(model, opt, data[:stop])
+        checkpoint = save_and_load({"model": model.state_dict(), "opt": opt.state_dict()})
+        resumed = small_net(seed=7)
+        opt2 = _FixNorm(resumed, data[0][0], free_steps=4, norm_drift=3, lr=0.5, momentum=0.9)
+        resumed.load_state_dict(checkpoint["model"])
+        opt2.load_state_dict(checkpoint["opt"])
+        train(model, opt, data[stop:])
+        train(resumed, opt2, data[stop:])
+        for (name, a), (_, b) in zip(model.state_dict().items(), resumed.state_dict().items()):
+            assert torch.equal(a, b), (stop, name)
+    plain = _FixNorm(small_net(), data[0][0], free_steps=4, lr=0.5)
+    with pytest.raises(FixNormError, match="without drifting norms"):
+        plain_state = copy.deepcopy(plain.state_dict())
+        drifting = _FixNorm(small_net(), data[0][0], free_steps=4, norm_drift=3, lr=0.5)
+        drifting.load_state_dict(plain_state)
+
+
+@pytest.mark.parametrize("kwargs", [{"free_steps": 0}, {"granularity": "filter"}, {"target": 2.0},
+                                    {"norm_drift": 0}, {"norm_drift": 2.5}, {"norm_drift": True}])
+def test_norm_drift_needs_a_free_phase_and_whole_tensors(kwargs):
+    settings = {"free_steps": 3, "norm_drift": 10, **kwargs}
+    with pytest.raises(FixNormError, match="norm_drift"):
+        _FixNorm(small_net(), batches(1)[0][0], lr=0.1, **settings)

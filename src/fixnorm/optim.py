@@ -80,6 +80,10 @@ class FixNorm(torch.optim.Optimizer):
             lr at construction): 0.5 makes their effective-LR schedule follow the square root of
             the schedule, as weight decay's equilibrium angle does (default ``DEFAULT_LR_POWER``, 0.5);
             1 makes the schedule itself theirs. A constant schedule is unaffected.
+        norm_drift: with a free phase: the scale-invariant weights' held norms drift with their
+            gradient scale as weight decay's equilibrium norms do (``HoldNorms(drift_steps=...)``: a
+            running mean over this many steps of the squared unit-norm gradient, the norm going as
+            its fourth root, relative to the moment the norm was taken). None (default): fixed norms.
         free_steps: the weights whose target is "initial" train freely (plain base steps,
             no projection) for this many steps and are then held at the norms they have
             reached: training, not the initialisation, chooses each layer's norm and so
@@ -109,6 +113,7 @@ class FixNorm(torch.optim.Optimizer):
         fc_scale: float = 1.0,
         norm_scale: float = 1.0,
         lr_power: float = DEFAULT_LR_POWER,
+        norm_drift: int | None = None,
         **base_kwargs: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -140,6 +145,13 @@ class FixNorm(torch.optim.Optimizer):
                                "nothing to scale: give one of them")
         if isinstance(free_steps, bool) or not isinstance(free_steps, int) or free_steps < 0:
             raise FixNormError(f"free_steps must be a whole number of steps >= 0, got {free_steps!r}")
+        if norm_drift is not None:
+            if isinstance(norm_drift, bool) or not isinstance(norm_drift, int) or norm_drift < 1:
+                raise FixNormError(f"norm_drift must be a whole number of steps >= 1 (or None), got {norm_drift!r}")
+            if free_steps == 0 or target != "initial" or granularity != "tensor" or angular_update is not None:
+                raise FixNormError("norm_drift moves the norms training chose with each weight's gradient scale: it "
+                                   "needs free_steps >= 1, target='initial', granularity='tensor' and no "
+                                   "angular_update")
         if base_kwargs.get("weight_decay"):
             raise FixNormError(
                 f"weight_decay={base_kwargs['weight_decay']} would act on the constrained weights, where the "
@@ -169,7 +181,7 @@ class FixNorm(torch.optim.Optimizer):
         # weights held from the end of the free phase (their norms then, the classifier's times fc_scale, the
         # scale-invariant weights' times norm_scale)
         held: OrderedDict[str, tuple[list[torch.Tensor], list[str], list[torch.Tensor]]] = OrderedDict()
-        later: OrderedDict[str, tuple[list[torch.Tensor], list[str], dict[int, float]]] = OrderedDict()
+        later: OrderedDict[tuple[str, bool], tuple[list[torch.Tensor], list[str], dict[int, float]]] = OrderedDict()
 
         groups: OrderedDict[tuple[str, str | None], dict[str, Any]] = OrderedDict()
         for entry in self.plan.entries:
@@ -191,7 +203,8 @@ class FixNorm(torch.optim.Optimizer):
                 if value is None:
                     scale = float({"classifier": fc_scale, "scale-invariant": norm_scale}.get(entry.role, 1.0))
                 if value is None and free_steps > 0:
-                    params, names, scales = later.setdefault(entry.constraint, ([], [], {}))
+                    drifts = norm_drift is not None and entry.role == "scale-invariant"
+                    params, names, scales = later.setdefault((entry.constraint, drifts), ([], [], {}))
                     if scale != 1:
                         scales[len(params)] = scale
                 else:
@@ -232,7 +245,8 @@ class FixNorm(torch.optim.Optimizer):
         self._init_hooks()
         warn_if_base_normalizes(self.base, stacklevel=3)
         rules: list[HoldNorms] = [HoldNorms(ps, names=ns, per=c, targets=ts) for c, (ps, ns, ts) in held.items()]
-        rules += [HoldNorms(ps, names=ns, per=c, from_step=free_steps, scale=sc) for c, (ps, ns, sc) in later.items()]
+        rules += [HoldNorms(ps, names=ns, per=c, from_step=free_steps, scale=sc, drift_steps=norm_drift if d else None)
+                  for (c, d), (ps, ns, sc) in later.items()]
         # attached to this optimizer itself: the projection runs as its first step post-hook, and the targets and
         # the step count are "fixnorm_target" / "fixnorm_held" / "fixnorm_steps" entries of its state dict
         self._rules = Attachment(self, rules, name="fixnorm", nonfinite=nonfinite, names=self._names,

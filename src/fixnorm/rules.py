@@ -135,16 +135,35 @@ class HoldNorms(Rule):
             ``from_step`` before the first step). The steps before it are free: "from step k on".
         scale: with ``targets=None``, a factor per parameter index applied to the norm taken (default 1).
         on_hold: called once with the rule when the targets are taken (LAWN turns weight decay off there).
+        drift_steps: with ``targets=None`` and ``per="tensor"``: the held norms drift with each weight's gradient
+            scale as weight decay's equilibrium norm does. A running mean (time constant ``drift_steps`` steps) of
+            the squared unit-norm gradient ``(|g| * |w|)**2`` is kept from the middle of the free phase (the first
+            steps' large gradients would otherwise set the reference); after the norms are taken each target is
+            ``taken * (mean_now / mean_when_taken) ** (1/4)``. Under SGD with weight decay
+            lambda a scale-invariant weight settles where ``|w|**4 = lr * |g~|**2 / (2 * lambda)`` (up to the
+            momentum factor), ``|g~|`` being the gradient at unit norm: its equilibrium norm goes as the square
+            root of ``|g~|``, which is this rule with the constant taken from the free phase instead of a
+            weight decay. None (default): the targets stay where they were taken.
     """
 
-    state_fields = ("target", "held")
+    state_fields: tuple[str, ...] = ("target", "held")
+    DRIFT_FIELDS = ("target", "held", "grad_sq", "grad_sq_ref", "base_target")
+    DRIFT_FLOOR = 1e-3  # a drift factor never goes below this: a vanished gradient does not zero a weight
 
     def __init__(self, params: Sequence[torch.Tensor], *, names: Sequence[str] | None = None, per: str = "tensor",
                  targets: Sequence[torch.Tensor] | None = None, from_step: int | None = 0,
                  scale: Mapping[int, float] | None = None,
-                 on_hold: Callable[[HoldNorms], None] | None = None) -> None:
+                 on_hold: Callable[[HoldNorms], None] | None = None,
+                 drift_steps: int | None = None) -> None:
         if per not in ("tensor", "filter"):
             raise FixNormError(f"HoldNorms per must be 'tensor' or 'filter', got {per!r}")
+        if drift_steps is not None:
+            if isinstance(drift_steps, bool) or not isinstance(drift_steps, int) or drift_steps < 1:
+                raise FixNormError(f"drift_steps must be a whole number of steps >= 1, got {drift_steps!r}")
+            if per != "tensor" or targets is not None or not from_step:
+                raise FixNormError("drifting norms need per='tensor' and norms taken after a free phase "
+                                   "(targets=None, from_step >= 1): the drift is measured against the gradient "
+                                   "scale at the moment the norms are taken")
         self.params = list(params)
         if not self.params:
             raise FixNormError("HoldNorms needs at least one parameter")
@@ -162,6 +181,13 @@ class HoldNorms(Rule):
         self.targets: list[torch.Tensor] | None = None
         self._kernels: list[tuple[list[torch.Tensor], Any]] | None = None
         self._layout: list[tuple[torch.device, torch.dtype]] = []
+        self.drift_steps = drift_steps
+        if drift_steps is not None:
+            self.state_fields = self.DRIFT_FIELDS
+            self._grad_sq = [torch.zeros((), dtype=torch.float32, device=p.device) for p in self.params]
+            self._grad_sq_ref: list[torch.Tensor] | None = None
+            self._tracked_steps = 0  # the step of the last running-mean update
+            self._base: list[torch.Tensor] | None = None
         if targets is not None:
             targets = [torch.as_tensor(t, dtype=torch.float32) for t in targets]
             self._check_targets(targets)
@@ -219,6 +245,9 @@ class HoldNorms(Rule):
         norms = self.checked_norms()
         self.targets = [n.clone() * self.scale[i] if i in self.scale else n.clone() for i, n in enumerate(norms)]
         self._kernels = None
+        if self.drift_steps is not None:
+            self._base = [t.clone() for t in self.targets]
+            self._grad_sq_ref = self._grad_sq_mean(self._tracked_steps)
         if self.on_hold is not None:
             self.on_hold(self)
 
@@ -247,7 +276,53 @@ class HoldNorms(Rule):
             bad = fix_tensor_norms_(params, targets) if self.per == "tensor" else fix_filter_norms_(params, targets)
             flags.flag(bad, params, "has a zero or non-finite norm after the step (a NaN/inf gradient?)")
 
+    # -- drifting norms --------------------------------------------------------------------------
+    @torch.no_grad()
+    def _track_grad_sq(self) -> None:
+        """One step of the running mean of each weight's squared unit-norm gradient (|g| * |w|)**2.
+
+        |w| is the held target once the norms are taken (the norm the gradient was computed at), the current norm
+        before. A non-finite value leaves the mean as it was (the step itself is reported elsewhere)."""
+        beta = 1.0 - 1.0 / self.drift_steps
+        for bucket in _bucket_by_layout(self.params):
+            params = [self.params[i] for i in bucket]
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            if self.targets is not None:
+                weight_norms = torch.stack([self.targets[i].reshape(()) for i in bucket]).float()
+            else:
+                weight_norms = tensor_norms_fp32(params).float()
+            value = (tensor_norms_fp32(grads).float() * weight_norms) ** 2
+            old = torch.stack([self._grad_sq[i] for i in bucket])
+            new = torch.where(torch.isfinite(value), beta * old + (1.0 - beta) * value, old)
+            for i, v in zip(bucket, new.unbind(0)):
+                self._grad_sq[i] = v
+
+    def _drift_start(self) -> int:
+        """The running mean counts the steps after this one: the second half of the free phase on."""
+        return (self._from_step or 0) // 2
+
+    def _grad_sq_mean(self, step: int) -> list[torch.Tensor]:
+        """The running means after ``step`` steps, corrected for their start at zero."""
+        correction = 1.0 - (1.0 - 1.0 / self.drift_steps) ** max(step - self._drift_start(), 1)
+        return [m / correction for m in self._grad_sq]
+
+    def _drift_targets(self, step: int) -> None:
+        assert self._base is not None and self._grad_sq_ref is not None
+        now = self._grad_sq_mean(step)
+        targets = []
+        for base, mean, ref in zip(self._base, now, self._grad_sq_ref):
+            factor = torch.where(ref > 0, (mean / ref.clamp_min(torch.finfo(torch.float32).tiny)) ** 0.25,
+                                 torch.ones_like(ref))
+            targets.append(base * factor.clamp_min(self.DRIFT_FLOOR))
+        self.targets = targets
+        self._kernels = None
+
     def apply_(self, step: int, flags: DeviceFlags) -> None:
+        if self.drift_steps is not None and step > self._drift_start():
+            self._track_grad_sq()
+            self._tracked_steps = step
+            if self.targets is not None:
+                self._drift_targets(step)
         if self.targets is None:
             if self._from_step is None:
                 raise FixNormError("the step from which the norms are held (HoldNorms.from_step, LAWN's "
@@ -285,6 +360,13 @@ class HoldNorms(Rule):
             else:
                 target = torch.ones((p.shape[0],) if self.per == "filter" else (), dtype=torch.float32)
             out[i] = {"target": target, "held": held.clone()}
+            if self.drift_steps is not None:
+                held_now = self._base is not None and self._grad_sq_ref is not None
+                out[i]["grad_sq"] = self._grad_sq[i].detach().clone()
+                out[i]["grad_sq_ref"] = (self._grad_sq_ref[i].detach().clone() if held_now
+                                         else torch.ones((), dtype=torch.float32))
+                out[i]["base_target"] = (self._base[i].detach().clone() if held_now
+                                         else torch.ones((), dtype=torch.float32))
         return out
 
     def load_param_state(self, entries: dict[int, dict[str, torch.Tensor]], step: int) -> None:
@@ -297,6 +379,16 @@ class HoldNorms(Rule):
         if held not in ({0}, {1}):
             raise FixNormError(f"the saved 'held' flags {sorted(held)} are not all 0 or all 1")
         self._kernels = None
+        if self.drift_steps is not None:
+            missing = [f for f in ("grad_sq", "grad_sq_ref", "base_target") if not all(f in e for e in entries.values())]
+            if missing:
+                raise FixNormError(f"the saved norm state has no {missing}: it was saved without drifting norms; "
+                                   "resume with the settings it was trained with")
+            def saved(field: str) -> list[torch.Tensor]:
+                return [entries[i][field].to(device=p.device, dtype=torch.float32).reshape(()).clone()
+                        for i, p in enumerate(self.params)]
+            self._grad_sq = saved("grad_sq")
+            self._grad_sq_ref, self._base = (saved("grad_sq_ref"), saved("base_target")) if held == {1} else (None, None)
         if held == {0}:  # saved during the free steps: the norms are taken later, at from_step
             if self._from_step is not None and 0 < self._from_step <= step:
                 raise FixNormError(f"the saved state is at step {step}, past from_step {self._from_step}, but its "

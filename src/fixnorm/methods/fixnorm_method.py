@@ -33,6 +33,7 @@ class FixNormSettings:
     angular_update: float | None = None   # rotational mode: radians per step for scale-invariant weights
     lr_power: float = DEFAULT_LR_POWER    # scale-invariant weights step with lr0 * (lr / lr0) ** lr_power
     angle_power: float = 1.0              # rotational mode: the angle follows (lr / lr0) ** angle_power
+    norm_drift: int | None = None         # held norms drift with the gradient scale (running mean over N steps)
 
 
 def fixnorm_settings(cfg: TrainConfig) -> FixNormSettings:
@@ -46,7 +47,7 @@ def build_fixnorm(model: nn.Module, cfg: TrainConfig, example: torch.Tensor) -> 
     return FixNorm(model, example, base=cls, fc_norm=s.fc_norm, granularity=s.granularity, target=target,
                    fc_granularity=s.fc_granularity, others=s.others, others_weight_decay=s.others_weight_decay,
                    free_steps=s.free_steps, fc_scale=s.fc_scale, norm_scale=s.norm_scale, lr_power=s.lr_power,
-                   angular_update=s.angular_update, angle_power=s.angle_power, **kwargs)
+                   angular_update=s.angular_update, angle_power=s.angle_power, norm_drift=s.norm_drift, **kwargs)
 
 
 register_method(Method("fixnorm", "FixNorm: scale-invariant weights and the classifier held at fixed norms "
