@@ -39,23 +39,27 @@ from fixnorm.train.engine import train_or_reuse  # noqa: E402
 ARMS: dict[str, dict[str, Any]] = {
     "sgd": {"method": "sgd"},
     "fixnorm": {"method": "fixnorm"},                               # today's defaults, whatever they are
-    # the variants pin lr_power=1 (the default before the schedule law) so that their names keep one meaning
-    "fixnorm-init": {"method": "fixnorm", "free_steps": 0, "lr_power": 1.0},  # the first reconstruction
-    "fixnorm-lp1": {"method": "fixnorm", "lr_power": 1.0},          # free phase, schedule itself (previous default)
-    "free25": {"method": "fixnorm", "free_steps": 25, "lr_power": 1.0},
-    "free50": {"method": "fixnorm", "free_steps": 50, "lr_power": 1.0},
-    "free100": {"method": "fixnorm", "free_steps": 100, "lr_power": 1.0},
-    "free200": {"method": "fixnorm", "free_steps": 200, "lr_power": 1.0},
-    "free400": {"method": "fixnorm", "free_steps": 400, "lr_power": 1.0},
-    "fc5.5": {"method": "fixnorm", "free_steps": 0, "fc_norm": 5.5, "lr_power": 1.0},
-    "fc5.5-free100": {"method": "fixnorm", "free_steps": 100, "fc_norm": 5.5, "lr_power": 1.0},
+    # the variants pin lr_power=1 (the default before the schedule law) and fixed norms (norm_drift=None, the
+    # default before drifting norms) so that their names keep one meaning
+    # the first reconstruction; then the free phase with the schedule itself (the default before the schedule law)
+    "fixnorm-init": {"method": "fixnorm", "free_steps": 0, "lr_power": 1.0, "norm_drift": None},
+    "fixnorm-lp1": {"method": "fixnorm", "lr_power": 1.0, "norm_drift": None},
+    "free25": {"method": "fixnorm", "free_steps": 25, "lr_power": 1.0, "norm_drift": None},
+    "free50": {"method": "fixnorm", "free_steps": 50, "lr_power": 1.0, "norm_drift": None},
+    "free100": {"method": "fixnorm", "free_steps": 100, "lr_power": 1.0, "norm_drift": None},
+    "free200": {"method": "fixnorm", "free_steps": 200, "lr_power": 1.0, "norm_drift": None},
+    "free400": {"method": "fixnorm", "free_steps": 400, "lr_power": 1.0, "norm_drift": None},
+    "fc5.5": {"method": "fixnorm", "free_steps": 0, "fc_norm": 5.5, "lr_power": 1.0, "norm_drift": None},
+    "fc5.5-free100": {"method": "fixnorm", "free_steps": 100, "fc_norm": 5.5, "lr_power": 1.0, "norm_drift": None},
     # rotational: every scale-invariant weight turns by the angle SGD+WD's equilibrium would give (from the
     # recipe's lr, weight_decay, momentum), following the LR schedule (power 1) or its square root (0.5)
-    "rot": {"method": "fixnorm", "angular_update": "from_wd", "lr_power": 1.0},
-    "rot-p0.5": {"method": "fixnorm", "angular_update": "from_wd", "angle_power": 0.5, "lr_power": 1.0},
-    "rot-fc5.5": {"method": "fixnorm", "angular_update": "from_wd", "fc_norm": 5.5, "lr_power": 1.0},
+    "rot": {"method": "fixnorm", "angular_update": "from_wd", "lr_power": 1.0, "norm_drift": None},
+    "rot-p0.5": {"method": "fixnorm", "angular_update": "from_wd", "angle_power": 0.5, "lr_power": 1.0,
+                 "norm_drift": None},
+    "rot-fc5.5": {"method": "fixnorm", "angular_update": "from_wd", "fc_norm": 5.5, "lr_power": 1.0,
+                  "norm_drift": None},
     "rot-p0.5-fc5.5": {"method": "fixnorm", "angular_update": "from_wd", "angle_power": 0.5, "fc_norm": 5.5,
-                       "lr_power": 1.0},
+                       "lr_power": 1.0, "norm_drift": None},
     "lawn": {"method": "lawn"},
     # the peers a user would pick instead (the adamp package; its SGDP calls .view on gradients, which fails on
     # channels_last tensors, so these arms train without channels_last)

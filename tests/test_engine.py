@@ -437,12 +437,13 @@ def test_states_saved_at_chosen_steps_are_the_run_at_those_steps_and_change_noth
 
 @needs_fmnist
 def test_a_run_saved_before_a_setting_existed_resumes_with_the_value_it_trained_with(tmp_path):
-    """Runs from before the free phase and the schedule law resume with free_steps=0 and lr_power=1."""
+    """Runs from before the free phase, the schedule law and drifting norms resume with free_steps=0, lr_power=1
+    and fixed norms."""
     from fixnorm.train.checkpoint import save_checkpoint
     from fixnorm.methods.fixnorm_method import fixnorm_settings
     from fixnorm.train.config import SETTINGS_BEFORE_THEY_EXISTED
 
-    cfg = make_config(TINY, {"method": "fixnorm", "free_steps": 0, "lr_power": 1.0})
+    cfg = make_config(TINY, {"method": "fixnorm", "free_steps": 0, "lr_power": 1.0, "norm_drift": None})
     train_until(cfg, tmp_path / "old", epoch=1)
     state = load_checkpoint(tmp_path / "old" / "last.pt")
     saved = state["config"]  # as an older fixnorm wrote it: its settings at the top level, without the new ones
@@ -452,7 +453,7 @@ def test_a_run_saved_before_a_setting_existed_resumes_with_the_value_it_trained_
     save_checkpoint(tmp_path / "old" / "last.pt", {k: v for k, v in state.items() if k not in ("format", "version")})
     resumed = Trainer(None, tmp_path / "old", resume=True)
     settings = fixnorm_settings(resumed.cfg)
-    assert settings.free_steps == 0 and settings.lr_power == 1.0
+    assert settings.free_steps == 0 and settings.lr_power == 1.0 and settings.norm_drift is None
     assert resumed.cfg.method_kwargs["fixnorm"]["free_steps"] == 0  # written out in full from now on
     assert resumed.fit()["final_test_acc"] == train(cfg, tmp_path / "straight")["final_test_acc"]
 

@@ -466,10 +466,11 @@ def test_is_a_torch_optimizer_and_pickles():
 
 @pytest.mark.parametrize("granularity", ["tensor", "filter"])
 def test_free_phase_follows_the_base_optimizer_then_holds_the_norms_it_reached(granularity):
-    """free_steps=k: k plain base steps for "initial" targets (bitwise), then those norms are held."""
+    """free_steps=k: k plain base steps for "initial" targets (bitwise), then those norms are held (fixed: no
+    drift)."""
     data = batches(8)
     model, reference = small_net(seed=0), small_net(seed=0)
-    opt = FixNorm(model, data[0][0], granularity=granularity, free_steps=3, lr=0.5, momentum=0.9)
+    opt = FixNorm(model, data[0][0], granularity=granularity, free_steps=3, norm_drift=None, lr=0.5, momentum=0.9)
     plain = torch.optim.SGD(reference.parameters(), lr=0.5, momentum=0.9)
     train(model, opt, data[:3])
     train(reference, plain, data[:3])
@@ -551,7 +552,7 @@ def test_targets_follow_the_parameters_when_the_model_changes_dtype_after_the_op
 def test_state_dict_keeps_targets_in_per_parameter_entries_and_reads_the_version_1_layout():
     data = batches(4)
     model = small_net()
-    opt = FixNorm(model, data[0][0], fc_norm=2.0, free_steps=2, lr=0.5, momentum=0.9)
+    opt = FixNorm(model, data[0][0], fc_norm=2.0, free_steps=2, norm_drift=None, lr=0.5, momentum=0.9)
     state = opt.state_dict()
     assert set(state) == {"state", "param_groups"}  # before any step: targets only, no empty base entries
     train(model, opt, data[:3])
@@ -564,7 +565,7 @@ def test_state_dict_keeps_targets_in_per_parameter_entries_and_reads_the_version
     legacy["state"] = {i: e for i, e in legacy["state"].items() if e}
     legacy["fixnorm"] = {"version": 1, "steps": 3, "targets": {i: e["fixnorm_target"] for i, e in state["state"].items()
                                                                 if "fixnorm_target" in e}}
-    other = FixNorm(small_net(seed=5), data[0][0], fc_norm=2.0, free_steps=2, lr=0.5, momentum=0.9)
+    other = FixNorm(small_net(seed=5), data[0][0], fc_norm=2.0, free_steps=2, norm_drift=None, lr=0.5, momentum=0.9)
     other.load_state_dict(legacy)
     again = other.state_dict()
     for i, entry in state["state"].items():
@@ -618,6 +619,20 @@ def test_the_default_free_phase_is_documented_and_used():
     from fixnorm.methods.fixnorm_method import FixNormSettings
     assert FixNormSettings().free_steps == fixnorm.optim.DEFAULT_FREE_STEPS
     assert opt.param_groups[0]["lr_power"] == fixnorm.optim.DEFAULT_LR_POWER == FixNormSettings().lr_power == 0.5
+
+
+def test_the_default_norm_drift_applies_only_where_the_norms_come_from_a_free_phase_per_tensor():
+    x = torch.randn(4, 1, 8, 8)
+    drifts = lambda opt: sorted(r.drift_steps for r in opt._hold_rules() if r.drift_steps)  # noqa: E731
+    from fixnorm.methods.fixnorm_method import FixNormSettings
+    assert FixNormSettings().norm_drift == "auto"
+    assert drifts(_FixNorm(small_net(), x, lr=0.1)) == [fixnorm.optim.DEFAULT_NORM_DRIFT]  # the convs' rule only
+    assert fixnorm.optim.DEFAULT_NORM_DRIFT == 500
+    for off in ({"free_steps": 0}, {"granularity": "filter"}, {"target": 2.0}, {"norm_drift": None},
+                {"angular_update": 0.01}):
+        assert drifts(_FixNorm(small_net(), x, lr=0.1, **off)) == [], off
+    held = [r for r in _FixNorm(small_net(), x, lr=0.1)._hold_rules() if r.drift_steps]
+    assert [n for r in held for n in r.names] == ["0.weight", "3.weight"]  # the classifier does not drift
 
 
 def test_fc_scale_holds_the_classifier_at_a_multiple_of_the_norm_training_chose():
@@ -788,7 +803,7 @@ def test_norm_drift_resumes_bit_identically_inside_and_after_the_free_phase():
         train(resumed, opt2, data[stop:])
         for (name, a), (_, b) in zip(model.state_dict().items(), resumed.state_dict().items()):
             assert torch.equal(a, b), (stop, name)
-    plain = _FixNorm(small_net(), data[0][0], free_steps=4, lr=0.5)
+    plain = _FixNorm(small_net(), data[0][0], free_steps=4, norm_drift=None, lr=0.5)
     with pytest.raises(FixNormError, match="without drifting norms"):
         plain_state = copy.deepcopy(plain.state_dict())
         drifting = _FixNorm(small_net(), data[0][0], free_steps=4, norm_drift=3, lr=0.5)

@@ -35,6 +35,11 @@ DEFAULT_FREE_STEPS = 100
 # sqrt(lr), so under SGD + WD the weights keep turning late in a decaying schedule while FixNorm at power 1 freezes
 # them. Measured in docs/fixnorm.md ("lr_power"): ahead on cosine schedules, neutral on a short step schedule.
 DEFAULT_LR_POWER = 0.5
+# The held norms of the scale-invariant weights drift with their gradient scale as weight decay's equilibrium norms
+# do, over a running mean of this many steps (about weight decay's own relaxation time, (1 - momentum) / (4 lr wd),
+# at lr 0.1, wd 5e-4, momentum 0.9). Without it the norms the free phase chose stay while weight decay shrinks its
+# norms 2-3x over a 15-epoch ResNet-20 run. Measured in docs/fixnorm.md ("Norms that drift").
+DEFAULT_NORM_DRIFT = 500
 
 
 class FixNorm(torch.optim.Optimizer):
@@ -80,10 +85,13 @@ class FixNorm(torch.optim.Optimizer):
             lr at construction): 0.5 makes their effective-LR schedule follow the square root of
             the schedule, as weight decay's equilibrium angle does (default ``DEFAULT_LR_POWER``, 0.5);
             1 makes the schedule itself theirs. A constant schedule is unaffected.
-        norm_drift: with a free phase: the scale-invariant weights' held norms drift with their
-            gradient scale as weight decay's equilibrium norms do (``HoldNorms(drift_steps=...)``: a
-            running mean over this many steps of the squared unit-norm gradient, the norm going as
-            its fourth root, relative to the moment the norm was taken). None (default): fixed norms.
+        norm_drift: the scale-invariant weights' held norms drift with their gradient scale as
+            weight decay's equilibrium norms do (``HoldNorms(drift_steps=...)``: a running mean over
+            this many steps of the squared unit-norm gradient, the norm going as its fourth root,
+            relative to the moment the norm was taken after the free phase). "auto" (default):
+            ``DEFAULT_NORM_DRIFT`` steps where the norms come from a free phase per tensor
+            (``free_steps >= 1``, ``target="initial"``, ``granularity="tensor"``, no ``angular_update``),
+            off otherwise; a number asks for it (an error where it cannot apply); None: fixed norms.
         free_steps: the weights whose target is "initial" train freely (plain base steps,
             no projection) for this many steps and are then held at the norms they have
             reached: training, not the initialisation, chooses each layer's norm and so
@@ -113,7 +121,7 @@ class FixNorm(torch.optim.Optimizer):
         fc_scale: float = 1.0,
         norm_scale: float = 1.0,
         lr_power: float = DEFAULT_LR_POWER,
-        norm_drift: int | None = None,
+        norm_drift: int | str | None = "auto",
         **base_kwargs: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -145,10 +153,13 @@ class FixNorm(torch.optim.Optimizer):
                                "nothing to scale: give one of them")
         if isinstance(free_steps, bool) or not isinstance(free_steps, int) or free_steps < 0:
             raise FixNormError(f"free_steps must be a whole number of steps >= 0, got {free_steps!r}")
-        if norm_drift is not None:
+        drift_applies = free_steps > 0 and target == "initial" and granularity == "tensor" and angular_update is None
+        if norm_drift == "auto":
+            norm_drift = DEFAULT_NORM_DRIFT if drift_applies else None
+        elif norm_drift is not None:
             if isinstance(norm_drift, bool) or not isinstance(norm_drift, int) or norm_drift < 1:
                 raise FixNormError(f"norm_drift must be a whole number of steps >= 1 (or None), got {norm_drift!r}")
-            if free_steps == 0 or target != "initial" or granularity != "tensor" or angular_update is not None:
+            if not drift_applies:
                 raise FixNormError("norm_drift moves the norms training chose with each weight's gradient scale: it "
                                    "needs free_steps >= 1, target='initial', granularity='tensor' and no "
                                    "angular_update")

@@ -380,7 +380,8 @@ class HoldNorms(Rule):
             raise FixNormError(f"the saved 'held' flags {sorted(held)} are not all 0 or all 1")
         self._kernels = None
         if self.drift_steps is not None:
-            missing = [f for f in ("grad_sq", "grad_sq_ref", "base_target") if not all(f in e for e in entries.values())]
+            missing = [f for f in ("grad_sq", "grad_sq_ref", "base_target")
+                       if not all(f in e for e in entries.values())]
             if missing:
                 raise FixNormError(f"the saved norm state has no {missing}: it was saved without drifting norms; "
                                    "resume with the settings it was trained with")
@@ -388,7 +389,8 @@ class HoldNorms(Rule):
                 return [entries[i][field].to(device=p.device, dtype=torch.float32).reshape(()).clone()
                         for i, p in enumerate(self.params)]
             self._grad_sq = saved("grad_sq")
-            self._grad_sq_ref, self._base = (saved("grad_sq_ref"), saved("base_target")) if held == {1} else (None, None)
+            self._grad_sq_ref, self._base = ((saved("grad_sq_ref"), saved("base_target")) if held == {1}
+                                             else (None, None))
         if held == {0}:  # saved during the free steps: the norms are taken later, at from_step
             if self._from_step is not None and 0 < self._from_step <= step:
                 raise FixNormError(f"the saved state is at step {step}, past from_step {self._from_step}, but its "

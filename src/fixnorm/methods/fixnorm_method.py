@@ -33,7 +33,8 @@ class FixNormSettings:
     angular_update: float | None = None   # rotational mode: radians per step for scale-invariant weights
     lr_power: float = DEFAULT_LR_POWER    # scale-invariant weights step with lr0 * (lr / lr0) ** lr_power
     angle_power: float = 1.0              # rotational mode: the angle follows (lr / lr0) ** angle_power
-    norm_drift: int | None = None         # held norms drift with the gradient scale (running mean over N steps)
+    norm_drift: int | str | None = "auto"  # held norms drift with the gradient scale over N steps; "auto": 500
+                                           # steps where the norms come from a free phase per tensor; None: off
 
 
 def fixnorm_settings(cfg: TrainConfig) -> FixNormSettings:

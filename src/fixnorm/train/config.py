@@ -287,6 +287,7 @@ SETTINGS_BEFORE_THEY_EXISTED: dict[str, dict[str, Any]] = {
     "fixnorm": {
         "free_steps": 0,     # before the free phase, norms were held from construction
         "lr_power": 1.0,     # before the square-root schedule law, the schedule was the scale-invariant weights' own
+        "norm_drift": None,  # before drifting norms, the norms taken after the free phase stayed
     },
 }
 
