@@ -55,9 +55,10 @@ MOMENTUM = 0.9
 WEIGHT_DECAY = 5e-4
 SEED = 0
 
-VARIANTS = ("fixnorm", "sgd_wd", "sgdp")
+VARIANTS = ("fixnorm", "fixnorm_fixed", "sgd_wd", "sgdp")
 VARIANT_LABELS = {
-    "fixnorm": "FixNorm(SGD, momentum 0.9, foreach)",
+    "fixnorm": "FixNorm(SGD, momentum 0.9, foreach), defaults: drifting norms",
+    "fixnorm_fixed": "FixNorm, fixed norms (norm_drift=None)",
     "sgd_wd": "SGD(momentum 0.9, wd 5e-4 on ndim>1, foreach)",
     "sgdp": "SGDP (reference algorithm, per-parameter loop)",
 }
@@ -88,6 +89,8 @@ RATIOS = {
     "train_step_vs_sgdp_ratio": "FixNorm / SGDP, training step",
     "optimizer_step_in_training_ratio": "FixNorm / SGD+WD, optimizer step inside the training loop",
     "vs_sgdp_in_training_ratio": "FixNorm / SGDP, optimizer step inside the training loop",
+    "drift_step_ratio": "drifting / fixed norms, optimizer step alone",
+    "drift_in_training_ratio": "drifting / fixed norms, optimizer step inside the training loop",
 }
 
 # (metric suffix, comparison, threshold) -- from the issue
@@ -186,10 +189,13 @@ def decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 def make_optimizer(kind: str, model: nn.Module, roles: fixnorm.Roles) -> torch.optim.Optimizer:
     if kind == "fixnorm":
-        # free_steps=0: every step projects, the steady state after the free phase (what a run pays for nearly all
-        # its steps); with the default the first 100 timed steps would skip the projection
+        # free_steps=1: from the second step on every step drifts and projects, the steady state after the free
+        # phase (what a run pays for nearly all its steps); with 100 free steps the first timed steps would not
         return fixnorm.FixNorm(model, None, base=torch.optim.SGD, roles=roles, lr=LR, momentum=MOMENTUM,
-                               nesterov=False, foreach=True, free_steps=0)
+                               nesterov=False, foreach=True, free_steps=1)
+    if kind == "fixnorm_fixed":
+        return fixnorm.FixNorm(model, None, base=torch.optim.SGD, roles=roles, lr=LR, momentum=MOMENTUM,
+                               nesterov=False, foreach=True, free_steps=0, norm_drift=None)
     if kind == "sgd_wd":
         return torch.optim.SGD(decay_groups(model, WEIGHT_DECAY), lr=LR, momentum=MOMENTUM, nesterov=False,
                                foreach=True)
@@ -275,8 +281,8 @@ def bench_model(name: str, spec: dict[str, Any], plan: dict[str, int], device: t
     # every call, warm-up included, was recorded: keep the last rounds * repeat (the timed ones)
     n_timed = plan["train_rounds"] * plan["train_repeat"]
     insitu_samples = {k: timers[k].take()[-n_timed:] for k in VARIANTS}
-    if isinstance(opts["fixnorm"], fixnorm.FixNorm):
-        opts["fixnorm"].check()  # any deferred non-finite flag would make the timings meaningless
+    for k in ("fixnorm", "fixnorm_fixed"):
+        opts[k].check()  # any deferred non-finite flag would make the timings meaningless
     del models, opts
     gc.collect()
 
@@ -295,6 +301,8 @@ def bench_model(name: str, spec: dict[str, Any], plan: dict[str, int], device: t
             "train_step_ratio": ratio_stats(train_samples, "fixnorm", "sgd_wd"),
             "vs_sgdp_ratio": ratio_stats(step_samples, "fixnorm", "sgdp"),
             "train_step_vs_sgdp_ratio": ratio_stats(train_samples, "fixnorm", "sgdp"),
+            "drift_step_ratio": ratio_stats(step_samples, "fixnorm", "fixnorm_fixed"),
+            "drift_in_training_ratio": ratio_stats(insitu_samples, "fixnorm", "fixnorm_fixed"),
         },
         "profiles": profiles,
     }

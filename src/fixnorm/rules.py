@@ -187,6 +187,7 @@ class HoldNorms(Rule):
             self._grad_sq = [torch.zeros((), dtype=torch.float32, device=p.device) for p in self.params]
             self._grad_sq_ref: list[torch.Tensor] | None = None
             self._tracked_steps = 0  # the step of the last running-mean update
+            self._stacks: list[Any] | None = None  # see _drift_stacks
             self._base: list[torch.Tensor] | None = None
         if targets is not None:
             targets = [torch.as_tensor(t, dtype=torch.float32) for t in targets]
@@ -248,6 +249,7 @@ class HoldNorms(Rule):
         if self.drift_steps is not None:
             self._base = [t.clone() for t in self.targets]
             self._grad_sq_ref = self._grad_sq_mean(self._tracked_steps)
+            self._stacks = None
         if self.on_hold is not None:
             self.on_hold(self)
 
@@ -306,23 +308,45 @@ class HoldNorms(Rule):
         correction = 1.0 - (1.0 - 1.0 / self.drift_steps) ** max(step - self._drift_start(), 1)
         return [m / correction for m in self._grad_sq]
 
-    def _drift_targets(self, step: int) -> None:
+    def _drift_stacks(self) -> list[tuple[list[int], list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor,
+                                          torch.Tensor]]:
+        """Per (device, dtype) bucket: indices, params, and the stacked running means, references, norms taken and
+        targets. The per-parameter entries become views of the stacks, so one in-place update serves both."""
         assert self._base is not None and self._grad_sq_ref is not None
-        now = self._grad_sq_mean(step)
-        targets = []
-        for base, mean, ref in zip(self._base, now, self._grad_sq_ref):
-            factor = torch.where(ref > 0, (mean / ref.clamp_min(torch.finfo(torch.float32).tiny)) ** 0.25,
-                                 torch.ones_like(ref))
-            targets.append(base * factor.clamp_min(self.DRIFT_FLOOR))
-        self.targets = targets
-        self._kernels = None
+        layout = [(p.device, p.dtype) for p in self.params]
+        if self._stacks is None or self._kernels is None or layout != self._layout:
+            kernels = self._kernel_plan()
+            assert self.targets is not None
+            self._stacks = []
+            for bucket, (params, targets) in zip(_bucket_by_layout(self.params), kernels):
+                def stack(values: list[torch.Tensor]) -> torch.Tensor:
+                    return torch.stack([values[i].to(targets.device).reshape(()) for i in bucket])
+                mean, ref, base = stack(self._grad_sq), stack(self._grad_sq_ref), stack(self._base)
+                for j, i in enumerate(bucket):
+                    self._grad_sq[i], self.targets[i] = mean[j], targets[j]
+                self._stacks.append((bucket, params, mean, ref, base, targets))
+        return self._stacks
+
+    @torch.no_grad()
+    def _drift_step(self, step: int) -> None:
+        """Once the norms are held: update the running means and move every target, a few kernels per bucket."""
+        beta = 1.0 - 1.0 / self.drift_steps
+        correction = 1.0 - beta ** max(step - self._drift_start(), 1)
+        tiny = torch.finfo(torch.float32).tiny
+        for _, params, mean, ref, base, targets in self._drift_stacks():
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            value = (tensor_norms_fp32(grads).float() * targets) ** 2  # targets: the norms the gradients saw
+            mean.copy_(torch.where(torch.isfinite(value), beta * mean + (1.0 - beta) * value, mean))
+            factor = torch.where(ref > 0, (mean / correction / ref.clamp_min(tiny)) ** 0.25, torch.ones_like(ref))
+            targets.copy_(base * factor.clamp_min(self.DRIFT_FLOOR))
 
     def apply_(self, step: int, flags: DeviceFlags) -> None:
         if self.drift_steps is not None and step > self._drift_start():
-            self._track_grad_sq()
             self._tracked_steps = step
             if self.targets is not None:
-                self._drift_targets(step)
+                self._drift_step(step)
+            else:
+                self._track_grad_sq()
         if self.targets is None:
             if self._from_step is None:
                 raise FixNormError("the step from which the norms are held (HoldNorms.from_step, LAWN's "
@@ -391,6 +415,7 @@ class HoldNorms(Rule):
             self._grad_sq = saved("grad_sq")
             self._grad_sq_ref, self._base = ((saved("grad_sq_ref"), saved("base_target")) if held == {1}
                                              else (None, None))
+            self._stacks = None
         if held == {0}:  # saved during the free steps: the norms are taken later, at from_step
             if self._from_step is not None and 0 < self._from_step <= step:
                 raise FixNormError(f"the saved state is at step {step}, past from_step {self._from_step}, but its "
