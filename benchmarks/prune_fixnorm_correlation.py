@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from fixnorm.io import write_json_atomic, write_text_atomic  # noqa: E402
 from fixnorm.run_folder import RunFolder  # noqa: E402
 from fixnorm.train.config import load_recipe, make_config, parse_overrides  # noqa: E402
 from fixnorm.train.prune import DENSE_P, _weights_and_steps  # noqa: E402
-from fixnorm.train.study import model_state, train_phase  # noqa: E402
+from fixnorm.train.study import mean_std, model_state, train_phase  # noqa: E402
 from fixnorm.compress import weight_correlation  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -89,13 +88,12 @@ def table(args: argparse.Namespace) -> None:
             mine = [r for r in runs if (r["arm"], r["lr"]) == (arm, lr)]
             acc = [100 * r["final_test_acc"] for r in mine]
             r_p = {p: [r["r_p"][str(p)] for r in mine] for p in DENSE_P}
-            rows.append({"arm": arm, "lr": lr, "effective_lr": effective_lr(arm, lr), "seeds": [r["seed"] for r in mine],
+            eff = effective_lr(arm, lr)
+            rows.append({"arm": arm, "lr": lr, "effective_lr": eff, "seeds": [r["seed"] for r in mine],
                          "accuracy": acc, "r_p": {str(p): v for p, v in r_p.items()}})
-            eff = rows[-1]["effective_lr"]
-            std = statistics.stdev if len(mine) > 1 else (lambda v: 0.0)
             lines.append([arm, f"{lr:g}", "-" if eff is None else f"{eff:.3g}",
-                          f"{statistics.mean(acc):.2f} ± {std(acc):.2f}"]
-                         + [f"{statistics.mean(v):.3f} ± {std(v):.3f}" for v in r_p.values()])
+                          "{:.2f} ± {:.2f}".format(*mean_std(acc))]
+                         + ["{:.3f} ± {:.3f}".format(*mean_std(v)) for v in r_p.values()])
     headers = ["arm", "lr", "lr / norm_scale²", "dense accuracy (%)"] + [f"R_{p:g}(θ_0, θ_T)" for p in DENSE_P]
     text = "\n".join([f"Command: `{_common.command_line()}`", "",
                       f"Recipe {args.recipe} with {' '.join(STUDY + args.set)}; seeds {args.seeds}; mean ± std over "
@@ -129,7 +127,8 @@ def main() -> None:
     shard, shards = _common.parse_shard(args.shard)
     for index, (arm, lr, seed) in enumerate(jobs(args)):
         if index % shards == shard:
-            summary = train_phase(Path(args.out), run_name(arm, lr, seed), make_config(settings_of(args, arm, lr, seed)))
+            cfg = make_config(settings_of(args, arm, lr, seed))
+            summary = train_phase(Path(args.out), run_name(arm, lr, seed), cfg)
             print(f"{arm} lr {lr:g} seed {seed}: {100 * summary['final_test_acc']:.2f}", flush=True)
 
 

@@ -147,7 +147,7 @@ class HoldNorms(Rule):
     """
 
     state_fields: tuple[str, ...] = ("target", "held")
-    DRIFT_FIELDS = ("target", "held", "grad_sq", "grad_sq_ref", "base_target")
+    DRIFT_ONLY_FIELDS = ("grad_sq", "grad_sq_ref", "base_target")  # checkpointed too when the norms drift
     DRIFT_FLOOR = 1e-3  # a drift factor never goes below this: a vanished gradient does not zero a weight
 
     def __init__(self, params: Sequence[torch.Tensor], *, names: Sequence[str] | None = None, per: str = "tensor",
@@ -183,10 +183,9 @@ class HoldNorms(Rule):
         self._layout: list[tuple[torch.device, torch.dtype]] = []
         self.drift_steps = drift_steps
         if drift_steps is not None:
-            self.state_fields = self.DRIFT_FIELDS
+            self.state_fields = HoldNorms.state_fields + self.DRIFT_ONLY_FIELDS
             self._grad_sq = [torch.zeros((), dtype=torch.float32, device=p.device) for p in self.params]
             self._grad_sq_ref: list[torch.Tensor] | None = None
-            self._tracked_steps = 0  # the step of the last running-mean update
             self._stacks: list[Any] | None = None  # see _drift_stacks
             self._base: list[torch.Tensor] | None = None
         if targets is not None:
@@ -248,7 +247,7 @@ class HoldNorms(Rule):
         self._kernels = None
         if self.drift_steps is not None:
             self._base = [t.clone() for t in self.targets]
-            self._grad_sq_ref = self._grad_sq_mean(self._tracked_steps)
+            self._grad_sq_ref = self._grad_sq_mean(self._from_step)  # drifting rules take their norms there
             self._stacks = None
         if self.on_hold is not None:
             self.on_hold(self)
@@ -281,32 +280,34 @@ class HoldNorms(Rule):
     # -- drifting norms --------------------------------------------------------------------------
     @torch.no_grad()
     def _track_grad_sq(self) -> None:
-        """One step of the running mean of each weight's squared unit-norm gradient (|g| * |w|)**2.
-
-        |w| is the held target once the norms are taken (the norm the gradient was computed at), the current norm
-        before. A non-finite value leaves the mean as it was (the step itself is reported elsewhere)."""
-        beta = 1.0 - 1.0 / self.drift_steps
+        """During the free phase: one step of each weight's running mean of (|g| * |w|)**2, |w| its norm now (no
+        projection moves it). Once the norms are held :meth:`_drift_step` does this on stacks."""
         for bucket in _bucket_by_layout(self.params):
             params = [self.params[i] for i in bucket]
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            if self.targets is not None:
-                weight_norms = torch.stack([self.targets[i].reshape(()) for i in bucket]).float()
-            else:
-                weight_norms = tensor_norms_fp32(params).float()
-            value = (tensor_norms_fp32(grads).float() * weight_norms) ** 2
             old = torch.stack([self._grad_sq[i] for i in bucket])
-            new = torch.where(torch.isfinite(value), beta * old + (1.0 - beta) * value, old)
+            new = self._next_mean(old, params, tensor_norms_fp32(params).float())
             for i, v in zip(bucket, new.unbind(0)):
                 self._grad_sq[i] = v
+
+    def _next_mean(self, mean: torch.Tensor, params: list[torch.Tensor], weight_norms: torch.Tensor) -> torch.Tensor:
+        """``mean`` (stacked, one per parameter) after one more step of (|g| * |w|)**2; a non-finite value leaves
+        it as it was."""
+        beta = 1.0 - 1.0 / self.drift_steps
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        value = (tensor_norms_fp32(grads).float() * weight_norms) ** 2
+        return torch.where(torch.isfinite(value), beta * mean + (1.0 - beta) * value, mean)
 
     def _drift_start(self) -> int:
         """The running mean counts the steps after this one: the second half of the free phase on."""
         return (self._from_step or 0) // 2
 
+    def _correction(self, step: int) -> float:
+        """What the running means are divided by after ``step`` steps: they started at zero."""
+        return 1.0 - (1.0 - 1.0 / self.drift_steps) ** max(step - self._drift_start(), 1)
+
     def _grad_sq_mean(self, step: int) -> list[torch.Tensor]:
         """The running means after ``step`` steps, corrected for their start at zero."""
-        correction = 1.0 - (1.0 - 1.0 / self.drift_steps) ** max(step - self._drift_start(), 1)
-        return [m / correction for m in self._grad_sq]
+        return [m / self._correction(step) for m in self._grad_sq]
 
     def _drift_stacks(self) -> list[tuple[list[int], list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor,
                                           torch.Tensor]]:
@@ -330,19 +331,15 @@ class HoldNorms(Rule):
     @torch.no_grad()
     def _drift_step(self, step: int) -> None:
         """Once the norms are held: update the running means and move every target, a few kernels per bucket."""
-        beta = 1.0 - 1.0 / self.drift_steps
-        correction = 1.0 - beta ** max(step - self._drift_start(), 1)
+        correction = self._correction(step)
         tiny = torch.finfo(torch.float32).tiny
         for _, params, mean, ref, base, targets in self._drift_stacks():
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            value = (tensor_norms_fp32(grads).float() * targets) ** 2  # targets: the norms the gradients saw
-            mean.copy_(torch.where(torch.isfinite(value), beta * mean + (1.0 - beta) * value, mean))
+            mean.copy_(self._next_mean(mean, params, targets))  # targets: the norms the gradients were taken at
             factor = torch.where(ref > 0, (mean / correction / ref.clamp_min(tiny)) ** 0.25, torch.ones_like(ref))
             targets.copy_(base * factor.clamp_min(self.DRIFT_FLOOR))
 
     def apply_(self, step: int, flags: DeviceFlags) -> None:
         if self.drift_steps is not None and step > self._drift_start():
-            self._tracked_steps = step
             if self.targets is not None:
                 self._drift_step(step)
             else:
@@ -404,8 +401,7 @@ class HoldNorms(Rule):
             raise FixNormError(f"the saved 'held' flags {sorted(held)} are not all 0 or all 1")
         self._kernels = None
         if self.drift_steps is not None:
-            missing = [f for f in ("grad_sq", "grad_sq_ref", "base_target")
-                       if not all(f in e for e in entries.values())]
+            missing = [f for f in self.DRIFT_ONLY_FIELDS if not all(f in e for e in entries.values())]
             if missing:
                 raise FixNormError(f"the saved norm state has no {missing}: it was saved without drifting norms; "
                                    "resume with the settings it was trained with")
