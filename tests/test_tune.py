@@ -60,6 +60,29 @@ def test_coordinate_search_is_a_pure_function_of_the_results():
         assert order[k] in pending  # the same next point, whoever asks and whenever
 
 
+SPACE3 = SearchSpace(SPACE.axes + (Axis("norm_scale", 1.0, 2 ** 0.25, -4, 4),))
+
+
+@pytest.mark.parametrize("optimum", [(2, 3, -2), (-3, -2, 4), (0, 0, 0), (1, 1, -4)])
+def test_coordinate_search_on_three_axes_finds_a_separable_optimum(optimum):
+    def bowl3(point):
+        return bowl(point[:2], optimum[:2]) - 0.003 * (point[2] - optimum[2]) ** 2
+
+    results, order = run_search(SPACE3, bowl3)
+    assert coordinate_search_best(SPACE3, results, (2, 1)) == optimum
+    assert len(order) == len(set(order)) <= 24 < len(SPACE3.grid()) == 8 * 7 * 9
+    assert all(len(p) == 3 and SPACE3.contains(p) for p in order)
+    # the first line search runs along the lr with the other axes at their centres
+    assert {p[1:] for p in order[:3]} == {(0, 0)}
+
+
+def test_search_space_refuses_repeated_or_empty_axes():
+    with pytest.raises(FixNormError, match="distinct"):
+        SearchSpace((Axis("lr", 0.1, 2.0, -1, 1), Axis("lr", 0.2, 2.0, -1, 1)))
+    with pytest.raises(FixNormError, match="at least one"):
+        SearchSpace(())
+
+
 def test_axes_and_spaces_refuse_bad_ranges():
     with pytest.raises(FixNormError, match="centre"):
         Axis("lr", 0.1, 2.0, 1, 3)
@@ -79,6 +102,31 @@ def test_fixnorm_search_is_centred_on_the_default_classifier():
     assert (second.value(second.low), second.value(second.high)) == pytest.approx((0.25, 4.0))
     assert search_space({**smoke, "free_steps": 0}).axes[1].name == "fc_norm"
     assert search_space({**smoke, "fc_norm": 3.0}).axes[1].name == "fc_norm"
+
+
+def test_norm_scale_axis_moves_the_effective_lr_by_the_lr_axis_step():
+    """norm_scale is spaced at sqrt(ratio): one step changes lr / norm² by the lr axis's own factor."""
+    smoke = {"model": "small_cnn", "dataset": "synthetic", "method": "fixnorm", "lr": 0.1}
+    lr, norm, fc = search_space(smoke, axes=["norm_scale", "fc_scale"]).axes
+    assert (lr.name, norm.name, fc.name) == ("lr", "norm_scale", "fc_scale")
+    assert norm.center == 1.0 and (norm.value(norm.low), norm.value(norm.high)) == pytest.approx((0.5, 2.0))
+    effective_lr = lambda index: 1 / norm.value(index) ** 2  # noqa: E731 - at a fixed lr
+    assert effective_lr(-1) / effective_lr(0) == pytest.approx(lr.value(1) / lr.value(0))
+    assert search_space(smoke, axes=["norm_scale"], second_range=(0.75, 1.0)).axes[1].low == -1
+    with pytest.raises(FixNormError, match="numeric target"):
+        search_space({**smoke, "target_norm": 2.0}, axes=["norm_scale"])
+    with pytest.raises(FixNormError, match="each once"):
+        search_space(smoke, axes=["weight_decay"])
+    with pytest.raises(FixNormError, match="each once"):
+        search_space(smoke, axes=["norm_scale", "norm_scale"])
+    with pytest.raises(FixNormError, match="each once"):
+        search_space({**smoke, "method": "sgd"}, axes=["norm_scale"])
+    with pytest.raises(FixNormError, match="the lr alone"):
+        search_space(smoke, axes=["lr"])
+    # the lr can be searched later than first; the range given is the first non-lr axis's
+    names = [a.name for a in search_space(smoke, axes=["norm_scale", "lr"], second_range=(0.75, 1.0)).axes]
+    assert names == ["norm_scale", "lr"]
+    assert search_space(smoke, axes=["norm_scale", "lr"], second_range=(0.75, 1.0)).axes[0].low == -1
 
 
 def tabular(values, trial):
@@ -431,3 +479,22 @@ def test_coordinate_sampler_refuses_a_range_that_misses_its_lattice():
     with pytest.raises(FixNormError, match="range holding its lattice"):
         study.optimize(lambda t: t.suggest_float("lr", 0.5, 1.0, log=True) + t.suggest_float("fc_norm", 1, 2),
                        n_trials=1)
+
+
+@needs_fmnist
+def test_cli_searches_norm_scale_and_each_trial_trains_with_its_value(tmp_path):
+    """`fixnorm tune --axes norm_scale fc_scale`: three-axis trials, each run's config holding its point's values."""
+    out = tmp_path / "tune"
+    proc = subprocess.run([sys.executable, "-m", "fixnorm", "tune", "--recipe", "fmnist-smoke", "--method", "fixnorm",
+                           "--set", "train_subset=300", "--set", "holdout=200", "--epochs", "1", "--set", "threads=1",
+                           "--axes", "norm_scale", "fc_scale", "--trials", "3", "--out", str(out), "--quiet"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((out / "tune.json").read_text())
+    assert [a["name"] for a in data["space"]["axes"]] == ["lr", "norm_scale", "fc_scale"]
+    trials = data["trials"]
+    assert len(trials) == 3 and {t["norm_scale"] for t in trials} == {1.0}  # the first line search is the lr's
+    for t in trials:
+        run = out / "runs" / f"lr={t['lr']:.6g},norm_scale={t['norm_scale']:.6g},fc_scale={t['fc_scale']:.6g}"
+        config = (run / "config.yaml").read_text()
+        assert f"norm_scale: {t['norm_scale']}" in config and f"lr: {t['lr']}" in config

@@ -172,7 +172,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     settings["method"] = method
     sampler = args.sampler or ("coordinate" if method == "fixnorm" else "tpe")
     out = Path(args.out or Path("runs") / f"tune-{args.recipe or 'custom'}-{method}-{sampler}")
-    space = search_space(settings, lr_range=args.lr_range, second_range=args.second_range, ratio=args.ratio)
+    space = search_space(settings, lr_range=args.lr_range, second_range=args.second_range, ratio=args.ratio,
+                         axes=args.axes)
     if not args.quiet:
         print("search space: " + "; ".join(f"{a.name} {a.value(a.low):.3g} .. {a.value(a.high):.3g} "
                                           f"({a.high - a.low + 1} points, start {a.center:.3g})" for a in space.axes))
@@ -347,8 +348,13 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--lr-range", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
                       help="default: the recipe's lr / 16 .. x 16")
     tune.add_argument("--second-range", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
-                      help="fc_scale range (default 1/4 .. 4; fc_norm initial / 4 .. x 16 with free_steps=0) "
-                           "or weight-decay range (default wd / 30 .. x 30)")
+                      help="range of the first axis after the lr: fc_scale (default 1/4 .. 4; fc_norm initial / 4 "
+                           ".. x 16 with free_steps=0), norm_scale (default 1/2 .. 2) or weight decay (default "
+                           "wd / 30 .. x 30)")
+    tune.add_argument("--axes", nargs="+", default=None, metavar="NAME",
+                      help="the settings searched besides the lr, in this order (after the lr, unless lr is "
+                           "listed elsewhere): for fixnorm any of fc_scale (the default), norm_scale; for the "
+                           "baselines weight_decay")
     tune.add_argument("--ratio", type=float, default=2 ** 0.5, help="factor between neighbouring lattice points")
     tune.add_argument("--tuner-seed", type=int, default=0)
     tune.set_defaults(func=cmd_tune)

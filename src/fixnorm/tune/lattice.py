@@ -1,6 +1,7 @@
 """The lattice every tuner searches, and FixNorm's coordinate search on it: pure functions of the results."""
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -8,7 +9,7 @@ from typing import Any
 
 from ..errors import FixNormError
 
-Point = tuple[int, int]
+Point = tuple[int, ...]  # one lattice index per axis
 TUNERS = ("coordinate", "tpe", "random", "grid")
 # which settings each method's tuning searches, besides the learning rate
 SECOND_AXIS = {"fixnorm": "fc_norm", "sgd": "weight_decay", "adamw": "weight_decay", "rmsprop": "weight_decay"}
@@ -68,7 +69,19 @@ class Axis:
 
 @dataclass(frozen=True)
 class SearchSpace:
-    axes: tuple[Axis, Axis]
+    """The product of one or more axes; a point is a tuple of indices, one per axis, in this order.
+
+    The coordinate search moves along the axes in this order, so the first should be the one that matters most.
+    """
+
+    axes: tuple[Axis, ...]
+
+    def __post_init__(self) -> None:
+        names = [axis.name for axis in self.axes]
+        if not names:
+            raise FixNormError("a search space needs at least one axis")
+        if len(set(names)) != len(names):
+            raise FixNormError(f"axis names must be distinct, got {names}")
 
     def values(self, point: Point) -> dict[str, float]:
         return {axis.name: axis.value(i) for axis, i in zip(self.axes, point)}
@@ -77,8 +90,7 @@ class SearchSpace:
         return all(axis.low <= i <= axis.high for axis, i in zip(self.axes, point))
 
     def grid(self) -> list[Point]:
-        a, b = self.axes
-        return [(i, j) for i in range(a.low, a.high + 1) for j in range(b.low, b.high + 1)]
+        return list(itertools.product(*(range(axis.low, axis.high + 1) for axis in self.axes)))
 
     def to_dict(self) -> dict[str, Any]:
         return {"axes": [asdict(axis) for axis in self.axes]}
@@ -99,7 +111,7 @@ class SearchSpace:
             if index is None or not axis.low <= index <= axis.high:
                 return None
             point.append(index)
-        return (point[0], point[1])
+        return tuple(point)
 
     def snap(self, name: str, value: Any) -> Any:
         """``value`` moved to the nearest lattice value of axis ``name`` (other names unchanged)."""
@@ -123,7 +135,7 @@ def coordinate_search_next(space: SearchSpace, results: Mapping[Point, float],
                            steps: Sequence[int] = (4, 2)) -> list[Point]:
     """The points the search needs evaluated next (all are independent), or [] once it has finished.
 
-    ``steps`` are lattice steps; each is used for a line search over axis 0 (lr), then axis 1.
+    ``steps`` are lattice steps; each is used for a line search over axis 0 (lr), then axis 1, and so on.
     """
     return _replay(space, results, steps)[0]
 
@@ -135,9 +147,9 @@ def coordinate_search_best(space: SearchSpace, results: Mapping[Point, float], s
 
 def _replay(space: SearchSpace, results: Mapping[Point, float], steps: Sequence[int]) -> tuple[list[Point], Point]:
     """Run the search over the known results: (the points it waits for, the centre it has reached)."""
-    center: Point = (0, 0)
+    center: Point = (0,) * len(space.axes)
     for step in steps:
-        for axis in (0, 1):
+        for axis in range(len(space.axes)):
             outcome = _line_search(space, results, center, axis, step)
             if isinstance(outcome, list):
                 return outcome, center
@@ -148,7 +160,7 @@ def _replay(space: SearchSpace, results: Mapping[Point, float], steps: Sequence[
 def _line_search(space: SearchSpace, results: Mapping[Point, float], center: Point, axis: int,
                  step: int) -> Point | list[Point]:
     def at(k: int) -> Point:
-        return (k, center[1]) if axis == 0 else (center[0], k)
+        return center[:axis] + (k,) + center[axis + 1:]
 
     k0 = center[axis]
     low, high = space.axes[axis].low, space.axes[axis].high

@@ -81,32 +81,68 @@ def initial_classifier_norm(settings: Mapping[str, Any]) -> float:
 
 
 def search_space(settings: Mapping[str, Any], *, lr_range: Sequence[float] | None = None,
-                 second_range: Sequence[float] | None = None, ratio: float = math.sqrt(2)) -> SearchSpace:
-    """The lattice ``fixnorm tune`` searches: lr x classifier norm (fixnorm) or lr x weight decay.
+                 second_range: Sequence[float] | None = None, ratio: float = math.sqrt(2),
+                 axes: Sequence[str] | None = None) -> SearchSpace:
+    """The lattice ``fixnorm tune`` searches: lr x the method's other settings (``axes``, searched in that order).
 
-    Centred on the recipe's lr and on the method's default second setting; default ranges lr / 16 .. x 16,
-    weight decay / 30 .. x 30. For FixNorm with a free phase (the default) the classifier axis is
-    ``fc_scale``, the classifier norm relative to the one the free phase chose, 1/4 .. 4 around the default
-    1; with ``free_steps=0`` or an ``fc_norm`` in the recipe it is ``fc_norm`` itself, initial / 4 .. x 16.
+    Centred on the recipe's lr and on the method's default settings; the lr from lr / 16 to x 16
+    (``lr_range``). ``axes`` are the other settings (default ``SECOND_AXIS[method]``; ``second_range`` is the
+    first one's range), searched after the lr unless ``"lr"`` is among them at another place:
+
+    - ``weight_decay`` (baselines): / 30 .. x 30 around the recipe's.
+    - ``fc_scale`` (FixNorm with a free phase, the default): the classifier's norm relative to the one the
+      free phase chose, 1/4 .. 4. With ``free_steps=0`` or an ``fc_norm`` in the recipe it becomes ``fc_norm``
+      itself, initial / 4 .. x 16.
+    - ``norm_scale`` (FixNorm): the scale-invariant weights held at this multiple of the norms training chose,
+      1/2 .. 2, spaced at ``sqrt(ratio)`` so that each step moves their effective lr (lr / norm²) by the lr
+      axis's own factor. After a free phase the norms grow with the lr, so the lr alone barely moves the
+      effective lr of those weights; this axis does.
     """
     method = settings.get("method", "fixnorm")
     if method not in SECOND_AXIS:
         raise FixNormError(f"tuning knows methods {sorted(SECOND_AXIS)}, not {method!r}")
+    names = list(axes) if axes is not None else [SECOND_AXIS[method]]
+    if "lr" not in names:
+        names.insert(0, "lr")
+    allowed = ("lr", "fc_scale", "fc_norm", "norm_scale") if method == "fixnorm" else ("lr", "weight_decay")
+    unknown = [n for n in names if n not in allowed]
+    if unknown or len(set(names)) != len(names) or len(names) < 2:
+        raise FixNormError(f"method {method!r} tunes the lr and some of {list(allowed[1:])} (each once), "
+                           f"not {[n for n in names if n != 'lr'] or 'the lr alone'}")
     lr = float(settings.get("lr", 0.1))
     lo, hi = lr_range or (lr / 16, lr * 16)
-    lr_axis = Axis.spanning("lr", min(max(lr, lo), hi), lo, hi, ratio)
     fixnorm = _fixnorm_settings(settings) if method == "fixnorm" else None
-    if fixnorm is not None and fixnorm.fc_norm is None and fixnorm.free_steps > 0:
-        lo, hi = second_range or (0.25, 4.0)
-        second = Axis.spanning("fc_scale", min(max(1.0, lo), hi), lo, hi, ratio)
-    elif method == "fixnorm":
+    built = []
+    for name in names:
+        if name == "lr":
+            built.append(Axis.spanning("lr", min(max(lr, lo), hi), lo, hi, ratio))
+        else:
+            first = not any(axis.name != "lr" for axis in built)
+            built.append(_other_axis(name, settings, fixnorm, second_range if first else None, ratio))
+    return SearchSpace(tuple(built))
+
+
+def _other_axis(name: str, settings: Mapping[str, Any], fixnorm: Any, given: Sequence[float] | None,
+                ratio: float) -> Axis:
+    if name in ("fc_scale", "fc_norm"):
+        if fixnorm.fc_norm is None and fixnorm.free_steps > 0:
+            lo, hi = given or (0.25, 4.0)
+            return Axis.spanning("fc_scale", min(max(1.0, lo), hi), lo, hi, ratio)
         center = fixnorm.fc_norm or initial_classifier_norm(settings)
-        lo, hi = second_range or (center / 4, center * 16)
-        second = Axis.spanning("fc_norm", min(max(center, lo), hi), lo, hi, ratio)
-    else:
-        center = float(settings.get("weight_decay", 5e-4))
-        if center <= 0:
-            raise FixNormError("weight-decay tuning needs a positive weight_decay in the recipe as its centre")
-        lo, hi = second_range or (center / 30, center * 30)
-        second = Axis.spanning("weight_decay", min(max(center, lo), hi), lo, hi, ratio)
-    return SearchSpace((lr_axis, second))
+        lo, hi = given or (center / 4, center * 16)
+        return Axis.spanning("fc_norm", min(max(center, lo), hi), lo, hi, ratio)
+    if name == "norm_scale":
+        if fixnorm.target_norm is not None:
+            raise FixNormError("norm_scale scales the norms training chose; with a numeric target tune the target "
+                               "instead")
+        if fixnorm.angular_update is not None:
+            raise FixNormError("norm_scale sets the effective lr through the norm; with angular_update the angle per "
+                               "step is fixed and the norm does not matter")
+        center = float(fixnorm.norm_scale)
+        lo, hi = given or (center / 2, center * 2)
+        return Axis.spanning("norm_scale", min(max(center, lo), hi), lo, hi, math.sqrt(ratio))
+    center = float(settings.get("weight_decay", 5e-4))
+    if center <= 0:
+        raise FixNormError("weight-decay tuning needs a positive weight_decay in the recipe as its centre")
+    lo, hi = given or (center / 30, center * 30)
+    return Axis.spanning("weight_decay", min(max(center, lo), hi), lo, hi, ratio)

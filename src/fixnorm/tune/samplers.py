@@ -47,7 +47,7 @@ class CoordinateSampler(_BaseSampler):
     """FixNorm's coordinate search as an Optuna sampler, for your own ``study.optimize(objective)``.
 
     ``study = optuna.create_study(direction="maximize", sampler=CoordinateSampler(space))``; the
-    objective asks for the two axes with ``space.suggest(trial)`` (or ``trial.suggest_float`` over any
+    objective asks for the axes with ``space.suggest(trial)`` (or ``trial.suggest_float`` over any
     range holding the lattice). Each trial gets the next point the search needs; the study stores the
     real values, and is stopped (like ``GridSampler``) once the search has finished, its best point at
     ``coordinate_search_best``. Other parameters come from ``fallback`` (default ``RandomSampler``).

@@ -174,7 +174,7 @@ class Tuner:
             return "wait" if running else "finished"
         if len(done) + len(running) >= self.n_trials:
             return "wait"
-        return (0, 0)  # placeholder: the sampler chooses in _run_trial
+        return (0,) * len(self.space.axes)  # placeholder: the sampler chooses in _run_trial
 
     def _claimed_point(self, t: Any) -> Point | None:
         """The point a trial runs, or was enqueued to run (its params may not be set yet)."""
