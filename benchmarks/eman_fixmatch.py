@@ -75,7 +75,10 @@ def paired(diffs: list[float]) -> dict[str, Any]:
 
 
 def _mean_std(values: list[float]) -> str:
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.2f}"
+    """Mean ± std over seeds; one seed is its value alone (no spread to show, not a spread of zero)."""
+    if len(values) < 2:
+        return f"{statistics.mean(values):.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
 def _delta(values: dict[int, float], reference: dict[int, float]) -> tuple[str, dict[str, Any] | None]:

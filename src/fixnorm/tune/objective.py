@@ -124,6 +124,7 @@ def search_space(settings: Mapping[str, Any], *, lr_range: Sequence[float] | Non
 
 def _other_axis(name: str, settings: Mapping[str, Any], fixnorm: Any, given: Sequence[float] | None,
                 ratio: float) -> Axis:
+    """One non-lr axis of ``search_space`` (its docstring gives each axis's centre and range)."""
     if name in ("fc_scale", "fc_norm"):
         if fixnorm.fc_norm is None and fixnorm.free_steps > 0:
             lo, hi = given or (0.25, 4.0)
