@@ -26,19 +26,13 @@ from fixnorm.errors import FixNormError  # noqa: E402
 
 
 def initial_model(config: dict) -> torch.nn.Module:
-    """The run's weights at step 0: the engine seeds with ``cfg.seed`` right before building the model."""
-    from fixnorm.methods import get_method
-    from fixnorm.models import create_model
+    """The run's weights at step 0: the engine's seed (``init_seed`` if set), then the recipe's model."""
     from fixnorm.train.config import make_config
-    from fixnorm.train.data_source import make_data
-    from fixnorm.train.distributed import DistInfo
+    from fixnorm.train.study import recipe_model
 
     cfg = make_config(config)
-    data = make_data(cfg, DistInfo(), torch.device("cpu"))
-    torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, num_classes=data.info.num_classes, in_channels=data.info.in_channels,
-                         **cfg.model_kwargs)
-    return get_method(cfg.method).prepare_model(model, cfg)
+    torch.manual_seed(cfg.seed if cfg.init_seed is None else cfg.init_seed)
+    return recipe_model(cfg)[0]
 
 
 def growth(run: Path) -> dict[str, float]:

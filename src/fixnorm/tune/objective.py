@@ -112,13 +112,13 @@ def search_space(settings: Mapping[str, Any], *, lr_range: Sequence[float] | Non
     lr = float(settings.get("lr", 0.1))
     lo, hi = lr_range or (lr / 16, lr * 16)
     fixnorm = _fixnorm_settings(settings) if method == "fixnorm" else None
-    built = []
+    built, given = [], second_range  # second_range belongs to the first axis that is not the lr
     for name in names:
         if name == "lr":
             built.append(Axis.spanning("lr", min(max(lr, lo), hi), lo, hi, ratio))
         else:
-            first = not any(axis.name != "lr" for axis in built)
-            built.append(_other_axis(name, settings, fixnorm, second_range if first else None, ratio))
+            built.append(_other_axis(name, settings, fixnorm, given, ratio))
+            given = None
     return SearchSpace(tuple(built))
 
 
