@@ -12,6 +12,7 @@ import fixnorm
 from fixnorm import FixNorm as _FixNorm
 from fixnorm import FixNormError, constrained_parameters, from_weight_decay
 from fixnorm.models import create_model
+from fixnorm.rules import HoldNorms, balanced_norms
 
 
 def FixNorm(*args, free_steps=0, **kwargs):  # noqa: N802
@@ -499,16 +500,18 @@ def test_free_phase_holds_explicit_targets_from_the_first_step():
     assert any(abs(float(model[i].weight.norm()) - float(small_net()[i].weight.norm())) > 1e-3 for i in (0, 3))
 
 
-@pytest.mark.parametrize("drift", [None, 3], ids=["fixed", "drifting"])
-def test_resume_inside_and_after_the_free_phase_is_bit_identical(drift):
+@pytest.mark.parametrize("drift,balance", [(None, False), (3, False), (3, True)],
+                         ids=["fixed", "drifting", "balanced"])
+def test_resume_inside_and_after_the_free_phase_is_bit_identical(drift, balance):
     data = batches(8)
     for stop in (2, 6):  # inside the free phase (4 steps) and after it
         model = small_net(seed=0)
-        opt = FixNorm(model, data[0][0], free_steps=4, norm_drift=drift, lr=0.5, momentum=0.9)
+        settings = {"free_steps": 4, "norm_drift": drift, "norm_balance": balance, "lr": 0.5, "momentum": 0.9}
+        opt = FixNorm(model, data[0][0], **settings)
         train(model, opt, data[:stop])
         checkpoint = save_and_load({"model": model.state_dict(), "opt": opt.state_dict()})
         resumed = small_net(seed=7)
-        opt2 = FixNorm(resumed, data[0][0], free_steps=4, norm_drift=drift, lr=0.5, momentum=0.9)
+        opt2 = FixNorm(resumed, data[0][0], **settings)
         resumed.load_state_dict(checkpoint["model"])
         opt2.load_state_dict(checkpoint["opt"])
         train(model, opt, data[stop:])
@@ -754,14 +757,19 @@ def test_lr_power_steps_scale_invariant_weights_with_lr_ref_times_the_schedule_f
     assert scheduler.get_last_lr()[0] == pytest.approx(0.05)
 
 
-def test_norm_drift_moves_held_norms_as_the_fourth_root_of_the_unit_gradient_mean_square():
+@pytest.mark.parametrize("balance", [False, True], ids=["as-taken", "balanced"])
+def test_norm_drift_moves_held_norms_as_the_fourth_root_of_the_unit_gradient_mean_square(balance):
     """The held norm after step k is its norm when taken times (m_k / m_taken) ** 1/4, m the bias-corrected running
     mean (time constant N steps, from the middle of the free phase) of (|g| |w|)**2, |w| the norm the gradient was
-    computed at; the classifier stays."""
+    computed at; the classifier stays. Balanced: the norm "taken" is (K m_taken) ** 1/4, K the lower median over
+    the weights of norm**4 / m_taken (two convs here: the smaller), so norm**4 / m is the same for every weight."""
     data, free, n = batches(9), 4, 4
     model = small_net()
-    opt = _FixNorm(model, data[0][0], free_steps=free, norm_drift=n, lr=0.3, momentum=0.9)
+    opt = _FixNorm(model, data[0][0], free_steps=free, norm_drift=n, norm_balance=balance, lr=0.3, momentum=0.9)
     convs = [model[0].weight, model[3].weight]
+    # the same run without balancing shows the norms the free phase reached (balancing projects inside the step)
+    twin = small_net()
+    twin_opt = _FixNorm(twin, data[0][0], free_steps=free, norm_drift=n, lr=0.3, momentum=0.9)
     beta, mean, taken, ref = 1 - 1 / n, [0.0, 0.0], None, None
     fc_norm = None
     for k, (x, y) in enumerate(data, start=1):
@@ -771,7 +779,10 @@ def test_norm_drift_moves_held_norms_as_the_fourth_root_of_the_unit_gradient_mea
         norm_before = [float(w.detach().norm()) for w in convs]
         opt.step()
         if k <= free:  # free phase: the gradient was computed at about the norm the step ends at (no projection)
-            at = [float(w.norm()) for w in convs]
+            twin_opt.zero_grad()
+            F.cross_entropy(twin(x), y).backward()
+            twin_opt.step()
+            at = [float(twin[i].weight.norm()) for i in (0, 3)]
         else:
             at = norm_before
         if k <= free // 2:  # the first half of the free phase is not counted
@@ -779,7 +790,15 @@ def test_norm_drift_moves_held_norms_as_the_fourth_root_of_the_unit_gradient_mea
         mean = [beta * m + (1 - beta) * (g * a) ** 2 for m, g, a in zip(mean, grads, at)]
         corrected = [m / (1 - beta ** (k - free // 2)) for m in mean]
         if k == free:
-            taken, ref = [float(w.norm()) for w in convs], corrected
+            ref = corrected
+            if balance:
+                k_common = min(a ** 4 / r for a, r in zip(at, ref))
+                taken = [(k_common * r) ** 0.25 for r in ref]
+                for w, t in zip(convs, taken):
+                    assert float(w.norm()) == pytest.approx(t, rel=1e-4)
+                assert any(abs(a / t - 1) > 1e-2 for a, t in zip(at, taken)), "balancing moved nothing"
+            else:
+                taken = [float(w.norm()) for w in convs]
             fc_norm = float(model[8].weight.norm())
         elif k > free:
             expected = [t * (c / r) ** 0.25 for t, c, r in zip(taken, corrected, ref)]
@@ -796,6 +815,24 @@ def test_a_state_saved_with_fixed_norms_does_not_load_into_drifting_norms():
     drifting = _FixNorm(small_net(), x, free_steps=4, norm_drift=3, lr=0.5)
     with pytest.raises(FixNormError, match="without drifting norms"):
         drifting.load_state_dict(plain_state)
+
+
+@pytest.mark.parametrize("kwargs", [{"norm_drift": None}, {"free_steps": 0}, {"granularity": "filter"}])
+def test_norm_balance_needs_drifting_norms(kwargs):
+    settings = {"free_steps": 3, "norm_balance": True, **kwargs}
+    with pytest.raises(FixNormError, match="norm_balance|norm_drift"):
+        _FixNorm(small_net(), batches(1)[0][0], lr=0.1, **settings)
+    with pytest.raises(FixNormError, match="drift_steps"):
+        HoldNorms([small_net()[0].weight], from_step=3, balance=True)
+
+
+def test_balanced_norms_share_one_equilibrium_constant_and_skip_weights_without_gradient():
+    norms = [torch.tensor(1.0), torch.tensor(2.0), torch.tensor(47.0), torch.tensor(3.0)]
+    grad_sq = [torch.tensor(1.0), torch.tensor(16.0), torch.tensor(1.0), torch.tensor(0.0)]
+    out = balanced_norms(norms, grad_sq)
+    # constants norm**4 / grad_sq: 1, 1, 47**4 (the blown-up one), none for the weight without gradient
+    assert [float(v) for v in out[:3]] == pytest.approx([1.0, 2.0, 1.0], rel=1e-5)
+    assert float(out[3]) == 3.0
 
 
 @pytest.mark.parametrize("kwargs", [{"free_steps": 0}, {"granularity": "filter"}, {"target": 2.0},

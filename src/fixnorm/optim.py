@@ -92,6 +92,10 @@ class FixNorm(torch.optim.Optimizer):
             ``DEFAULT_NORM_DRIFT`` steps where the norms come from a free phase per tensor
             (``free_steps >= 1``, ``target="initial"``, ``granularity="tensor"``, no ``angular_update``),
             off otherwise; a number asks for it (an error where it cannot apply); None: fixed norms.
+        norm_balance: with drifting norms: when the norms are taken, set each scale-invariant weight's norm
+            where weight decay's equilibrium puts it relative to the others, from its gradient scale
+            (``HoldNorms(balance=True)``), keeping the free phase's overall scale: every layer then turns
+            by about the same angle per step, as under weight decay at equilibrium.
         free_steps: the weights whose target is "initial" train freely (plain base steps,
             no projection) for this many steps and are then held at the norms they have
             reached: training, not the initialisation, chooses each layer's norm and so
@@ -122,6 +126,7 @@ class FixNorm(torch.optim.Optimizer):
         norm_scale: float = 1.0,
         lr_power: float = DEFAULT_LR_POWER,
         norm_drift: int | str | None = "auto",
+        norm_balance: bool = False,
         **base_kwargs: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -163,6 +168,10 @@ class FixNorm(torch.optim.Optimizer):
                 raise FixNormError("norm_drift moves the norms training chose with each weight's gradient scale: it "
                                    "needs free_steps >= 1, target='initial', granularity='tensor' and no "
                                    "angular_update")
+        if norm_balance and norm_drift is None:
+            raise FixNormError("norm_balance sets each held norm from its gradient scale, which drifting norms "
+                               "measure: it needs norm_drift (free_steps >= 1, target='initial', "
+                               "granularity='tensor', no angular_update)")
         if base_kwargs.get("weight_decay"):
             raise FixNormError(
                 f"weight_decay={base_kwargs['weight_decay']} would act on the constrained weights, where the "
@@ -256,7 +265,8 @@ class FixNorm(torch.optim.Optimizer):
         self._init_hooks()
         warn_if_base_normalizes(self.base, stacklevel=3)
         rules: list[HoldNorms] = [HoldNorms(ps, names=ns, per=c, targets=ts) for c, (ps, ns, ts) in held.items()]
-        rules += [HoldNorms(ps, names=ns, per=c, from_step=free_steps, scale=sc, drift_steps=norm_drift if d else None)
+        rules += [HoldNorms(ps, names=ns, per=c, from_step=free_steps, scale=sc, drift_steps=norm_drift if d else None,
+                            balance=bool(norm_balance) and d)
                   for (c, d), (ps, ns, sc) in later.items()]
         # attached to this optimizer itself: the projection runs as its first step post-hook, and the targets and
         # the step count are "fixnorm_target" / "fixnorm_held" / "fixnorm_steps" entries of its state dict

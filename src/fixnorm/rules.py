@@ -122,6 +122,22 @@ def _bucket_by_layout(params: Sequence[torch.Tensor]) -> list[list[int]]:
     return list(buckets.values())
 
 
+def balanced_norms(norms: Sequence[torch.Tensor], grad_sq: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Each norm moved to ``(K * grad_sq) ** (1/4)``, K the median over weights of ``norm**4 / grad_sq``: the norms
+    weight decay's equilibrium would give these gradient scales, at the overall scale of ``norms``. A weight with
+    a zero or non-finite ``grad_sq`` keeps its norm and does not count towards K."""
+    quarter = [torch.as_tensor(g, dtype=torch.float32).to(n.device).reshape(()) for n, g in zip(norms, grad_sq)]
+    logs = torch.stack([4 * n.float().log().cpu() - g.log().cpu() for n, g in zip(norms, quarter)])
+    usable = torch.isfinite(logs)
+    if not bool(usable.any()):
+        return [n.clone() for n in norms]
+    log_k = logs[usable].median()  # the lower median for an even count: no averaging of two layers' constants
+    out = []
+    for n, g, ok in zip(norms, quarter, usable.tolist()):
+        out.append(((log_k.to(g.device) + g.log()) / 4).exp().reshape(n.shape).to(n.dtype) if ok else n.clone())
+    return out
+
+
 class HoldNorms(Rule):
     """Hold each parameter's L2 norm (the whole tensor's, or each filter's) at a target after every step.
 
@@ -144,6 +160,13 @@ class HoldNorms(Rule):
             momentum factor), ``|g~|`` being the gradient at unit norm: its equilibrium norm goes as the square
             root of ``|g~|``, which is this rule with the constant taken from the free phase instead of a
             weight decay. None (default): the targets stay where they were taken.
+        balance: with ``drift_steps``: when the norms are taken, move each one to where weight decay's equilibrium
+            would put it relative to the others. At equilibrium ``|w|**4 / |g~|**2`` is the same constant for every
+            weight (``lr / (2 * lambda)`` up to momentum), so every layer turns by the same angle per step. The
+            norms taken give one such constant per weight; each target becomes ``(K * |g~|**2) ** (1/4)`` with K
+            their median (a weight whose gradient scale is zero keeps its norm). The overall scale stays the free
+            phase's; a layer the free phase blew up or left behind (a stem initialised small) is pulled to the
+            common constant.
     """
 
     state_fields: tuple[str, ...] = ("target", "held")
@@ -154,7 +177,7 @@ class HoldNorms(Rule):
                  targets: Sequence[torch.Tensor] | None = None, from_step: int | None = 0,
                  scale: Mapping[int, float] | None = None,
                  on_hold: Callable[[HoldNorms], None] | None = None,
-                 drift_steps: int | None = None) -> None:
+                 drift_steps: int | None = None, balance: bool = False) -> None:
         if per not in ("tensor", "filter"):
             raise FixNormError(f"HoldNorms per must be 'tensor' or 'filter', got {per!r}")
         if drift_steps is not None:
@@ -164,6 +187,10 @@ class HoldNorms(Rule):
                 raise FixNormError("drifting norms need per='tensor' and norms taken after a free phase "
                                    "(targets=None, from_step >= 1): the drift is measured against the gradient "
                                    "scale at the moment the norms are taken")
+        if balance and drift_steps is None:
+            raise FixNormError("balance sets the norms from each weight's gradient scale, which only drifting "
+                               "norms measure: give drift_steps too")
+        self.balance = bool(balance)
         self.params = list(params)
         if not self.params:
             raise FixNormError("HoldNorms needs at least one parameter")
@@ -248,6 +275,9 @@ class HoldNorms(Rule):
         if self.drift_steps is not None:
             self._base = [t.clone() for t in self.targets]
             self._grad_sq_ref = self._grad_sq_mean(self._from_step)  # drifting rules take their norms there
+            if self.balance:
+                self.targets = balanced_norms(self.targets, self._grad_sq_ref)
+                self._base = [t.clone() for t in self.targets]
             self._stacks = None
         if self.on_hold is not None:
             self.on_hold(self)
@@ -350,7 +380,7 @@ class HoldNorms(Rule):
                                    "warmup_steps) is not set: set it before the first optimizer step")
             if step >= self._from_step:
                 self.take_targets()
-                if self.scale:  # a scaled weight moves to its scaled norm now, not one step later
+                if self.scale or self.balance:  # a scaled weight moves to its new norm now, not one step later
                     self.project_(flags)
             return
         self.project_(flags)
