@@ -12,7 +12,7 @@ import fixnorm
 from fixnorm import FixNorm as _FixNorm
 from fixnorm import FixNormError, constrained_parameters, from_weight_decay
 from fixnorm.models import create_model
-from fixnorm.rules import HoldNorms, balanced_norms
+from fixnorm.rules import HoldNorms, equilibrium_norms
 
 
 def FixNorm(*args, free_steps=0, **kwargs):  # noqa: N802
@@ -500,13 +500,13 @@ def test_free_phase_holds_explicit_targets_from_the_first_step():
     assert any(abs(float(model[i].weight.norm()) - float(small_net()[i].weight.norm())) > 1e-3 for i in (0, 3))
 
 
-@pytest.mark.parametrize("drift,balance", [(None, False), (3, False), (3, True)],
-                         ids=["fixed", "drifting", "balanced"])
-def test_resume_inside_and_after_the_free_phase_is_bit_identical(drift, balance):
+@pytest.mark.parametrize("drift,equilibrium", [(None, None), (3, None), (3, 1e-3)],
+                         ids=["fixed", "drifting", "equilibrium"])
+def test_resume_inside_and_after_the_free_phase_is_bit_identical(drift, equilibrium):
     data = batches(8)
     for stop in (2, 6):  # inside the free phase (4 steps) and after it
         model = small_net(seed=0)
-        settings = {"free_steps": 4, "norm_drift": drift, "norm_balance": balance, "lr": 0.5, "momentum": 0.9}
+        settings = {"free_steps": 4, "norm_drift": drift, "norm_equilibrium": equilibrium, "lr": 0.5, "momentum": 0.9}
         opt = FixNorm(model, data[0][0], **settings)
         train(model, opt, data[:stop])
         checkpoint = save_and_load({"model": model.state_dict(), "opt": opt.state_dict()})
@@ -757,15 +757,17 @@ def test_lr_power_steps_scale_invariant_weights_with_lr_ref_times_the_schedule_f
     assert scheduler.get_last_lr()[0] == pytest.approx(0.05)
 
 
-@pytest.mark.parametrize("balance", [False, True], ids=["as-taken", "balanced"])
-def test_norm_drift_moves_held_norms_as_the_fourth_root_of_the_unit_gradient_mean_square(balance):
+@pytest.mark.parametrize("equilibrium", [None, "balanced", 1e-3], ids=["as-taken", "balanced", "wd"])
+def test_norm_drift_moves_held_norms_as_the_fourth_root_of_the_unit_gradient_mean_square(equilibrium):
     """The held norm after step k is its norm when taken times (m_k / m_taken) ** 1/4, m the bias-corrected running
     mean (time constant N steps, from the middle of the free phase) of (|g| |w|)**2, |w| the norm the gradient was
-    computed at; the classifier stays. Balanced: the norm "taken" is (K m_taken) ** 1/4, K the lower median over
-    the weights of norm**4 / m_taken (two convs here: the smaller), so norm**4 / m is the same for every weight."""
-    data, free, n = batches(9), 4, 4
+    computed at; the classifier stays. With an equilibrium the norm "taken" is (K m_taken) ** 1/4, so norm**4 / m
+    is one K for every weight: weight decay's lr / (2 wd (1 - momentum)) for a weight decay, the lower median
+    over the weights of norm**4 / m_taken for "balanced" (two convs here: the smaller)."""
+    data, free, n, lr, momentum = batches(9), 4, 4, 0.3, 0.9
     model = small_net()
-    opt = _FixNorm(model, data[0][0], free_steps=free, norm_drift=n, norm_balance=balance, lr=0.3, momentum=0.9)
+    opt = _FixNorm(model, data[0][0], free_steps=free, norm_drift=n, norm_equilibrium=equilibrium, lr=lr,
+                   momentum=momentum)
     convs = [model[0].weight, model[3].weight]
     # the same run without balancing shows the norms the free phase reached (balancing projects inside the step)
     twin = small_net()
@@ -782,7 +784,7 @@ def test_norm_drift_moves_held_norms_as_the_fourth_root_of_the_unit_gradient_mea
             twin_opt.zero_grad()
             F.cross_entropy(twin(x), y).backward()
             twin_opt.step()
-            at = [float(twin[i].weight.norm()) for i in (0, 3)]
+            at = [float(twin[i].weight.detach().norm()) for i in (0, 3)]
         else:
             at = norm_before
         if k <= free // 2:  # the first half of the free phase is not counted
@@ -791,12 +793,13 @@ def test_norm_drift_moves_held_norms_as_the_fourth_root_of_the_unit_gradient_mea
         corrected = [m / (1 - beta ** (k - free // 2)) for m in mean]
         if k == free:
             ref = corrected
-            if balance:
-                k_common = min(a ** 4 / r for a, r in zip(at, ref))
+            if equilibrium is not None:
+                k_common = (min(a ** 4 / r for a, r in zip(at, ref)) if equilibrium == "balanced"
+                            else lr / (2 * equilibrium * (1 - momentum)))
                 taken = [(k_common * r) ** 0.25 for r in ref]
                 for w, t in zip(convs, taken):
                     assert float(w.norm()) == pytest.approx(t, rel=1e-4)
-                assert any(abs(a / t - 1) > 1e-2 for a, t in zip(at, taken)), "balancing moved nothing"
+                assert any(abs(a / t - 1) > 1e-2 for a, t in zip(at, taken)), "the equilibrium moved nothing"
             else:
                 taken = [float(w.norm()) for w in convs]
             fc_norm = float(model[8].weight.norm())
@@ -817,22 +820,63 @@ def test_a_state_saved_with_fixed_norms_does_not_load_into_drifting_norms():
         drifting.load_state_dict(plain_state)
 
 
-@pytest.mark.parametrize("kwargs", [{"norm_drift": None}, {"free_steps": 0}, {"granularity": "filter"}])
-def test_norm_balance_needs_drifting_norms(kwargs):
-    settings = {"free_steps": 3, "norm_balance": True, **kwargs}
-    with pytest.raises(FixNormError, match="norm_balance|norm_drift"):
-        _FixNorm(small_net(), batches(1)[0][0], lr=0.1, **settings)
+@pytest.mark.parametrize("kwargs,message", [
+    ({"norm_drift": None}, "needs norm_drift"), ({"free_steps": 0}, "needs norm_drift"),
+    ({"granularity": "filter"}, "needs norm_drift"), ({"norm_equilibrium": "median"}, "positive weight decay"),
+    ({"norm_equilibrium": -1e-4}, "positive weight decay"), ({"norm_equilibrium": True}, "positive weight decay"),
+    ({"base": torch.optim.Adam}, "SGD's equilibrium"), ({"dampening": 0.1}, "no dampening")])
+def test_norm_equilibrium_errors(kwargs, message):
+    settings = {"free_steps": 3, "norm_equilibrium": 5e-4, "lr": 0.1, **kwargs}
+    with pytest.raises(FixNormError, match=message):
+        _FixNorm(small_net(), batches(1)[0][0], **settings)
     with pytest.raises(FixNormError, match="drift_steps"):
-        HoldNorms([small_net()[0].weight], from_step=3, balance=True)
+        HoldNorms([small_net()[0].weight], from_step=3, equilibrium="median")
 
 
-def test_balanced_norms_share_one_equilibrium_constant_and_skip_weights_without_gradient():
+def test_equilibrium_norms_share_one_constant_and_skip_weights_without_gradient():
     norms = [torch.tensor(1.0), torch.tensor(2.0), torch.tensor(47.0), torch.tensor(3.0)]
     grad_sq = [torch.tensor(1.0), torch.tensor(16.0), torch.tensor(1.0), torch.tensor(0.0)]
-    out = balanced_norms(norms, grad_sq)
     # constants norm**4 / grad_sq: 1, 1, 47**4 (the blown-up one), none for the weight without gradient
+    out = equilibrium_norms(norms, grad_sq)
     assert [float(v) for v in out[:3]] == pytest.approx([1.0, 2.0, 1.0], rel=1e-5)
     assert float(out[3]) == 3.0
+    out = equilibrium_norms(norms, grad_sq, constant=16.0)
+    assert [float(v) for v in out] == pytest.approx([2.0, 4.0, 2.0, 3.0], rel=1e-5)
+
+
+def test_equilibrium_norms_are_where_sgd_with_weight_decay_settles():
+    """On a stationary problem (random inputs and labels, a BatchNorm after the weight), SGD + weight decay's norm
+    settles where |w|**4 = lr |g~|**2 / (2 wd (1 - momentum)); FixNorm with norm_equilibrium=wd holds it there."""
+    def net() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(32, 16, bias=False), nn.BatchNorm1d(16, affine=False), nn.ReLU(),
+                             nn.Linear(16, 4))
+
+    def run(model: nn.Module, opt: torch.optim.Optimizer, steps: int) -> tuple[float, float]:
+        gen = torch.Generator().manual_seed(1)
+        norms4, grads = [], []
+        for t in range(steps):
+            x, y = torch.randn(64, 32, generator=gen), torch.randint(0, 4, (64,), generator=gen)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            w = model[0].weight.detach()
+            if t >= steps // 2:
+                norms4.append(float(w.norm()) ** 4)
+                grads.append((float(model[0].weight.grad.norm()) * float(w.norm())) ** 2)
+            opt.step()
+        return sum(norms4) / len(norms4), sum(grads) / len(grads)
+
+    lr, wd, momentum = 0.1, 5e-3, 0.9
+    decayed = net()
+    sgd = torch.optim.SGD([{"params": [decayed[0].weight], "weight_decay": wd},
+                           {"params": decayed[3].parameters()}], lr=lr, momentum=momentum)
+    norm4_sgd, grad_sq = run(decayed, sgd, 2000)
+    assert norm4_sgd / grad_sq == pytest.approx(lr / (2 * wd * (1 - momentum)), rel=0.15)
+    held = net()
+    opt = _FixNorm(held, torch.randn(8, 32), free_steps=20, norm_drift=200, norm_equilibrium=wd, lr=lr,
+                   momentum=momentum)
+    norm4_held, _ = run(held, opt, 2000)
+    assert norm4_held == pytest.approx(norm4_sgd, rel=0.25)
 
 
 @pytest.mark.parametrize("kwargs", [{"free_steps": 0}, {"granularity": "filter"}, {"target": 2.0},

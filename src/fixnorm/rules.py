@@ -15,6 +15,7 @@ are the rules pruning and ADMM-style methods build on.
 """
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -122,18 +123,21 @@ def _bucket_by_layout(params: Sequence[torch.Tensor]) -> list[list[int]]:
     return list(buckets.values())
 
 
-def balanced_norms(norms: Sequence[torch.Tensor], grad_sq: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Each norm moved to ``(K * grad_sq) ** (1/4)``, K the median over weights of ``norm**4 / grad_sq``: the norms
-    weight decay's equilibrium would give these gradient scales, at the overall scale of ``norms``. A weight with
-    a zero or non-finite ``grad_sq`` keeps its norm and does not count towards K."""
-    quarter = [torch.as_tensor(g, dtype=torch.float32).to(n.device).reshape(()) for n, g in zip(norms, grad_sq)]
-    logs = torch.stack([4 * n.float().log().cpu() - g.log().cpu() for n, g in zip(norms, quarter)])
+def equilibrium_norms(norms: Sequence[torch.Tensor], grad_sq: Sequence[torch.Tensor],
+                      constant: float | None = None) -> list[torch.Tensor]:
+    """Each norm moved to ``(K * grad_sq) ** (1/4)``: where SGD with weight decay settles for this gradient scale
+    (see ``HoldNorms``'s ``equilibrium``). ``constant`` is K; None takes the median over weights of
+    ``norm**4 / grad_sq`` (the lower median for an even count: no averaging two layers' constants), keeping the
+    overall scale of ``norms``. A weight with a zero or non-finite ``grad_sq`` keeps its norm and does not count
+    towards the median."""
+    grads = [torch.as_tensor(g, dtype=torch.float32).to(n.device).reshape(()) for n, g in zip(norms, grad_sq)]
+    logs = torch.stack([4 * n.float().log().cpu() - g.log().cpu() for n, g in zip(norms, grads)])
     usable = torch.isfinite(logs)
     if not bool(usable.any()):
         return [n.clone() for n in norms]
-    log_k = logs[usable].median()  # the lower median for an even count: no averaging of two layers' constants
+    log_k = logs[usable].median() if constant is None else torch.tensor(math.log(constant))
     out = []
-    for n, g, ok in zip(norms, quarter, usable.tolist()):
+    for n, g, ok in zip(norms, grads, usable.tolist()):
         out.append(((log_k.to(g.device) + g.log()) / 4).exp().reshape(n.shape).to(n.dtype) if ok else n.clone())
     return out
 
@@ -160,13 +164,13 @@ class HoldNorms(Rule):
             momentum factor), ``|g~|`` being the gradient at unit norm: its equilibrium norm goes as the square
             root of ``|g~|``, which is this rule with the constant taken from the free phase instead of a
             weight decay. None (default): the targets stay where they were taken.
-        balance: with ``drift_steps``: when the norms are taken, move each one to where weight decay's equilibrium
-            would put it relative to the others. At equilibrium ``|w|**4 / |g~|**2`` is the same constant for every
-            weight (``lr / (2 * lambda)`` up to momentum), so every layer turns by the same angle per step. The
-            norms taken give one such constant per weight; each target becomes ``(K * |g~|**2) ** (1/4)`` with K
-            their median (a weight whose gradient scale is zero keeps its norm). The overall scale stays the free
-            phase's; a layer the free phase blew up or left behind (a stem initialised small) is pulled to the
-            common constant.
+        equilibrium: with ``drift_steps``: where the norms are taken, relative to weight decay's equilibrium. Under
+            SGD with weight decay lambda and momentum m a scale-invariant weight settles where
+            ``|w|**4 = K * |g~|**2`` with ``K = lr / (2 * lambda * (1 - m))`` (Kosson et al. 2023), one constant
+            for every weight, so every layer turns by the same angle per step. None (default): each norm as the free
+            phase left it. A number: that K, each target ``(K * |g~|**2) ** (1/4)`` from the weight's measured
+            gradient scale. "median": K the median of the free phase's ``norm**4 / |g~|**2`` (its overall scale,
+            its layers balanced). A weight whose gradient scale is zero keeps its norm.
     """
 
     state_fields: tuple[str, ...] = ("target", "held")
@@ -177,7 +181,7 @@ class HoldNorms(Rule):
                  targets: Sequence[torch.Tensor] | None = None, from_step: int | None = 0,
                  scale: Mapping[int, float] | None = None,
                  on_hold: Callable[[HoldNorms], None] | None = None,
-                 drift_steps: int | None = None, balance: bool = False) -> None:
+                 drift_steps: int | None = None, equilibrium: float | str | None = None) -> None:
         if per not in ("tensor", "filter"):
             raise FixNormError(f"HoldNorms per must be 'tensor' or 'filter', got {per!r}")
         if drift_steps is not None:
@@ -187,10 +191,14 @@ class HoldNorms(Rule):
                 raise FixNormError("drifting norms need per='tensor' and norms taken after a free phase "
                                    "(targets=None, from_step >= 1): the drift is measured against the gradient "
                                    "scale at the moment the norms are taken")
-        if balance and drift_steps is None:
-            raise FixNormError("balance sets the norms from each weight's gradient scale, which only drifting "
-                               "norms measure: give drift_steps too")
-        self.balance = bool(balance)
+        if equilibrium is not None:
+            if drift_steps is None:
+                raise FixNormError("equilibrium sets the norms from each weight's gradient scale, which only "
+                                   "drifting norms measure: give drift_steps too")
+            if equilibrium != "median" and (isinstance(equilibrium, (bool, str)) or not (
+                    isinstance(equilibrium, (int, float)) and math.isfinite(equilibrium) and equilibrium > 0)):
+                raise FixNormError(f"equilibrium must be a positive number or 'median', got {equilibrium!r}")
+        self.equilibrium = equilibrium
         self.params = list(params)
         if not self.params:
             raise FixNormError("HoldNorms needs at least one parameter")
@@ -270,14 +278,15 @@ class HoldNorms(Rule):
     def take_targets(self) -> None:
         """Hold every parameter at its norm(s) now, times its ``scale``."""
         norms = self.checked_norms()
+        if self.drift_steps is not None:
+            self._grad_sq_ref = self._grad_sq_mean(self._from_step)  # drifting rules take their norms there
+            if self.equilibrium is not None:
+                constant = None if self.equilibrium == "median" else float(self.equilibrium)
+                norms = equilibrium_norms(norms, self._grad_sq_ref, constant)
         self.targets = [n.clone() * self.scale[i] if i in self.scale else n.clone() for i, n in enumerate(norms)]
         self._kernels = None
         if self.drift_steps is not None:
             self._base = [t.clone() for t in self.targets]
-            self._grad_sq_ref = self._grad_sq_mean(self._from_step)  # drifting rules take their norms there
-            if self.balance:
-                self.targets = balanced_norms(self.targets, self._grad_sq_ref)
-                self._base = [t.clone() for t in self.targets]
             self._stacks = None
         if self.on_hold is not None:
             self.on_hold(self)
@@ -380,7 +389,7 @@ class HoldNorms(Rule):
                                    "warmup_steps) is not set: set it before the first optimizer step")
             if step >= self._from_step:
                 self.take_targets()
-                if self.scale or self.balance:  # a scaled weight moves to its new norm now, not one step later
+                if self.scale or self.equilibrium is not None:  # a scaled weight moves to its new norm now, not one step later
                     self.project_(flags)
             return
         self.project_(flags)
