@@ -42,30 +42,27 @@ DEFAULT_LR_POWER = 0.5
 DEFAULT_NORM_DRIFT = 500
 
 
-def equilibrium_constant(norm_equilibrium: float | str | None, norm_drift: int | None,
-                         base: type[torch.optim.Optimizer], base_kwargs: Mapping[str, Any]) -> float | str | None:
-    """``HoldNorms``'s ``equilibrium`` for FixNorm's ``norm_equilibrium``: None, "median" for "balanced", or
-    weight decay's constant ``K = lr / (2 wd (1 - momentum))`` for a weight decay ``wd``."""
-    if norm_equilibrium is None:
+def equilibrium_constant(equilibrium_wd: float | None, norm_drift: int | None,
+                         base: type[torch.optim.Optimizer], base_kwargs: Mapping[str, Any]) -> float | None:
+    """Weight decay's equilibrium constant ``K = lr / (2 wd (1 - momentum))`` for FixNorm's ``equilibrium_wd``
+    (None for None), with clear errors where SGD's law does not apply."""
+    if equilibrium_wd is None:
         return None
+    if isinstance(equilibrium_wd, bool) or not isinstance(equilibrium_wd, (int, float)) or not (
+            math.isfinite(equilibrium_wd) and equilibrium_wd > 0):
+        raise FixNormError(f"equilibrium_wd must be None or a positive weight decay, got {equilibrium_wd!r}")
     if norm_drift is None:
-        raise FixNormError("norm_equilibrium sets each held norm from its gradient scale, which drifting norms "
+        raise FixNormError("equilibrium_wd caps each held norm from its gradient scale, which drifting norms "
                            "measure: it needs norm_drift (free_steps >= 1, target='initial', granularity='tensor', "
                            "no angular_update)")
-    if norm_equilibrium == "balanced":
-        return "median"
-    if isinstance(norm_equilibrium, (bool, str)) or not isinstance(norm_equilibrium, (int, float)) or not (
-            math.isfinite(norm_equilibrium) and norm_equilibrium > 0):
-        raise FixNormError(f"norm_equilibrium must be None, 'balanced' or a positive weight decay, got "
-                           f"{norm_equilibrium!r}")
     if not issubclass(base, torch.optim.SGD):
-        raise FixNormError(f"norm_equilibrium={norm_equilibrium} holds SGD's equilibrium norms; {base.__name__} "
-                           "settles elsewhere. Use 'balanced' or None with this base")
+        raise FixNormError(f"equilibrium_wd={equilibrium_wd} is SGD's equilibrium norm; {base.__name__} settles "
+                           "elsewhere. Set equilibrium_wd=None with this base")
     if base_kwargs.get("dampening", 0) or "lr" not in base_kwargs:
-        raise FixNormError("norm_equilibrium with a weight decay needs lr given to FixNorm and no dampening: "
-                           "the equilibrium norm depends on both")
+        raise FixNormError("equilibrium_wd needs the lr given to FixNorm and no dampening: the equilibrium norm "
+                           "depends on both")
     momentum = float(base_kwargs.get("momentum", 0.0))
-    return float(base_kwargs["lr"]) / (2 * float(norm_equilibrium) * (1 - momentum))
+    return float(base_kwargs["lr"]) / (2 * float(equilibrium_wd) * (1 - momentum))
 
 
 class FixNorm(torch.optim.Optimizer):
@@ -118,13 +115,11 @@ class FixNorm(torch.optim.Optimizer):
             ``DEFAULT_NORM_DRIFT`` steps where the norms come from a free phase per tensor
             (``free_steps >= 1``, ``target="initial"``, ``granularity="tensor"``, no ``angular_update``),
             off otherwise; a number asks for it (an error where it cannot apply); None: fixed norms.
-        norm_equilibrium: with drifting norms, where the scale-invariant weights' norms are taken relative
-            to weight decay's equilibrium, ``|w|**4 = K |g~|**2`` with ``K = lr / (2 wd (1 - momentum))``
-            (``HoldNorms(equilibrium=...)``): None keeps each norm the free phase reached; a number is
-            the weight decay ``wd`` whose equilibrium norms are held (SGD base only: the law is SGD's),
-            from each weight's gradient scale measured in the free phase, the lr at construction and the
-            momentum; "balanced" keeps the free phase's overall scale and balances the layers (K the
-            median of the free phase's). Every layer then turns by about the same angle per step.
+        equilibrium_wd: with drifting norms (SGD base): no scale-invariant weight is held above the norm
+            SGD with this weight decay settles at, ``|w|**4 = K |g~|**2`` with ``K = lr / (2 wd (1 - momentum))``
+            (lr and momentum as given to FixNorm; ``HoldNorms(ceiling=K)``). Weight decay pulls a norm above
+            it back within ``(1 - momentum) / (4 lr wd)`` steps; the free phase only grows, and at a large lr
+            it blows norms up that FixNorm would then hold. None: no ceiling.
         free_steps: the weights whose target is "initial" train freely (plain base steps,
             no projection) for this many steps and are then held at the norms they have
             reached: training, not the initialisation, chooses each layer's norm and so
@@ -155,7 +150,7 @@ class FixNorm(torch.optim.Optimizer):
         norm_scale: float = 1.0,
         lr_power: float = DEFAULT_LR_POWER,
         norm_drift: int | str | None = "auto",
-        norm_equilibrium: float | str | None = None,
+        equilibrium_wd: float | None = None,
         **base_kwargs: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -197,7 +192,7 @@ class FixNorm(torch.optim.Optimizer):
                 raise FixNormError("norm_drift moves the norms training chose with each weight's gradient scale: it "
                                    "needs free_steps >= 1, target='initial', granularity='tensor' and no "
                                    "angular_update")
-        equilibrium = equilibrium_constant(norm_equilibrium, norm_drift, base, base_kwargs)
+        ceiling = equilibrium_constant(equilibrium_wd, norm_drift, base, base_kwargs)
         if base_kwargs.get("weight_decay"):
             raise FixNormError(
                 f"weight_decay={base_kwargs['weight_decay']} would act on the constrained weights, where the "
@@ -292,7 +287,7 @@ class FixNorm(torch.optim.Optimizer):
         warn_if_base_normalizes(self.base, stacklevel=3)
         rules: list[HoldNorms] = [HoldNorms(ps, names=ns, per=c, targets=ts) for c, (ps, ns, ts) in held.items()]
         rules += [HoldNorms(ps, names=ns, per=c, from_step=free_steps, scale=sc, drift_steps=norm_drift if d else None,
-                            equilibrium=equilibrium if d else None)
+                            ceiling=ceiling if d else None)
                   for (c, d), (ps, ns, sc) in later.items()]
         # attached to this optimizer itself: the projection runs as its first step post-hook, and the targets and
         # the step count are "fixnorm_target" / "fixnorm_held" / "fixnorm_steps" entries of its state dict

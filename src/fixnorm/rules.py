@@ -123,22 +123,16 @@ def _bucket_by_layout(params: Sequence[torch.Tensor]) -> list[list[int]]:
     return list(buckets.values())
 
 
-def equilibrium_norms(norms: Sequence[torch.Tensor], grad_sq: Sequence[torch.Tensor],
-                      constant: float | None = None) -> list[torch.Tensor]:
-    """Each norm moved to ``(K * grad_sq) ** (1/4)``: where SGD with weight decay settles for this gradient scale
-    (see ``HoldNorms``'s ``equilibrium``). ``constant`` is K; None takes the median over weights of
-    ``norm**4 / grad_sq`` (the lower median for an even count: no averaging two layers' constants), keeping the
-    overall scale of ``norms``. A weight with a zero or non-finite ``grad_sq`` keeps its norm and does not count
-    towards the median."""
-    grads = [torch.as_tensor(g, dtype=torch.float32).to(n.device).reshape(()) for n, g in zip(norms, grad_sq)]
-    logs = torch.stack([4 * n.float().log().cpu() - g.log().cpu() for n, g in zip(norms, grads)])
-    usable = torch.isfinite(logs)
-    if not bool(usable.any()):
-        return [n.clone() for n in norms]
-    log_k = logs[usable].median() if constant is None else torch.tensor(math.log(constant))
+def equilibrium_norms(grad_sq: Sequence[torch.Tensor], constant: float,
+                      like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``(constant * grad_sq) ** (1/4)`` per weight: the norm SGD with weight decay settles at for this gradient scale
+    (see ``HoldNorms``'s ``ceiling``), shaped, typed and placed like ``like``. A zero or non-finite ``grad_sq`` gives
+    +inf: no equilibrium, no cap."""
     out = []
-    for n, g, ok in zip(norms, grads, usable.tolist()):
-        out.append(((log_k.to(g.device) + g.log()) / 4).exp().reshape(n.shape).to(n.dtype) if ok else n.clone())
+    for g, n in zip(grad_sq, like):
+        g = torch.as_tensor(g, dtype=torch.float32).to(n.device).reshape(n.shape)
+        norm = (constant * g) ** 0.25
+        out.append(torch.where(torch.isfinite(norm) & (norm > 0), norm, torch.full_like(norm, math.inf)).to(n.dtype))
     return out
 
 
@@ -164,13 +158,12 @@ class HoldNorms(Rule):
             momentum factor), ``|g~|`` being the gradient at unit norm: its equilibrium norm goes as the square
             root of ``|g~|``, which is this rule with the constant taken from the free phase instead of a
             weight decay. None (default): the targets stay where they were taken.
-        equilibrium: with ``drift_steps``: where the norms are taken, relative to weight decay's equilibrium. Under
-            SGD with weight decay lambda and momentum m a scale-invariant weight settles where
-            ``|w|**4 = K * |g~|**2`` with ``K = lr / (2 * lambda * (1 - m))`` (Kosson et al. 2023), one constant
-            for every weight, so every layer turns by the same angle per step. None (default): each norm as the free
-            phase left it. A number: that K, each target ``(K * |g~|**2) ** (1/4)`` from the weight's measured
-            gradient scale. "median": K the median of the free phase's ``norm**4 / |g~|**2`` (its overall scale,
-            its layers balanced). A weight whose gradient scale is zero keeps its norm.
+        ceiling: with ``drift_steps``: no norm is taken above weight decay's equilibrium. Under SGD with weight
+            decay lambda and momentum m a scale-invariant weight settles where ``|w|**4 = K * |g~|**2`` with
+            ``K = lr / (2 * lambda * (1 - m))`` (Kosson et al. 2023); a norm above it decays back within about
+            ``(1 - m) / (4 * lr * lambda)`` steps, while the free phase has only the growth half of that dynamics. With
+            K given here, each norm taken is ``min(norm, (K * |g~|**2) ** (1/4))``, ``|g~|**2`` the running mean the
+            drift keeps. None (default): the norms as the free phase left them.
     """
 
     state_fields: tuple[str, ...] = ("target", "held")
@@ -181,7 +174,7 @@ class HoldNorms(Rule):
                  targets: Sequence[torch.Tensor] | None = None, from_step: int | None = 0,
                  scale: Mapping[int, float] | None = None,
                  on_hold: Callable[[HoldNorms], None] | None = None,
-                 drift_steps: int | None = None, equilibrium: float | str | None = None) -> None:
+                 drift_steps: int | None = None, ceiling: float | None = None) -> None:
         if per not in ("tensor", "filter"):
             raise FixNormError(f"HoldNorms per must be 'tensor' or 'filter', got {per!r}")
         if drift_steps is not None:
@@ -191,14 +184,15 @@ class HoldNorms(Rule):
                 raise FixNormError("drifting norms need per='tensor' and norms taken after a free phase "
                                    "(targets=None, from_step >= 1): the drift is measured against the gradient "
                                    "scale at the moment the norms are taken")
-        if equilibrium is not None:
+        if ceiling is not None:
             if drift_steps is None:
-                raise FixNormError("equilibrium sets the norms from each weight's gradient scale, which only "
-                                   "drifting norms measure: give drift_steps too")
-            if equilibrium != "median" and (isinstance(equilibrium, (bool, str)) or not (
-                    isinstance(equilibrium, (int, float)) and math.isfinite(equilibrium) and equilibrium > 0)):
-                raise FixNormError(f"equilibrium must be a positive number or 'median', got {equilibrium!r}")
-        self.equilibrium = equilibrium
+                raise FixNormError("ceiling caps the norms from each weight's gradient scale, which only drifting "
+                                   "norms measure: give drift_steps too")
+            if isinstance(ceiling, bool) or not isinstance(ceiling, (int, float)) or not (
+                    math.isfinite(ceiling) and ceiling > 0):
+                raise FixNormError(f"ceiling must be a positive number (weight decay's equilibrium constant K), "
+                                   f"got {ceiling!r}")
+        self.ceiling = ceiling
         self.params = list(params)
         if not self.params:
             raise FixNormError("HoldNorms needs at least one parameter")
@@ -280,9 +274,9 @@ class HoldNorms(Rule):
         norms = self.checked_norms()
         if self.drift_steps is not None:
             self._grad_sq_ref = self._grad_sq_mean(self._from_step)  # drifting rules take their norms there
-            if self.equilibrium is not None:
-                constant = None if self.equilibrium == "median" else float(self.equilibrium)
-                norms = equilibrium_norms(norms, self._grad_sq_ref, constant)
+            if self.ceiling is not None:
+                norms = [torch.minimum(n, e) for n, e in zip(norms, equilibrium_norms(self._grad_sq_ref,
+                                                                                      self.ceiling, like=norms))]
         self.targets = [n.clone() * self.scale[i] if i in self.scale else n.clone() for i, n in enumerate(norms)]
         self._kernels = None
         if self.drift_steps is not None:
@@ -389,7 +383,7 @@ class HoldNorms(Rule):
                                    "warmup_steps) is not set: set it before the first optimizer step")
             if step >= self._from_step:
                 self.take_targets()
-                if self.scale or self.equilibrium is not None:  # a scaled weight moves to its new norm now, not one step later
+                if self.scale or self.ceiling is not None:  # a scaled weight moves to its new norm now, not one step later
                     self.project_(flags)
             return
         self.project_(flags)

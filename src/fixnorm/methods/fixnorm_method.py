@@ -35,8 +35,7 @@ class FixNormSettings:
     angle_power: float = 1.0              # rotational mode: the angle follows (lr / lr0) ** angle_power
     norm_drift: int | str | None = "auto"  # held norms drift with the gradient scale over N steps; "auto": 500
                                            # steps where the norms come from a free phase per tensor; None: off
-    norm_equilibrium: float | str | None = None  # drifting norms at SGD + weight decay's equilibrium for this
-                                                 # weight decay, "balanced" (the free phase's scale), None: as taken
+    equilibrium_wd: float | None = None   # no drifting norm above SGD + weight decay's equilibrium for this wd
 
 
 def fixnorm_settings(cfg: TrainConfig) -> FixNormSettings:
@@ -51,7 +50,7 @@ def build_fixnorm(model: nn.Module, cfg: TrainConfig, example: torch.Tensor) -> 
                    fc_granularity=s.fc_granularity, others=s.others, others_weight_decay=s.others_weight_decay,
                    free_steps=s.free_steps, fc_scale=s.fc_scale, norm_scale=s.norm_scale, lr_power=s.lr_power,
                    angular_update=s.angular_update, angle_power=s.angle_power, norm_drift=s.norm_drift,
-                   norm_equilibrium=s.norm_equilibrium, **kwargs)
+                   equilibrium_wd=s.equilibrium_wd, **kwargs)
 
 
 register_method(Method("fixnorm", "FixNorm: scale-invariant weights and the classifier held at fixed norms "

@@ -279,7 +279,7 @@ def _deep_merge(base: Any, update: Any) -> Any:
 # they were before the settings moved, and configs saved then hold them there.
 METHOD_SETTING_SHORTCUTS: dict[str, str] = {key: "fixnorm" for key in (
     "fc_norm", "fc_scale", "granularity", "target_norm", "fc_granularity", "others", "others_weight_decay",
-    "free_steps", "angular_update", "lr_power", "angle_power", "norm_scale", "norm_drift", "norm_equilibrium")}
+    "free_steps", "angular_update", "lr_power", "angle_power", "norm_scale", "norm_drift", "equilibrium_wd")}
 
 # Settings added after runs already existed, with the value that reproduces how those runs trained: a config saved
 # without the key is read with this value, not with today's default (resuming an old run must not change it).
@@ -288,7 +288,7 @@ SETTINGS_BEFORE_THEY_EXISTED: dict[str, dict[str, Any]] = {
         "free_steps": 0,     # before the free phase, norms were held from construction
         "lr_power": 1.0,     # before the square-root schedule law, the schedule was the scale-invariant weights' own
         "norm_drift": None,  # before drifting norms, the norms taken after the free phase stayed
-        "norm_equilibrium": False,  # before balanced norms, each kept the norm its free phase reached
+        "equilibrium_wd": False,  # before balanced norms, each kept the norm its free phase reached
     },
 }
 
