@@ -6,7 +6,9 @@ its effective learning rate for the rest of the run is lr / (norm taken)². This
 (same seed, same model), and prints per run: the norm taken over the initial norm for the stem (the first
 scale-invariant weight) and the geometric mean over the others, and the effective lr lr / ratio² in units of
 1 / (initial norm)². Where those differ between learning rates, the lr is not what sets the convolutions'
-effective lr::
+effective lr. The last column compares each norm taken with the norm SGD with weight decay ``--wd`` would settle
+at for the gradient scale measured in the free phase, ``(lr |g~|² / (2 wd (1 - momentum)))^(1/4)``
+(median over the scale-invariant weights, and range)::
 
     python benchmarks/free_phase_growth.py runs/r20/fixnorm-s0 runs/r20/fixnorm_lr0.8-s0
 """
@@ -35,7 +37,7 @@ def initial_model(config: dict) -> torch.nn.Module:
     return recipe_model(cfg)[0]
 
 
-def growth(run: Path) -> dict[str, float]:
+def growth(run: Path, wd: float) -> dict[str, float]:
     path = run / "last.pt"
     if not path.is_file():
         raise FixNormError(f"{run}: no last.pt (is this a finished run folder?)")
@@ -60,24 +62,33 @@ def growth(run: Path) -> dict[str, float]:
             raise FixNormError(f"{run}: cannot match the held weights to the model's parameters")
     ratios = [t / r0 for t, r0 in zip(taken, initial)]
     lr = float(held["initial_lr"])
+    momentum = float(held.get("momentum", 0.0))
+    k_wd = lr / (2 * wd * (1 - momentum))
+    to_equilibrium = sorted(t / (k_wd * float(state[i]["fixnorm_grad_sq_ref"])) ** 0.25
+                            for t, i in zip(taken, held["params"]))
     rest = ratios[1:]
     geo = math.exp(sum(math.log(r) for r in rest) / len(rest))
     return {"lr": lr, "stem": ratios[0], "others": geo, "others_min": min(rest), "others_max": max(rest),
             "stem_eff": lr / ratios[0] ** 2, "others_eff": lr / geo ** 2,
+            "eq_median": to_equilibrium[(len(to_equilibrium) - 1) // 2], "eq_min": to_equilibrium[0],
+            "eq_max": to_equilibrium[-1],
             "acc": float(ckpt["history"][-1]["test_acc"]) if ckpt.get("history") else float("nan")}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="finished FixNorm run folders")
+    parser.add_argument("runs", nargs="+", type=Path, help="finished FixNorm run folders (drifting norms)")
+    parser.add_argument("--wd", type=float, default=5e-4, help="the weight decay whose equilibrium norms to compare")
     args = parser.parse_args(argv)
     print("| run | lr | stem: taken / initial | other weights: taken / initial (geo-mean, range) | "
-          "effective lr, stem | effective lr, others | final acc (%) |")
-    print("|---|---|---|---|---|---|---|")
+          f"effective lr, stem | effective lr, others | taken / equilibrium at wd {args.wd:g} (median, range) | "
+          "final acc (%) |")
+    print("|---|---|---|---|---|---|---|---|")
     for run in args.runs:
-        g = growth(run)
+        g = growth(run, args.wd)
         print(f"| {run.name} | {g['lr']:.3g} | {g['stem']:.2f} | {g['others']:.2f} ({g['others_min']:.2f}-"
-              f"{g['others_max']:.2f}) | {g['stem_eff']:.2g} | {g['others_eff']:.2g} | {100 * g['acc']:.2f} |")
+              f"{g['others_max']:.2f}) | {g['stem_eff']:.2g} | {g['others_eff']:.2g} | {g['eq_median']:.2f} "
+              f"({g['eq_min']:.2f}-{g['eq_max']:.2f}) | {100 * g['acc']:.2f} |")
     print("\nEffective lr: lr / (taken / initial)², in units of 1 / (initial norm)²; taken includes norm_scale.")
     return 0
 

@@ -800,7 +800,7 @@ def test_norm_drift_moves_held_norms_as_the_fourth_root_of_the_unit_gradient_mea
                 assert [t < a for a, t in zip(at, taken)] == [True, False]
             else:
                 taken = [float(w.detach().norm()) for w in convs]
-            fc_norm = float(model[8].weight.norm())
+            fc_norm = float(model[8].weight.detach().norm())
         elif k > free:
             expected = [t * (c / r) ** 0.25 for t, c, r in zip(taken, corrected, ref)]
             for w, e in zip(convs, expected):
