@@ -288,7 +288,7 @@ SETTINGS_BEFORE_THEY_EXISTED: dict[str, dict[str, Any]] = {
         "free_steps": 0,     # before the free phase, norms were held from construction
         "lr_power": 1.0,     # before the square-root schedule law, the schedule was the scale-invariant weights' own
         "norm_drift": None,  # before drifting norms, the norms taken after the free phase stayed
-        "equilibrium_wd": False,  # before balanced norms, each kept the norm its free phase reached
+        "equilibrium_wd": None,  # before the equilibrium ceiling, the norms taken after the free phase were not capped
     },
 }
 
