@@ -639,6 +639,20 @@ def test_the_default_norm_drift_applies_only_where_the_norms_come_from_a_free_ph
     assert [n for r in held for n in r.names] == ["0.weight", "3.weight"]  # the classifier does not drift
 
 
+def test_the_default_equilibrium_ceiling_applies_only_to_drifting_norms_under_sgd():
+    """"auto" is weight decay 5e-4's constant lr / (2 wd (1 - momentum)) on the drifting rule; off where SGD's law does
+    not hold or the norms do not drift; the classifier is never capped."""
+    x = torch.randn(4, 1, 8, 8)
+    ceilings = lambda opt: [r.ceiling for r in opt._hold_rules() if r.ceiling is not None]  # noqa: E731
+    from fixnorm.methods.fixnorm_method import FixNormSettings
+    assert FixNormSettings().equilibrium_wd == "auto" and fixnorm.optim.DEFAULT_EQUILIBRIUM_WD == 5e-4
+    assert ceilings(_FixNorm(small_net(), x, lr=0.2, momentum=0.9)) == [pytest.approx(0.2 / (2 * 5e-4 * 0.1))]
+    assert ceilings(_FixNorm(small_net(), x, lr=0.2, equilibrium_wd=1e-3)) == [pytest.approx(0.2 / (2 * 1e-3))]
+    for off in ({"norm_drift": None}, {"free_steps": 0}, {"base": torch.optim.Adam}, {"dampening": 0.5},
+                {"equilibrium_wd": None}):
+        assert ceilings(_FixNorm(small_net(), x, lr=0.1, **off)) == [], off
+
+
 def test_fc_scale_holds_the_classifier_at_a_multiple_of_the_norm_training_chose():
     data = batches(6)
     x = data[0][0]

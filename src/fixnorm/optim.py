@@ -40,17 +40,28 @@ DEFAULT_LR_POWER = 0.5
 # at lr 0.1, wd 5e-4, momentum 0.9). Without it the norms the free phase chose stay while weight decay shrinks its
 # norms 2-3x over a 15-epoch ResNet-20 run. Measured in docs/fixnorm.md ("Norms that drift").
 DEFAULT_NORM_DRIFT = 500
+# With an SGD base no drifting norm is taken above the norm SGD with this weight decay settles at: the free phase only
+# grows norms, and at a large lr it blows them up (47x for ResNet-20's stem at lr 0.8) where weight decay would pull
+# them back within (1 - momentum) / (4 lr wd) steps. 5e-4 is the usual weight decay of the recipes FixNorm replaces
+# (ResNets on CIFAR-style data). Measured in docs/fixnorm.md ("An equilibrium ceiling").
+DEFAULT_EQUILIBRIUM_WD = 5e-4
 
 
-def equilibrium_constant(equilibrium_wd: float | None, norm_drift: int | None,
+def equilibrium_constant(equilibrium_wd: float | str | None, norm_drift: int | None,
                          base: type[torch.optim.Optimizer], base_kwargs: Mapping[str, Any]) -> float | None:
     """Weight decay's equilibrium constant ``K = lr / (2 wd (1 - momentum))`` for FixNorm's ``equilibrium_wd``
     (None for None), with clear errors where SGD's law does not apply."""
     if equilibrium_wd is None:
         return None
+    if equilibrium_wd == "auto":
+        applies = (norm_drift is not None and issubclass(base, torch.optim.SGD) and "lr" in base_kwargs
+                   and not base_kwargs.get("dampening", 0))
+        if not applies:
+            return None
+        equilibrium_wd = DEFAULT_EQUILIBRIUM_WD
     if isinstance(equilibrium_wd, bool) or not isinstance(equilibrium_wd, (int, float)) or not (
             math.isfinite(equilibrium_wd) and equilibrium_wd > 0):
-        raise FixNormError(f"equilibrium_wd must be None or a positive weight decay, got {equilibrium_wd!r}")
+        raise FixNormError(f"equilibrium_wd must be 'auto', None or a positive weight decay, got {equilibrium_wd!r}")
     if norm_drift is None:
         raise FixNormError("equilibrium_wd caps each held norm from its gradient scale, which drifting norms "
                            "measure: it needs norm_drift (free_steps >= 1, target='initial', granularity='tensor', "
@@ -119,7 +130,9 @@ class FixNorm(torch.optim.Optimizer):
             SGD with this weight decay settles at, ``|w|**4 = K |g~|**2`` with ``K = lr / (2 wd (1 - momentum))``
             (lr and momentum as given to FixNorm; ``HoldNorms(ceiling=K)``). Weight decay pulls a norm above
             it back within ``(1 - momentum) / (4 lr wd)`` steps; the free phase only grows, and at a large lr
-            it blows norms up that FixNorm would then hold. None: no ceiling.
+            it blows norms up that FixNorm would then hold. "auto" (default): ``DEFAULT_EQUILIBRIUM_WD``
+            (5e-4) where the norms drift and the base is SGD without dampening, off otherwise; a number
+            asks for it (an error where it cannot apply); None: no ceiling.
         free_steps: the weights whose target is "initial" train freely (plain base steps,
             no projection) for this many steps and are then held at the norms they have
             reached: training, not the initialisation, chooses each layer's norm and so
@@ -150,7 +163,7 @@ class FixNorm(torch.optim.Optimizer):
         norm_scale: float = 1.0,
         lr_power: float = DEFAULT_LR_POWER,
         norm_drift: int | str | None = "auto",
-        equilibrium_wd: float | None = None,
+        equilibrium_wd: float | str | None = "auto",
         **base_kwargs: Any,
     ) -> None:
         if not isinstance(model, nn.Module):

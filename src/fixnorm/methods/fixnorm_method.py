@@ -35,7 +35,8 @@ class FixNormSettings:
     angle_power: float = 1.0              # rotational mode: the angle follows (lr / lr0) ** angle_power
     norm_drift: int | str | None = "auto"  # held norms drift with the gradient scale over N steps; "auto": 500
                                            # steps where the norms come from a free phase per tensor; None: off
-    equilibrium_wd: float | None = None   # no drifting norm above SGD + weight decay's equilibrium for this wd
+    equilibrium_wd: float | str | None = "auto"  # no drifting norm above SGD + weight decay's equilibrium for this
+                                                 # wd; "auto": 5e-4 with an SGD base and drifting norms; None: off
 
 
 def fixnorm_settings(cfg: TrainConfig) -> FixNormSettings:
