@@ -43,7 +43,7 @@ DEFAULT_NORM_DRIFT = 500
 # With an SGD base no drifting norm is taken above the norm SGD with this weight decay settles at: the free phase only
 # grows norms, and at a large lr it blows them up (47x for ResNet-20's stem at lr 0.8) where weight decay would pull
 # them back within (1 - momentum) / (4 lr wd) steps. 5e-4 is the usual weight decay of the recipes FixNorm replaces
-# (ResNets on CIFAR-style data). Measured in docs/fixnorm.md ("An equilibrium ceiling").
+# (ResNets on CIFAR-style data). Measured in docs/fixnorm.md ("The fourth fix").
 DEFAULT_EQUILIBRIUM_WD = 5e-4
 
 

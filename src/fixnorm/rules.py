@@ -270,7 +270,7 @@ class HoldNorms(Rule):
         return norms
 
     def take_targets(self) -> None:
-        """Hold every parameter at its norm(s) now, times its ``scale``."""
+        """Hold every parameter at its norm(s) now (capped at ``ceiling``'s equilibrium), times its ``scale``."""
         norms = self.checked_norms()
         if self.drift_steps is not None:
             self._grad_sq_ref = self._grad_sq_mean(self._from_step)  # drifting rules take their norms there
@@ -383,8 +383,8 @@ class HoldNorms(Rule):
                                    "warmup_steps) is not set: set it before the first optimizer step")
             if step >= self._from_step:
                 self.take_targets()
-                if self.scale or self.ceiling is not None:  # a scaled weight moves to its new norm now, not one step later
-                    self.project_(flags)
+                if self.scale or self.ceiling is not None:
+                    self.project_(flags)  # a scaled or capped weight moves to its new norm now, not one step later
             return
         self.project_(flags)
 
