@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402,F401  (puts src/ on the path when run from a checkout)
 
 from fixnorm.errors import FixNormError  # noqa: E402
+from fixnorm.rules import equilibrium_constant_of, equilibrium_norms  # noqa: E402
 
 
 def initial_model(config: dict) -> torch.nn.Module:
@@ -63,9 +64,9 @@ def growth(run: Path, wd: float) -> dict[str, float]:
     ratios = [t / r0 for t, r0 in zip(taken, initial)]
     lr = float(held["initial_lr"])
     momentum = float(held.get("momentum", 0.0))
-    k_wd = lr / (2 * wd * (1 - momentum))
-    to_equilibrium = sorted(t / (k_wd * float(state[i]["fixnorm_grad_sq_ref"])) ** 0.25
-                            for t, i in zip(taken, held["params"]))
+    equilibrium = equilibrium_norms([state[i]["fixnorm_grad_sq_ref"] for i in held["params"]],
+                                    equilibrium_constant_of(lr, wd, momentum), like=[torch.ones(())] * len(taken))
+    to_equilibrium = sorted(t / float(e) for t, e in zip(taken, equilibrium))
     rest = ratios[1:]
     geo = math.exp(sum(math.log(r) for r in rest) / len(rest))
     return {"lr": lr, "stem": ratios[0], "others": geo, "others_min": min(rest), "others_max": max(rest),

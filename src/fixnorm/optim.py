@@ -26,7 +26,7 @@ from .constraints import (Plan, build_plan, filter_norms, fix_filter_norms_, fix
 from .checks import warn_if_base_normalizes
 from .errors import FixNormError, NonFiniteError
 from .roles import Roles, analyze
-from .rules import NONFINITE_POLICIES, Attachment, HoldNorms
+from .rules import NONFINITE_POLICIES, Attachment, HoldNorms, equilibrium_constant_of
 
 # Steps of free training before "initial" targets are taken: training, not the initialisation, picks each
 # layer's norm (the classifier's above all). Measured in docs/fixnorm.md ("Why the first reconstruction trailed").
@@ -53,27 +53,28 @@ def equilibrium_constant(equilibrium_wd: float | str | None, norm_drift: int | N
     (None for None), with clear errors where SGD's law does not apply."""
     if equilibrium_wd is None:
         return None
+    # why SGD's law cannot apply here, in the order an explicit weight decay reports them
+    problems = []
+    if norm_drift is None:
+        problems.append("equilibrium_wd caps each held norm from its gradient scale, which drifting norms measure: it "
+                        "needs norm_drift (free_steps >= 1, target='initial', granularity='tensor', no angular_update)")
+    if not issubclass(base, torch.optim.SGD):
+        problems.append(f"equilibrium_wd={equilibrium_wd} is SGD's equilibrium norm; {base.__name__} settles "
+                        "elsewhere. Set equilibrium_wd=None with this base")
+    if base_kwargs.get("dampening", 0) or "lr" not in base_kwargs:
+        problems.append("equilibrium_wd needs the lr given to FixNorm and no dampening: the equilibrium norm "
+                        "depends on both")
     if equilibrium_wd == "auto":
-        applies = (norm_drift is not None and issubclass(base, torch.optim.SGD) and "lr" in base_kwargs
-                   and not base_kwargs.get("dampening", 0))
-        if not applies:
+        if problems:
             return None
         equilibrium_wd = DEFAULT_EQUILIBRIUM_WD
     if isinstance(equilibrium_wd, bool) or not isinstance(equilibrium_wd, (int, float)) or not (
             math.isfinite(equilibrium_wd) and equilibrium_wd > 0):
         raise FixNormError(f"equilibrium_wd must be 'auto', None or a positive weight decay, got {equilibrium_wd!r}")
-    if norm_drift is None:
-        raise FixNormError("equilibrium_wd caps each held norm from its gradient scale, which drifting norms "
-                           "measure: it needs norm_drift (free_steps >= 1, target='initial', granularity='tensor', "
-                           "no angular_update)")
-    if not issubclass(base, torch.optim.SGD):
-        raise FixNormError(f"equilibrium_wd={equilibrium_wd} is SGD's equilibrium norm; {base.__name__} settles "
-                           "elsewhere. Set equilibrium_wd=None with this base")
-    if base_kwargs.get("dampening", 0) or "lr" not in base_kwargs:
-        raise FixNormError("equilibrium_wd needs the lr given to FixNorm and no dampening: the equilibrium norm "
-                           "depends on both")
-    momentum = float(base_kwargs.get("momentum", 0.0))
-    return float(base_kwargs["lr"]) / (2 * float(equilibrium_wd) * (1 - momentum))
+    if problems:
+        raise FixNormError(problems[0])
+    return equilibrium_constant_of(float(base_kwargs["lr"]), float(equilibrium_wd),
+                                   float(base_kwargs.get("momentum", 0.0)))
 
 
 class FixNorm(torch.optim.Optimizer):

@@ -123,6 +123,12 @@ def _bucket_by_layout(params: Sequence[torch.Tensor]) -> list[list[int]]:
     return list(buckets.values())
 
 
+def equilibrium_constant_of(lr: float, weight_decay: float, momentum: float) -> float:
+    """``K = lr / (2 wd (1 - momentum))``: SGD with weight decay settles a scale-invariant weight where
+    ``|w|**4 = K * |g~|**2`` (Kosson et al. 2023)."""
+    return lr / (2 * weight_decay * (1 - momentum))
+
+
 def equilibrium_norms(grad_sq: Sequence[torch.Tensor], constant: float,
                       like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """``(constant * grad_sq) ** (1/4)`` per weight: the norm SGD with weight decay settles at for this gradient scale
