@@ -7,7 +7,7 @@ import torch
 
 from fixnorm import FixNorm, FixNormError
 from fixnorm.data import DEFAULT_FASHION_MNIST_DIR
-from fixnorm.diagnostics import DiagnosticsHook, angles, effective_lr_power, margins
+from fixnorm.diagnostics import DiagnosticsHook, angles, effective_lr_power, load_norm_trace, margins
 from fixnorm.models import create_model
 from fixnorm.train import Trainer, load_checkpoint, load_recipe, make_config, train
 from helpers import train_until
@@ -110,6 +110,29 @@ def test_diagnostics_resume_exactly(tmp_path):
     assert straight == [{k: v for k, v in r.items() if k not in ("seconds", "images_per_second")} | {
         "seconds": s["seconds"], "images_per_second": s["images_per_second"]} for r, s in zip(resumed, straight)]
     assert math.isfinite(float(resumed[-1]["diag/flip_rate"]))
+    # the norm trace (every step here) continues across the resume bit for bit
+    names, steps, norms = load_norm_trace(tmp_path / "straight")
+    names_resumed, steps_resumed, norms_resumed = load_norm_trace(tmp_path / "stopped")
+    assert names == names_resumed and torch.equal(steps, steps_resumed) and torch.equal(norms, norms_resumed)
+    assert steps.tolist() == list(range(int(steps[-1]) + 1))
+
+
+@needs_fmnist
+def test_the_norm_trace_holds_each_weights_norm_after_each_recorded_step(tmp_path):
+    cfg = make_config(TINY, {"method": "sgd", "weight_decay": 5e-4, "epochs": 1, "diagnostics_every": 2})
+    train(cfg, tmp_path / "run")
+    names, steps, norms = load_norm_trace(tmp_path / "run")
+    last = int(steps[-1])
+    assert steps.tolist() == list(range(0, last, 2)) + [last]  # every 2 steps from the start, and the last step
+    model = create_model("small_cnn", num_classes=10, in_channels=1, **cfg.model_kwargs)
+    torch.manual_seed(cfg.seed)
+    fresh = dict(create_model("small_cnn", num_classes=10, in_channels=1, **cfg.model_kwargs).named_parameters())
+    model.load_state_dict(load_checkpoint(tmp_path / "run" / "last.pt")["model"])
+    final = dict(model.named_parameters())
+    assert names[-1] == "classifier.weight" and len(names) == norms.shape[1]
+    for i, name in enumerate(names):
+        assert float(norms[0, i]) == pytest.approx(float(fresh[name].detach().norm()), rel=1e-6)
+        assert float(norms[-1, i]) == pytest.approx(float(final[name].detach().norm()), rel=1e-6)
 
 
 @needs_fmnist

@@ -234,3 +234,114 @@ def test_project_applies_its_projection_after_every_step():
         assert torch.equal(w.detach(), e)
     with pytest.raises(FixNormError, match="shape"):
         attach(optimizer, [Project(weights, lambda w: w.flatten())], name="bad")
+
+
+def test_follow_norms_sets_the_trace_norm_interpolated_between_records_and_stops_at_its_end():
+    from fixnorm.rules import FollowNorms
+    model = net()
+    params = [model[0].weight, model[6].weight]
+    steps = torch.tensor([0, 4, 10])
+    norms = torch.tensor([[1.0, 2.0], [3.0, 2.5], [2.0, 0.5]], dtype=torch.float64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    rule = FollowNorms(params, steps, norms)
+    attach(optimizer, [rule], name="replay")
+    data = batches(10)
+    for t, (x, y) in enumerate(data, start=1):
+        train(model, optimizer, [(x, y)])
+        i = 0 if t <= 4 else 1
+        lo, hi = (0, 4) if t <= 4 else (4, 10)
+        expected = norms[i] + (norms[i + 1] - norms[i]) * (t - lo) / (hi - lo)
+        got = torch.stack([p.detach().double().norm() for p in params])
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+    with pytest.raises(FixNormError, match="ends at step 10"):
+        train(model, optimizer, batches(1))
+    for bad_steps, bad_norms, message in [(torch.tensor([1, 4]), norms[:2], "starting at 0"),
+                                          (torch.tensor([0, 4, 4]), norms, "increase"),
+                                          (steps, norms[:, :1], "shape"),
+                                          (steps, norms * torch.tensor([1.0, 0.0]), "zero or non-finite")]:
+        with pytest.raises(FixNormError, match=message):
+            FollowNorms(params, bad_steps, bad_norms)
+
+
+def bn_net(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+
+def test_replaying_an_sgd_weight_decay_run_norms_gives_fixnorm_its_weights(tmp_path):
+    """With the reference run's norms replayed after every step and its lr schedule (lr_power=1), FixNorm's step is
+    SGD + weight decay's up to the decay's radial share (lr * wd of a step): the two runs' weights stay together."""
+    from fixnorm import FixNorm, analyze
+    from fixnorm.diagnostics import save_norm_trace
+    from fixnorm.methods.baselines import decay_groups
+    from fixnorm.methods.fixnorm_method import replay_norms
+
+    data = batches(40)
+    reference = bn_net()
+    roles = analyze(reference, data[0][0])
+    followed = [n for n, _ in reference.named_parameters() if n in roles.scale_invariant or n in roles.classifier]
+    assert followed == ["0.weight", "3.weight", "8.weight"]
+    sgd = torch.optim.SGD(decay_groups(reference, 5e-4), lr=0.2)
+    named = dict(reference.named_parameters())
+    trace = [torch.stack([named[n].detach().double().norm() for n in followed])]
+    for x, y in data:
+        train(reference, sgd, [(x, y)])
+        trace.append(torch.stack([named[n].detach().double().norm() for n in followed]))
+    save_norm_trace(tmp_path / "norm_trace.pt", followed, list(range(len(trace))), torch.stack(trace))
+
+    model = bn_net()
+    optimizer = FixNorm(model, data[0][0], base=torch.optim.SGD, lr=0.2, lr_power=1.0)
+    rule = replay_norms(optimizer, model, str(tmp_path))
+    train(model, optimizer, data)
+    mine = dict(model.named_parameters())
+    for name in followed:
+        torch.testing.assert_close(mine[name].detach().double().norm(), trace[-1][followed.index(name)], rtol=1e-6,
+                                   atol=0)
+        cosine = F.cosine_similarity(mine[name].detach().flatten(), named[name].detach().flatten(), dim=0)
+        assert cosine > 1 - 1e-6, (name, float(cosine))
+    assert rule.last_step == len(data)
+
+
+def test_a_replayed_run_resumes_bit_identically_and_bad_traces_fail_loudly(tmp_path):
+    from fixnorm import FixNorm
+    from fixnorm.diagnostics import save_norm_trace
+    from fixnorm.methods.fixnorm_method import replay_norms
+
+    data = batches(12)
+    names = ["0.weight", "3.weight", "8.weight"]
+    norms = torch.linspace(1.0, 3.0, 13, dtype=torch.float64)[:, None].repeat(1, 3)
+    save_norm_trace(tmp_path / "norm_trace.pt", names, list(range(13)), norms)
+
+    def build():
+        model = bn_net()
+        optimizer = FixNorm(model, data[0][0], base=torch.optim.SGD, lr=0.2, momentum=0.9)
+        replay_norms(optimizer, model, str(tmp_path / "norm_trace.pt"), "scale-invariant")
+        return model, optimizer
+
+    straight, opt = build()
+    train(straight, opt, data)
+    assert float(straight[8].weight.detach().norm()) != pytest.approx(3.0)  # the classifier is FixNorm's own
+    first, opt = build()
+    train(first, opt, data[:5])
+    state = copy.deepcopy((first.state_dict(), opt.state_dict()))
+    resumed, opt = build()
+    resumed.load_state_dict(state[0])
+    opt.load_state_dict(state[1])
+    train(resumed, opt, data[5:])
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+
+    model = bn_net()
+    optimizer = FixNorm(model, data[0][0], base=torch.optim.SGD, lr=0.2)
+    save_norm_trace(tmp_path / "other.pt", ["conv.weight"], [0], torch.ones(1, 1))
+    with pytest.raises(FixNormError, match="same architecture"):
+        replay_norms(optimizer, model, str(tmp_path / "other.pt"))
+    with pytest.raises(FixNormError, match="norm_replay_roles"):
+        replay_norms(optimizer, model, str(tmp_path / "norm_trace.pt"), "convs")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "norm_trace.pt").read_bytes()[:100])
+    with pytest.raises(FixNormError, match="cannot be read safely"):
+        replay_norms(optimizer, model, str(tmp_path / "cut.pt"))
+    with pytest.raises(FixNormError, match="no norm trace"):
+        replay_norms(optimizer, model, str(tmp_path / "nowhere"))

@@ -16,11 +16,14 @@ flip rate counts the crossings that happened, the margin shows how many are at r
 
 Everything is added to the epoch record (metrics.csv columns, TensorBoard scalars) as
 ``diag/invariant/<parameter>/<quantity>``, ``diag/classifier/<parameter>/<quantity>`` and
-``diag/<quantity>``.
+``diag/<quantity>``. The norms measured every ``every`` steps are also kept as a *norm trace*
+(``norm_trace.pt`` in the run folder, rewritten at each epoch end): the trajectory FixNorm's replay
+diagnostic (``norm_replay``) holds another run's weights to.
 """
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,8 +31,12 @@ from torch import nn
 
 from .errors import FixNormError
 from .hooks import Hook, RunState
+from .io import atomic_write
 from .optim import stepping_lr
 from .roles import analyze
+
+TRACE_FORMAT = "fixnorm-norm-trace"
+TRACE_FILE = "norm_trace.pt"
 
 # optimizers whose step size per coordinate does not depend on the weight's scale
 ADAPTIVE = (torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop, torch.optim.Adagrad, torch.optim.Adamax,
@@ -74,6 +81,8 @@ class DiagnosticsHook(Hook):
             raise FixNormError(f"diagnostics: every must be >= 1 and probe_size >= 0, got {every}, {probe_size}")
         self.every, self.probe_size = every, probe_size
         self.previous_predictions: torch.Tensor | None = None
+        self.trace_steps: list[int] = []           # the norm trace: steps, and the norms after them
+        self.trace_norms: list[torch.Tensor] = []
 
     def on_train_start(self, trainer: RunState) -> None:
         model = trainer.model
@@ -105,6 +114,7 @@ class DiagnosticsHook(Hook):
         # two multi-tensor norms and one transfer to the host
         both = torch.stack(torch._foreach_norm(grads) + torch._foreach_norm(self._before)).double().cpu()
         grad_norms, norms = both[:len(grads)], both[len(grads):]
+        self._trace(trainer.global_step, norms)
         self.sums["grad_norm"] += grad_norms
         # the lr the weights step with: FixNorm's lr_power bends the scheduler's lr for scale-invariant weights
         lrs = torch.tensor([stepping_lr(g) if g is not None else math.nan for g in self.groups], dtype=torch.float64)
@@ -120,7 +130,10 @@ class DiagnosticsHook(Hook):
     @torch.no_grad()
     def on_epoch_end(self, trainer: RunState, record: dict[str, Any]) -> None:
         if self.params:
-            norms = torch.stack([p.detach().float().norm() for p in self.params]).tolist()
+            measured = torch.stack([p.detach().float().norm() for p in self.params]).cpu()
+            self._trace(trainer.global_step, measured)
+            self._write_trace(trainer)
+            norms = measured.tolist()
             means = {k: (v / self.measured).tolist() if self.measured else [math.nan] * len(self.params)
                      for k, v in self.sums.items()}
             for i, name in enumerate(self.names):
@@ -163,11 +176,58 @@ class DiagnosticsHook(Hook):
             record["diag/flip_rate"] = float((predictions.cpu() != self.previous_predictions).float().mean())
         self.previous_predictions = predictions.cpu()
 
+    def _trace(self, step: int, norms: torch.Tensor) -> None:
+        if not self.trace_steps or step > self.trace_steps[-1]:
+            self.trace_steps.append(int(step))
+            self.trace_norms.append(norms.double().cpu().clone())
+
+    def _write_trace(self, trainer: RunState) -> None:
+        run_dir = getattr(trainer, "run_dir", None)
+        main = not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
+            torch.distributed.get_rank() == 0)
+        if run_dir is not None and main and self.trace_steps:
+            save_norm_trace(Path(run_dir) / TRACE_FILE, self.names, self.trace_steps, torch.stack(self.trace_norms))
+
     def state_dict(self) -> dict[str, Any]:
-        return {"previous_predictions": self.previous_predictions}
+        return {"previous_predictions": self.previous_predictions,
+                "trace_steps": torch.tensor(self.trace_steps, dtype=torch.int64),
+                "trace_norms": (torch.stack(self.trace_norms) if self.trace_norms
+                                else torch.zeros((0, len(getattr(self, "params", []))), dtype=torch.float64))}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.previous_predictions = state.get("previous_predictions")
+        steps, norms = state.get("trace_steps"), state.get("trace_norms")
+        self.trace_steps = [int(s) for s in steps] if steps is not None else []
+        self.trace_norms = list(norms.double().unbind(0)) if norms is not None and len(self.trace_steps) else []
+
+
+def save_norm_trace(path: str | Path, names: list[str], steps: list[int], norms: torch.Tensor) -> None:
+    """Write a norm trace atomically: ``names`` (one per column), ``steps`` and ``norms[step_index, column]``."""
+    trace = {"format": TRACE_FORMAT, "version": 1, "names": list(names),
+             "steps": torch.tensor(steps, dtype=torch.int64), "norms": norms.double().cpu()}
+    atomic_write(Path(path), lambda handle: torch.save(trace, handle))
+
+
+def load_norm_trace(source: str | Path) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """``(names, steps, norms)`` of a norm trace: a ``norm_trace.pt`` or the run folder holding one. Read without
+    unpickling code; a truncated or foreign file is a clear error."""
+    path = Path(source)
+    if path.is_dir():
+        path = path / TRACE_FILE
+    if not path.is_file():
+        raise FixNormError(f"no norm trace at {path}: a run records one with diagnostics=true")
+    try:
+        trace = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - truncated, tampered or foreign files all land here
+        raise FixNormError(f"norm trace {path} cannot be read safely: it is truncated, corrupt, or holds more than "
+                           f"tensors and plain data ({type(exc).__name__})") from exc
+    if not isinstance(trace, dict) or trace.get("format") != TRACE_FORMAT:
+        raise FixNormError(f"{path} is not a fixnorm norm trace")
+    names, steps, norms = trace.get("names"), trace.get("steps"), trace.get("norms")
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names) and isinstance(steps, torch.Tensor)
+            and isinstance(norms, torch.Tensor)):
+        raise FixNormError(f"norm trace {path} is missing its names, steps or norms")
+    return names, steps, norms
 
 
 def _geomean(values: list[float]) -> float:

@@ -6,6 +6,7 @@ loading the engine. A hook sees the run through ``RunState``, the small document
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -21,6 +22,7 @@ class RunState(Protocol):
     global_step: int                        # optimizer steps taken so far
     steps_per_epoch: int
     cfg: Any                                # the run's TrainConfig (read-only)
+    run_dir: Path                           # the run's folder (hooks may write their own files there)
 
     def evaluate(self, model: nn.Module) -> tuple[float, float]:
         """(loss, accuracy) of ``model`` on the evaluation set."""

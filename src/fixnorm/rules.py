@@ -11,10 +11,12 @@ once for every method:
 
 FixNorm (``optim.py``) and LAWN (``methods/lawn.py``) are ``HoldNorms``, from the first step or from the end of a
 free phase / warm-up; MimicNorm's centring (``methods/mimicnorm.py``) is ``CentreFilters``; ``Mask`` and ``Project``
-are the rules pruning and ADMM-style methods build on.
+are the rules pruning and ADMM-style methods build on; ``FollowNorms`` replays a recorded norm trajectory (the
+replay diagnostic).
 """
 from __future__ import annotations
 
+import bisect
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -464,6 +466,74 @@ class HoldNorms(Rule):
         self.targets = [t.to(device=p.device, dtype=torch.float32).clone() for t, p in zip(targets, self.params)]
         if self.on_hold is not None:
             self.on_hold(self)
+
+
+class FollowNorms(Rule):
+    """Set each parameter's norm after step ``t`` to a recorded trajectory's value at ``t`` (the replay diagnostic).
+
+    ``steps`` (increasing, from 0) and ``norms`` (one row per step, one column per parameter) are a norm trace, e.g.
+    what the diagnostics of an SGD + weight decay run recorded; between two recorded steps the norm is interpolated
+    linearly. With weight decay's norms replayed, FixNorm's weights see the reference run's effective learning rate
+    step by step, so whatever still differs from it is not the norms. A step past the trace's end is an error: the
+    trace says nothing about it.
+    """
+
+    state_fields = ("followed",)  # the norm set last: checkpointing it lets the attachment restore its step count
+
+    def __init__(self, params: Sequence[torch.Tensor], steps: torch.Tensor, norms: torch.Tensor, *,
+                 names: Sequence[str] | None = None) -> None:
+        self.params = list(params)
+        self.names = list(names) if names is not None else [f"param{i}" for i in range(len(self.params))]
+        steps = torch.as_tensor(steps)
+        norms = torch.as_tensor(norms)
+        if not self.params or len(self.names) != len(self.params):
+            raise FixNormError("FollowNorms needs parameters, and as many names as parameters")
+        if steps.ndim != 1 or steps.numel() < 1 or steps.dtype.is_floating_point or int(steps[0]) != 0:
+            raise FixNormError("a norm trace's steps must be whole step numbers starting at 0")
+        if steps.numel() > 1 and not bool((steps[1:] > steps[:-1]).all()):
+            raise FixNormError("a norm trace's steps must increase")
+        if tuple(norms.shape) != (steps.numel(), len(self.params)):
+            raise FixNormError(f"a norm trace of {len(self.params)} parameters over {steps.numel()} steps needs norms "
+                               f"of shape {(steps.numel(), len(self.params))}, got {tuple(norms.shape)}")
+        if not bool((torch.isfinite(norms) & (norms > 0)).all()):
+            raise FixNormError("a norm trace holds a zero or non-finite norm: a weight with no norm has no direction")
+        self.steps = [int(s) for s in steps]
+        self.norms = norms.double().cpu()
+        self.followed = [torch.ones((), dtype=torch.float32) for _ in self.params]
+
+    @property
+    def last_step(self) -> int:
+        return self.steps[-1]
+
+    def norms_at(self, step: int) -> torch.Tensor:
+        """The trace's norms after ``step`` steps (float64, one per parameter), interpolated between records."""
+        if not 0 <= step <= self.last_step:
+            raise FixNormError(f"the norm trace ends at step {self.last_step}; this run is at step {step}. Replay a "
+                               "trace of a run at least as long as this one")
+        i = bisect.bisect_right(self.steps, step) - 1
+        if self.steps[i] == step:
+            return self.norms[i]
+        s0, s1 = self.steps[i], self.steps[i + 1]
+        weight = (step - s0) / (s1 - s0)
+        return self.norms[i] * (1 - weight) + self.norms[i + 1] * weight
+
+    @torch.no_grad()
+    def apply_(self, step: int, flags: DeviceFlags) -> None:
+        targets = self.norms_at(step).float()
+        for bucket in _bucket_by_layout(self.params):
+            params = [self.params[i] for i in bucket]
+            wanted = targets[bucket].to(params[0].device)
+            flags.flag(fix_tensor_norms_(params, wanted), params,
+                       "has a zero or non-finite norm after the step (a NaN/inf gradient?)")
+        self.followed = list(targets.unbind(0))
+
+    def param_state(self) -> dict[int, dict[str, torch.Tensor]]:
+        return {i: {"followed": f.clone()} for i, f in enumerate(self.followed)}
+
+    def load_param_state(self, entries: dict[int, dict[str, torch.Tensor]], step: int) -> None:
+        if set(entries) != set(range(len(self.params))):
+            raise FixNormError("the saved replay state covers other parameters than this trace's")
+        self.followed = [entries[i]["followed"].float().reshape(()).clone() for i in range(len(self.params))]
 
 
 class CentreFilters(Rule):

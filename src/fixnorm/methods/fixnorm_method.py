@@ -7,7 +7,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from ..errors import FixNormError
 from ..optim import DEFAULT_FREE_STEPS, DEFAULT_LR_POWER, FixNorm
+from ..rules import FollowNorms, attach
 from . import Method, method_settings, register_method
 from .baselines import base_optimizer
 
@@ -37,6 +39,10 @@ class FixNormSettings:
                                            # steps where the norms come from a free phase per tensor; None: off
     equilibrium_wd: float | str | None = "auto"  # no drifting norm above SGD + weight decay's equilibrium for this
                                                  # wd; "auto": 5e-4 with an SGD base and drifting norms; None: off
+    norm_replay: str | None = None        # the replay diagnostic: a run folder (or its norm_trace.pt) recorded with
+                                          # diagnostics=true ("{seed}" is replaced by the run's seed); the weights
+                                          # of norm_replay_roles follow its norms
+    norm_replay_roles: str = "all"        # "all", "scale-invariant" or "classifier"
 
 
 def fixnorm_settings(cfg: TrainConfig) -> FixNormSettings:
@@ -47,11 +53,41 @@ def build_fixnorm(model: nn.Module, cfg: TrainConfig, example: torch.Tensor) -> 
     s = fixnorm_settings(cfg)
     cls, kwargs = base_optimizer(cfg)
     target = "initial" if s.target_norm is None else s.target_norm
-    return FixNorm(model, example, base=cls, fc_norm=s.fc_norm, granularity=s.granularity, target=target,
+    optimizer = FixNorm(model, example, base=cls, fc_norm=s.fc_norm, granularity=s.granularity, target=target,
                    fc_granularity=s.fc_granularity, others=s.others, others_weight_decay=s.others_weight_decay,
                    free_steps=s.free_steps, fc_scale=s.fc_scale, norm_scale=s.norm_scale, lr_power=s.lr_power,
                    angular_update=s.angular_update, angle_power=s.angle_power, norm_drift=s.norm_drift,
                    equilibrium_wd=s.equilibrium_wd, **kwargs)
+    if s.norm_replay is not None:  # "{seed}" in the path: each seed replays its own reference run
+        replay_norms(optimizer, model, s.norm_replay.replace("{seed}", str(cfg.seed)), s.norm_replay_roles)
+    return optimizer
+
+
+REPLAY_ROLES = ("all", "scale-invariant", "classifier")
+
+
+def replay_norms(optimizer: FixNorm, model: nn.Module, trace: str, roles: str = "all") -> FollowNorms:
+    """The replay diagnostic: after every step the weights of ``roles`` take the norms a reference run's weights had
+    after the same number of steps (its norm trace), on top of FixNorm's own projection. Replaying an SGD + weight
+    decay run's norms gives FixNorm its effective learning rate step by step: what still differs is not the norms."""
+    from ..diagnostics import load_norm_trace  # the trace format lives with the diagnostics that record it
+
+    if roles not in REPLAY_ROLES:
+        raise FixNormError(f"norm_replay_roles must be one of {REPLAY_ROLES}, got {roles!r}")
+    names, steps, norms = load_norm_trace(trace)
+    wanted = {"all": list(optimizer.roles.scale_invariant) + list(optimizer.roles.classifier),
+              "scale-invariant": list(optimizer.roles.scale_invariant),
+              "classifier": list(optimizer.roles.classifier)}[roles]
+    named = dict(model.named_parameters())
+    wanted = [n for n in named if n in set(wanted) and named[n].requires_grad]
+    missing = [n for n in wanted if n not in names]
+    if missing or not wanted:
+        raise FixNormError(f"the norm trace {trace} has no {missing[:4] or roles} weights of this model: replay a "
+                           "trace of the same architecture")
+    columns = [names.index(n) for n in wanted]
+    rule = FollowNorms([named[n] for n in wanted], steps, norms[:, columns], names=wanted)
+    attach(optimizer, [rule], name="replay", nonfinite=optimizer.nonfinite, names={named[n]: n for n in wanted})
+    return rule
 
 
 register_method(Method("fixnorm", "FixNorm: scale-invariant weights and the classifier held at fixed norms "
