@@ -54,10 +54,10 @@ def build_fixnorm(model: nn.Module, cfg: TrainConfig, example: torch.Tensor) -> 
     cls, kwargs = base_optimizer(cfg)
     target = "initial" if s.target_norm is None else s.target_norm
     optimizer = FixNorm(model, example, base=cls, fc_norm=s.fc_norm, granularity=s.granularity, target=target,
-                   fc_granularity=s.fc_granularity, others=s.others, others_weight_decay=s.others_weight_decay,
-                   free_steps=s.free_steps, fc_scale=s.fc_scale, norm_scale=s.norm_scale, lr_power=s.lr_power,
-                   angular_update=s.angular_update, angle_power=s.angle_power, norm_drift=s.norm_drift,
-                   equilibrium_wd=s.equilibrium_wd, **kwargs)
+                        fc_granularity=s.fc_granularity, others=s.others, others_weight_decay=s.others_weight_decay,
+                        free_steps=s.free_steps, fc_scale=s.fc_scale, norm_scale=s.norm_scale, lr_power=s.lr_power,
+                        angular_update=s.angular_update, angle_power=s.angle_power, norm_drift=s.norm_drift,
+                        equilibrium_wd=s.equilibrium_wd, **kwargs)
     if s.norm_replay is not None:  # "{seed}" in the path: each seed replays its own reference run
         replay_norms(optimizer, model, s.norm_replay.replace("{seed}", str(cfg.seed)), s.norm_replay_roles)
     return optimizer
