@@ -31,7 +31,7 @@ from torch import nn
 
 from .errors import FixNormError
 from .hooks import Hook, RunState
-from .io import atomic_write
+from .io import atomic_write, load_tagged_state
 from .optim import stepping_lr
 from .roles import analyze
 
@@ -182,11 +182,11 @@ class DiagnosticsHook(Hook):
             self.trace_norms.append(norms.double().cpu().clone())
 
     def _write_trace(self, trainer: RunState) -> None:
-        run_dir = getattr(trainer, "run_dir", None)
         main = not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
             torch.distributed.get_rank() == 0)
-        if run_dir is not None and main and self.trace_steps:
-            save_norm_trace(Path(run_dir) / TRACE_FILE, self.names, self.trace_steps, torch.stack(self.trace_norms))
+        if main and self.trace_steps:
+            save_norm_trace(Path(trainer.run_dir) / TRACE_FILE, self.names, self.trace_steps,
+                            torch.stack(self.trace_norms))
 
     def state_dict(self) -> dict[str, Any]:
         return {"previous_predictions": self.previous_predictions,
@@ -203,9 +203,8 @@ class DiagnosticsHook(Hook):
 
 def save_norm_trace(path: str | Path, names: list[str], steps: list[int], norms: torch.Tensor) -> None:
     """Write a norm trace atomically: ``names`` (one per column), ``steps`` and ``norms[step_index, column]``."""
-    trace = {"format": TRACE_FORMAT, "version": 1, "names": list(names),
-             "steps": torch.tensor(steps, dtype=torch.int64), "norms": norms.double().cpu()}
-    atomic_write(Path(path), lambda handle: torch.save(trace, handle))
+    trace = {"names": list(names), "steps": torch.tensor(steps, dtype=torch.int64), "norms": norms.double().cpu()}
+    atomic_write(Path(path), lambda handle: torch.save({"format": TRACE_FORMAT, "version": 1, "trace": trace}, handle))
 
 
 def load_norm_trace(source: str | Path) -> tuple[list[str], torch.Tensor, torch.Tensor]:
@@ -216,13 +215,8 @@ def load_norm_trace(source: str | Path) -> tuple[list[str], torch.Tensor, torch.
         path = path / TRACE_FILE
     if not path.is_file():
         raise FixNormError(f"no norm trace at {path}: a run records one with diagnostics=true")
-    try:
-        trace = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - truncated, tampered or foreign files all land here
-        raise FixNormError(f"norm trace {path} cannot be read safely: it is truncated, corrupt, or holds more than "
-                           f"tensors and plain data ({type(exc).__name__})") from exc
-    if not isinstance(trace, dict) or trace.get("format") != TRACE_FORMAT:
-        raise FixNormError(f"{path} is not a fixnorm norm trace")
+    trace = load_tagged_state(path, TRACE_FORMAT, "trace", kind="norm trace", setting="norm_replay",
+                              writer="a run with diagnostics=true (norm_trace.pt in its folder)")["trace"]
     names, steps, norms = trace.get("names"), trace.get("steps"), trace.get("norms")
     if not (isinstance(names, list) and all(isinstance(n, str) for n in names) and isinstance(steps, torch.Tensor)
             and isinstance(norms, torch.Tensor)):

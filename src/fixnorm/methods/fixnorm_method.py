@@ -75,11 +75,11 @@ def replay_norms(optimizer: FixNorm, model: nn.Module, trace: str, roles: str = 
     if roles not in REPLAY_ROLES:
         raise FixNormError(f"norm_replay_roles must be one of {REPLAY_ROLES}, got {roles!r}")
     names, steps, norms = load_norm_trace(trace)
-    wanted = {"all": list(optimizer.roles.scale_invariant) + list(optimizer.roles.classifier),
-              "scale-invariant": list(optimizer.roles.scale_invariant),
-              "classifier": list(optimizer.roles.classifier)}[roles]
+    chosen = {"all": set(optimizer.roles.scale_invariant) | set(optimizer.roles.classifier),
+              "scale-invariant": set(optimizer.roles.scale_invariant),
+              "classifier": set(optimizer.roles.classifier)}[roles]
     named = dict(model.named_parameters())
-    wanted = [n for n in named if n in set(wanted) and named[n].requires_grad]
+    wanted = [n for n in named if n in chosen and named[n].requires_grad]
     missing = [n for n in wanted if n not in names]
     if missing or not wanted:
         raise FixNormError(f"the norm trace {trace} has no {missing[:4] or roles} weights of this model: replay a "

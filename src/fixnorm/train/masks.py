@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import FixNormError
-from ..io import atomic_write
+from ..io import atomic_write, load_tagged_state
 from ..rules import Attachment, Mask, attach
 
 FORMAT = "fixnorm-masks"
@@ -35,23 +35,6 @@ def save_masks(path: str | Path, masks: Mapping[str, torch.Tensor], **about: Any
 def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
     """The masks of a file :func:`save_masks` wrote (read without unpickling code)."""
     return load_mask_file(path)[0]
-
-
-def load_tagged_state(path: str | Path, fmt: str, key: str, *, kind: str, setting: str,
-                      writer: str) -> dict[str, Any]:
-    """A file of ours tagged ``{"format": fmt, key: {...}}``, read without unpickling code (``weights_only``); a
-    missing, truncated, tampered or foreign file is a FixNormError naming the setting and what writes such files."""
-    path = Path(path)
-    if not path.is_file():
-        raise FixNormError(f"{setting}={str(path)!r}: no such file; give a {kind} file written by {writer}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - truncated or foreign files all land here
-        raise FixNormError(f"{kind} file {path} cannot be read safely ({type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0][:200]})") from exc
-    if not isinstance(state, dict) or state.get("format") != fmt or not isinstance(state.get(key), dict):
-        raise FixNormError(f"{path} is not a fixnorm {kind} file (format {fmt!r})")
-    return state
 
 
 def load_mask_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

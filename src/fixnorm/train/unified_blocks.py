@@ -27,9 +27,9 @@ from torch import nn
 
 from ..compress import FREE, PRUNED, UNIFIED, Block, block_dims, block_sums, expand_blocks, project_blocks, tile_grid
 from ..errors import FixNormError
-from ..io import atomic_write
+from ..io import atomic_write, load_tagged_state
 from ..rules import Attachment, DeviceFlags, Rule, attach
-from .masks import load_tagged_state, parameters_named_by
+from .masks import parameters_named_by
 
 FORMAT = "fixnorm-unify"
 
