@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import os
 import statistics
 import sys
@@ -66,12 +65,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, float]]:
     return rows
 
 
-def paired(diffs: list[float]) -> dict[str, Any]:
-    """Mean paired difference, its standard error and 95% t-interval (``fixnorm_vs_wd.t975``)."""
-    mean = statistics.mean(diffs)
-    se = statistics.stdev(diffs) / math.sqrt(len(diffs))
-    half = arms_runner.t975(len(diffs) - 1) * se
-    return {"diff": mean, "se": se, "ci": (mean - half, mean + half)}
+paired = arms_runner.paired_stats  # mean paired difference, its standard error and 95% t-interval
 
 
 def _mean_std(values: list[float]) -> str:

@@ -77,6 +77,14 @@ def t975(df: int) -> float:
     return _T975[df - 1] if 1 <= df <= len(_T975) else 1.96
 
 
+def paired_stats(diffs: list[float]) -> dict[str, Any]:
+    """Mean paired difference, its standard error and 95% t-interval (at least two differences)."""
+    mean = statistics.mean(diffs)
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs))
+    half = t975(len(diffs) - 1) * se
+    return {"diff": mean, "se": se, "ci": (mean - half, mean + half)}
+
+
 def register_peers() -> None:
     """SGDP and AdamP (Heo et al. 2021, the ``adamp`` package) as engine methods, with the recipe's weight decay.
 
@@ -172,13 +180,10 @@ def table(args: argparse.Namespace) -> dict[str, Any]:
                                "train_loss": statistics.mean(losses) if losses else None}
         paired = sorted(set(runs) & set(ref))
         if arm != args.reference and len(paired) >= 2:
-            diffs = [100 * (runs[s]["final_test_acc"] - ref[s]["final_test_acc"]) for s in paired]
-            mean = statistics.mean(diffs)
-            se = statistics.stdev(diffs) / math.sqrt(len(diffs))
-            half = t975(len(diffs) - 1) * se
-            row.update(paired=len(paired), diff=mean, diff_se=se, ci=(mean - half, mean + half),
-                       verdict="within noise" if mean - half <= 0 <= mean + half
-                       else ("better" if mean > 0 else "worse"))
+            stats = paired_stats([100 * (runs[s]["final_test_acc"] - ref[s]["final_test_acc"]) for s in paired])
+            (low, high), mean = stats["ci"], stats["diff"]
+            row.update(paired=len(paired), diff=mean, diff_se=stats["se"], ci=(low, high),
+                       verdict="within noise" if low <= 0 <= high else ("better" if mean > 0 else "worse"))
         rows.append(row)
     lines = [f"| arm | seeds | final acc (%) | train loss | Δ vs {args.reference} (paired) | 95% CI | verdict |",
              "|---|---|---|---|---|---|---|"]

@@ -20,7 +20,7 @@ optuna = pytest.importorskip("optuna")
 from fixnorm import FixNormError  # noqa: E402
 from fixnorm.data import DEFAULT_FASHION_MNIST_DIR  # noqa: E402
 from fixnorm.tune import (Axis, SearchSpace, Tuner, coordinate_search_best, coordinate_search_next,  # noqa: E402
-                          search_space)
+                          fitted_point, search_space)
 
 needs_fmnist = pytest.mark.skipif(not DEFAULT_FASHION_MNIST_DIR.exists(),
                                   reason="apt-get install dataset-fashion-mnist")
@@ -147,6 +147,55 @@ def test_tuner_on_sqlite_matches_the_pure_search_and_refuses_other_settings(tmp_
         Tuner(other, tabular, tuner="coordinate", n_trials=10, out_dir=tmp_path, steps=(2, 1))
     with pytest.raises(FixNormError, match="pruning needs a sampler"):
         Tuner(SPACE, tabular, tuner="coordinate", n_trials=10, out_dir=tmp_path / "b", pruner="median")
+
+
+LINE = SearchSpace((Axis("lr", 0.1, 2.0 ** 0.5, -8, 8),))
+
+
+@pytest.mark.parametrize("ks, peak", [((0, 2, 4), 1.3), ((0, 2, 4), 2.0), ((0, 2, 4), 2.7), ((-4, 0, 2), 0.7),
+                                      ((-4, 0, 2), -1.6), ((2, 3, 8), 3.4)])
+def test_fitted_point_is_the_vertex_of_the_parabola_through_the_bracket(ks, peak):
+    f = {(k,): 0.9 - 0.003 * (k - peak) ** 2 for k in ks}  # a parabola in log lr, sampled at three points
+    best = max(f, key=f.get)
+    fitted, used = fitted_point(LINE, f, best)
+    assert fitted == (math.floor(peak + 0.5),) and used == sorted(f)
+    # the vertex of any bracketed maximum lies inside the bracket, and within half a spacing when evenly spaced
+    gen = __import__("random").Random(0)
+    for _ in range(200):
+        ys = {(0,): gen.random(), (2,): gen.random(), (4,): gen.random()}
+        ys[(2,)] = max(ys.values()) + gen.random() * 0.01
+        assert fitted_point(LINE, ys, (2,))[0][0] in (1, 2, 3)
+
+
+def test_fitted_point_keeps_unbracketed_flat_and_off_line_points():
+    assert fitted_point(LINE, {(0,): 0.5, (2,): 0.7, (4,): 0.8}, (4,)) == ((4,), [(4,)])  # an edge: no bracket
+    assert fitted_point(LINE, {(0,): 0.8, (2,): 0.7, (4,): 0.8}, (0,))[0] == (0,)
+    assert fitted_point(LINE, {(0,): 0.7, (2,): 0.7, (4,): 0.7}, (2,))[0] == (2,)  # flat: no curvature
+    assert fitted_point(LINE, {(0,): 0.9, (2,): 0.7, (4,): 0.6}, (2,))[0] == (2,)  # not the best of its bracket
+    # two axes: each is fitted along its own line through the point; points off those lines are not used
+    f = {(0, 0): 0.80, (2, 0): 0.90, (4, 0): 0.89, (2, -2): 0.85, (2, 2): 0.85, (4, 2): 0.99}
+    fitted, used = fitted_point(SPACE, f, (2, 0))
+    assert fitted == (3, 0) and (4, 2) not in used and len(used) == 5
+    with pytest.raises(FixNormError, match="among the evaluated"):
+        fitted_point(LINE, {(0,): 0.5}, (2,))
+
+
+def test_tuner_recommends_the_fitted_point_and_the_cli_writes_it(tmp_path):
+    """The coordinate search on a noiseless curve peaking between lattice points: the best trial is one step
+    off the peak, the recommendation (not trained) lands on it."""
+    space = SearchSpace((Axis("lr", 0.1, 2.0 ** 0.5, -8, 8), Axis("fc_norm", 2.0, 2.0, -2, 4)))
+
+    def curve(values, trial):
+        k = math.log(values["lr"] / 0.1) / math.log(2.0 ** 0.5)
+        return 0.9 - 0.002 * (k - 4.8) ** 2 - 0.01 * math.log2(values["fc_norm"] / 2.0) ** 2
+
+    result = Tuner(space, curve, tuner="coordinate", n_trials=8, out_dir=tmp_path, steps=(4, 2), poll_seconds=0).run()
+    best_k = round(math.log(result.best["lr"] / 0.1) / math.log(2.0 ** 0.5))
+    rec = result.recommended
+    assert best_k == 4 and rec["lr"] == pytest.approx(0.1 * 2.0 ** 2.5) and rec["fc_norm"] == 2.0
+    assert rec["evaluated"] is False and len(rec["trials"]) >= 3
+    values = [t["value"] for t in result.trials]
+    assert all(values[n] <= result.best["value"] for n in rec["trials"])
 
 
 @pytest.mark.parametrize("sampler", ["tpe", "random", "grid"])
@@ -498,3 +547,10 @@ def test_cli_searches_norm_scale_and_each_trial_trains_with_its_value(tmp_path):
         run = out / "runs" / f"lr={t['lr']:.6g},norm_scale={t['norm_scale']:.6g},fc_scale={t['fc_scale']:.6g}"
         config = (run / "config.yaml").read_text()
         assert f"norm_scale: {t['norm_scale']}" in config and f"lr: {t['lr']}" in config
+    # the recommendation written and printed is the fitted point of these trials
+    space = SearchSpace(tuple(Axis(**a) for a in data["space"]["axes"]))
+    done = {space.point_of(t): t["value"] for t in trials}
+    fitted, used = fitted_point(space, done, space.point_of(data["best"]))
+    rec = data["recommended"]
+    assert space.point_of(rec) == fitted and sorted(space.point_of(trials[n]) for n in rec["trials"]) == used
+    assert "recommended: lr=" in proc.stdout

@@ -201,6 +201,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     write_text_atomic(out / "trials.md", table + "\n")
     write_json_atomic(out / "tune.json", {"method": method, "tuner": sampler, "space": space.to_dict(),
                                           "settings": settings, "trials": result.trials, "best": result.best,
+                                          "recommended": result.recommended,
                                           "finished": result.finished})
     written = [out / "trials.md", out / "tune.json"]
     if result.trials:
@@ -213,6 +214,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if result.best is not None:
         best = ", ".join(f"{n}={result.best[n]:.4g}" for n in names)
         print(f"best: {best} -> {result.best['value']:.4f} (trial {result.best['number']})")
+    if result.recommended is not None:
+        rec = result.recommended
+        values = ", ".join(f"{n}={rec[n]:.4g}" for n in names)
+        how = ("the best trial: no axis has an evaluated neighbour on each side" if len(rec["trials"]) == 1 else
+               f"parabola through trials {', '.join(map(str, rec['trials']))} in log space"
+               + ("" if rec["evaluated"] else "; this point was not trained"))
+        print(f"recommended: {values} ({how})")
     if not args.quiet:
         print(f"written: {', '.join(map(str, written))}; study in {args.storage or out / 'study.db'}")
     return 0

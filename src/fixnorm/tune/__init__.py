@@ -27,11 +27,12 @@ The package by job: ``lattice`` (the lattice and the coordinate search, pure), `
 lattice), ``worker`` (the ``Tuner``: storage, locks, heartbeats, ask/tell) and ``objective`` (one engine run per
 trial, and the search space from a recipe).
 """
-from .lattice import SECOND_AXIS, TUNERS, Axis, Point, SearchSpace, coordinate_search_best, coordinate_search_next
+from .lattice import (SECOND_AXIS, TUNERS, Axis, Point, SearchSpace, coordinate_search_best, coordinate_search_next,
+                      fitted_point)
 from .objective import initial_classifier_norm, run_key, search_space, training_objective
 from .samplers import CoordinateSampler
 from .worker import Objective, Tuner, TuneResult, _DatabaseLock, _FileLock
 
 __all__ = ["SECOND_AXIS", "TUNERS", "Axis", "CoordinateSampler", "Objective", "Point", "SearchSpace", "TuneResult",
-           "Tuner", "coordinate_search_best", "coordinate_search_next", "initial_classifier_norm", "run_key",
+           "Tuner", "coordinate_search_best", "coordinate_search_next", "fitted_point", "initial_classifier_norm", "run_key",
            "search_space", "training_objective", "_DatabaseLock", "_FileLock"]

@@ -183,6 +183,44 @@ def _line_search(space: SearchSpace, results: Mapping[Point, float], center: Poi
         line = sorted(set(line) | {nxt})
 
 
+def fitted_point(space: SearchSpace, results: Mapping[Point, float], point: Point) -> tuple[Point, list[Point]]:
+    """``point`` moved, axis by axis, to the vertex of the parabola through it and its evaluated neighbours.
+
+    Why: a trial's accuracy carries noise about as large as the differences between neighbouring lattice
+    points, so the single best trial is partly the luckiest one. Along each axis, when ``point`` is
+    bracketed (an evaluated point below and above it on the same line, neither better), the accuracy is
+    fitted by a parabola in log space through the three (Brent's parabolic step) and the vertex, rounded to
+    the nearest lattice index, is taken. The vertex always lies inside the bracket and, for equally spaced
+    neighbours, within half a spacing of ``point``: the fit moves a pick between its neighbours, never past
+    them. Axes where ``point`` is not bracketed keep its index. Returns (the fitted point, the points used).
+    """
+    fitted, used = list(point), {point}
+    for axis in range(len(space.axes)):
+        def rest(p: Point) -> Point:
+            return p[:axis] + p[axis + 1:]
+
+        line = {p[axis]: v for p, v in results.items() if rest(p) == rest(point)}
+        k0 = point[axis]
+        if k0 not in line:
+            raise FixNormError(f"fitted_point needs {point} among the evaluated points")
+        below, above = [k for k in line if k < k0], [k for k in line if k > k0]
+        if not below or not above:
+            continue
+        a, b = max(below), min(above)
+        ya, y0, yb = line[a], line[k0], line[b]
+        if y0 < max(ya, yb):
+            continue  # not a bracketed maximum: the fit would extrapolate
+        den = (k0 - a) * (y0 - yb) + (b - k0) * (y0 - ya)
+        if den == 0:
+            continue  # three equal values: no curvature to fit
+        vertex = k0 - 0.5 * ((k0 - a) ** 2 * (y0 - yb) - (b - k0) ** 2 * (y0 - ya)) / den
+        # the nearest index; exactly half way goes to the index nearer the evaluated point
+        index = math.floor(vertex + 0.5) if vertex < k0 else math.ceil(vertex - 0.5)
+        fitted[axis] = min(max(index, a), b)
+        used.update({point[:axis] + (a,) + point[axis + 1:], point[:axis] + (b,) + point[axis + 1:]})
+    return tuple(fitted), sorted(used)
+
+
 def _coordinate_choice(space: SearchSpace, results: Mapping[Point, float], busy: set[Point | None],
                        steps: Sequence[int]) -> Point | str:
     """The next point to start: a pending point no running trial holds, "wait" when all are held, or "finished"."""

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import FixNormError, NonFiniteError
 
-from .lattice import TUNERS, Point, SearchSpace, _coordinate_choice, _optuna, coordinate_search_next
+from .lattice import TUNERS, Point, SearchSpace, _coordinate_choice, _optuna, coordinate_search_next, fitted_point
 from .samplers import _claimed_point, _completed_results, _OnLattice
 
 
@@ -46,6 +46,9 @@ class TuneResult:
     best: dict[str, Any] | None
     out_dir: Path
     finished: bool  # the tuner has nothing left to try (coordinate search) or the budget is spent
+    # the best trial refined by a parabola through its evaluated neighbours (``lattice.fitted_point``): the
+    # values to train with; "trials" are the numbers of the trials the fit used, "evaluated" whether a trial ran there
+    recommended: dict[str, Any] | None = None
 
     def best_so_far(self) -> list[float]:
         curve, best = [], -math.inf
@@ -272,7 +275,25 @@ class Tuner:
         if self.tuner == "coordinate":
             done = _completed_results(self.space, self.study.get_trials(deepcopy=False))
             finished = finished or not coordinate_search_next(self.space, done, self.steps)
-        return TuneResult(trials=trials, best=best, out_dir=self.out_dir, finished=finished)
+        return TuneResult(trials=trials, best=best, out_dir=self.out_dir, finished=finished,
+                          recommended=self._recommended(best))
+
+    def _recommended(self, best: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The best trial's point refined by ``fitted_point`` over the completed lattice trials."""
+        optuna = _optuna()
+        if best is None:
+            return None
+        complete = [t for t in self.study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+        done = _completed_results(self.space, complete)
+        point = self.space.point_of({a.name: best[a.name] for a in self.space.axes})
+        if point is None or point not in done:
+            return None
+        fitted, used = fitted_point(self.space, done, point)
+        number_of = {}
+        for t in sorted(complete, key=lambda t: t.number):
+            number_of.setdefault(self.space.point_of(t.params), t.number)
+        return {**self.space.values(fitted), "trials": [number_of[p] for p in used],
+                "evaluated": fitted in done}
 
     def _grid_space(self) -> dict[str, list[float]]:
         return {a.name: [a.value(i) for i in range(a.low, a.high + 1)] for a in self.space.axes}
