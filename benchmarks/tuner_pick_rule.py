@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -77,16 +78,20 @@ def main() -> None:
     runs = Path(args.runs)
     axis = Axis("lr", args.centre, args.ratio, -64, 64)
     space = SearchSpace((axis,))
+    def index(lr: float) -> int | None:  # run names round the lr to 6 digits (0.565685 for 0.4 * sqrt(2))
+        k = axis.nearest(lr)
+        return k if math.isclose(axis.value(k), lr, rel_tol=1e-5) else None
+
     acc: dict[int, dict[int, float]] = {}
     for item in args.point:
         lr, _, arm = item.partition("=")
-        k = axis.index_of(float(lr))
+        k = index(float(lr))
         if k is None:
             raise SystemExit(f"lr {lr} is not on the lattice {args.centre} x {args.ratio}^k")
         acc[k] = read_accuracy(runs / arm, seeds)
     prior = []
     for lr in args.prior:
-        k = axis.index_of(lr)
+        k = index(lr)
         if k is None or k not in acc:
             raise SystemExit(f"prior lr {lr} needs a --point on the lattice")
         prior.append(k)
@@ -94,13 +99,17 @@ def main() -> None:
     def retrained(k: int, held_out: int) -> float:  # what retraining the pick gives: the other seeds' mean
         return statistics.mean(v for s, v in acc[k].items() if s != held_out)
 
-    rows, best_scores, fit_scores = [], [], []
+    searches = {}
     for seed in seeds:
         trials = replay_search(space, acc, seed, prior, tuple(args.steps))
         best = max(trials, key=trials.get)
-        fitted, _ = fitted_point(space, trials, best)
-        if fitted[0] not in acc:
-            raise SystemExit(f"the fit picks lr {axis.value(fitted[0]):.6g} (tuning seed {seed}): add --point for it")
+        searches[seed] = (trials, best, fitted_point(space, trials, best)[0])
+    missing = sorted({fitted[0] for _, _, fitted in searches.values()} - set(acc))
+    if missing:
+        raise SystemExit("the fit picks lrs without runs: " + ", ".join(f"{axis.value(k):.6g}" for k in missing)
+                         + "; train them on these seeds and add --point for each")
+    rows, best_scores, fit_scores = [], [], []
+    for seed, (trials, best, fitted) in searches.items():
         b, f = retrained(best[0], seed), retrained(fitted[0], seed)
         best_scores.append(b)
         fit_scores.append(f)
