@@ -34,5 +34,5 @@ from .samplers import CoordinateSampler
 from .worker import Objective, Tuner, TuneResult, _DatabaseLock, _FileLock
 
 __all__ = ["SECOND_AXIS", "TUNERS", "Axis", "CoordinateSampler", "Objective", "Point", "SearchSpace", "TuneResult",
-           "Tuner", "coordinate_search_best", "coordinate_search_next", "fitted_point", "initial_classifier_norm", "run_key",
-           "search_space", "training_objective", "_DatabaseLock", "_FileLock"]
+           "Tuner", "coordinate_search_best", "coordinate_search_next", "fitted_point", "initial_classifier_norm",
+           "run_key", "search_space", "training_objective", "_DatabaseLock", "_FileLock"]
