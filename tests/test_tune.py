@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import random
 import shutil
 import signal
 import socket
@@ -159,8 +160,10 @@ def test_fitted_point_is_the_vertex_of_the_parabola_through_the_bracket(ks, peak
     best = max(f, key=f.get)
     fitted, used = fitted_point(LINE, f, best)
     assert fitted == (math.floor(peak + 0.5),) and used == sorted(f)
-    # the vertex of any bracketed maximum lies inside the bracket, and within half a spacing when evenly spaced
-    gen = __import__("random").Random(0)
+
+
+def test_fitted_point_stays_within_half_a_spacing_of_an_evenly_bracketed_maximum():
+    gen = random.Random(0)
     for _ in range(200):
         ys = {(0,): gen.random(), (2,): gen.random(), (4,): gen.random()}
         ys[(2,)] = max(ys.values()) + gen.random() * 0.01
@@ -180,7 +183,7 @@ def test_fitted_point_keeps_unbracketed_flat_and_off_line_points():
         fitted_point(LINE, {(0,): 0.5}, (2,))
 
 
-def test_tuner_recommends_the_fitted_point_and_the_cli_writes_it(tmp_path):
+def test_tuner_recommends_the_vertex_between_lattice_points(tmp_path):
     """The coordinate search on a noiseless curve peaking between lattice points: the best trial is one step
     off the peak, the recommendation (not trained) lands on it."""
     space = SearchSpace((Axis("lr", 0.1, 2.0 ** 0.5, -8, 8), Axis("fc_norm", 2.0, 2.0, -2, 4)))
