@@ -267,31 +267,28 @@ class Tuner:
 
     def result(self) -> TuneResult:
         optuna = _optuna()
-        trials = [self._record(t) for t in self.study.get_trials(deepcopy=False)
+        study_trials = self.study.get_trials(deepcopy=False)  # one read of the storage for everything below
+        trials = [self._record(t) for t in study_trials
                   if t.state.is_finished() and t.state != optuna.trial.TrialState.FAIL]
         scored = [t for t in trials if t["value"] is not None and t["state"] == "complete"]
         best = max(scored, key=lambda t: t["value"]) if scored else None
+        done = _completed_results(self.space, study_trials)
         finished = len(trials) >= self.n_trials
         if self.tuner == "coordinate":
-            done = _completed_results(self.space, self.study.get_trials(deepcopy=False))
             finished = finished or not coordinate_search_next(self.space, done, self.steps)
         return TuneResult(trials=trials, best=best, out_dir=self.out_dir, finished=finished,
-                          recommended=self._recommended(best))
+                          recommended=self._recommended(best, scored, done))
 
-    def _recommended(self, best: dict[str, Any] | None) -> dict[str, Any] | None:
-        """The best trial's point refined by ``fitted_point`` over the completed lattice trials."""
-        optuna = _optuna()
-        if best is None:
-            return None
-        complete = [t for t in self.study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
-        done = _completed_results(self.space, complete)
-        point = self.space.point_of({a.name: best[a.name] for a in self.space.axes})
+    def _recommended(self, best: dict[str, Any] | None, scored: list[dict[str, Any]],
+                     done: dict[Point, float]) -> dict[str, Any] | None:
+        """The best trial's point refined by ``fitted_point`` over the completed lattice trials (``done``)."""
+        point = self.space.point_of(best) if best is not None else None
         if point is None or point not in done:
             return None
         fitted, used = fitted_point(self.space, done, point)
-        number_of = {}
-        for t in sorted(complete, key=lambda t: t.number):
-            number_of.setdefault(self.space.point_of(t.params), t.number)
+        number_of: dict[Point | None, int] = {}
+        for t in sorted(scored, key=lambda t: t["number"]):  # the earliest trial on a point is the one ``done`` holds
+            number_of.setdefault(self.space.point_of(t), t["number"])
         return {**self.space.values(fitted), "trials": [number_of[p] for p in used],
                 "evaluated": fitted in done}
 
