@@ -64,7 +64,11 @@ ARMS: dict[str, dict[str, Any]] = {
     # the peers a user would pick instead (the adamp package; its SGDP calls .view on gradients, which fails on
     # channels_last tensors, so these arms train without channels_last)
     "sgdp": {"method": "sgdp", "channels_last": False},
-    "adamp": {"method": "adamp", "channels_last": False, "lr": 1e-3},
+    # the Adam family at Adam's usual lr 1e-3 (the recipes' lr is SGD's), the two decayed ones at AdamW's default
+    # decoupled decay 0.01 (the recipes' 5e-4 is an SGD decay: decoupled at lr 1e-3 it would do nothing)
+    "adamp": {"method": "adamp", "channels_last": False, "lr": 1e-3, "weight_decay": 0.01},
+    "adamw": {"method": "adamw", "lr": 1e-3, "weight_decay": 0.01},
+    "fixnorm-adam": {"method": "fixnorm", "base": "adam", "lr": 1e-3},
     "sgd-nowd": {"method": "sgd", "weight_decay": 0.0},
 }
 
@@ -111,7 +115,7 @@ def register_peers() -> None:
         return AdamP(decay_groups(model, cfg.weight_decay), **kwargs)
 
     register_method(Method("sgdp", "SGDP (adamp package) with the recipe's weight decay", sgdp))
-    register_method(Method("adamp", "AdamP (adamp package) with the recipe's weight decay", adamp))
+    register_method(Method("adamp", "AdamP (adamp package) with the recipe's weight decay, decoupled as AdamW", adamp))
 
 
 def parse_seeds(text: list[str]) -> list[int]:
