@@ -144,8 +144,13 @@ def test_tuner_on_sqlite_matches_the_pure_search_and_refuses_other_settings(tmp_
     assert (tmp_path / "study.db").is_file()
     # an existing study with other settings is refused, not silently mixed
     other = SearchSpace((Axis("lr", 0.2, 2.0, -3, 4), Axis("fc_norm", 2.0, 2.0, -2, 4)))
-    with pytest.raises(FixNormError, match="other settings"):
+    with pytest.raises(FixNormError, match="other settings") as refused:
         Tuner(other, tabular, tuner="coordinate", n_trials=10, out_dir=tmp_path, steps=(2, 1))
+    # and it names what differs, so a user who upgraded sees which default moved
+    assert "space.axes[0].center: 0.1 -> 0.2" in str(refused.value)
+    with pytest.raises(FixNormError, match=r"settings.lr_power: \(unset\) -> 0.5"):
+        Tuner(SPACE, tabular, tuner="coordinate", n_trials=10, out_dir=tmp_path, steps=(2, 1),
+              settings={"lr_power": 0.5})
     with pytest.raises(FixNormError, match="pruning needs a sampler"):
         Tuner(SPACE, tabular, tuner="coordinate", n_trials=10, out_dir=tmp_path / "b", pruner="median")
 

@@ -20,6 +20,31 @@ from .lattice import TUNERS, Point, SearchSpace, _coordinate_choice, _optuna, co
 from .samplers import _claimed_point, _completed_results, _OnLattice
 
 
+class _Unset:
+    def __repr__(self) -> str:
+        return "(unset)"
+
+
+def _identity_changes(stored: Mapping[str, Any], now: Mapping[str, Any], limit: int = 6) -> str:
+    """``key: stored -> now`` for each setting that differs (dotted paths), e.g. after a new version's defaults."""
+    changes: list[str] = []
+    unset = _Unset()
+
+    def walk(old: Any, new: Any, path: str) -> None:
+        if isinstance(old, Mapping) and isinstance(new, Mapping):
+            for key in sorted(set(old) | set(new), key=str):
+                walk(old.get(key, unset), new.get(key, unset), f"{path}.{key}" if path else str(key))
+        elif isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+            for index, (a, b) in enumerate(zip(old, new)):
+                walk(a, b, f"{path}[{index}]")
+        elif old != new:
+            changes.append(f"{path}: {old!r} -> {new!r}")
+
+    walk(stored, now, "")
+    more = f"; and {len(changes) - limit} more" if len(changes) > limit else ""
+    return "; ".join(changes[:limit]) + more
+
+
 def _worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -125,8 +150,9 @@ class Tuner:
             if stored is None:
                 self.study.set_user_attr("identity", json.loads(json.dumps(identity)))
             elif stored != json.loads(json.dumps(identity)):
-                raise FixNormError(f"study {self.study.study_name!r} in {url} was created with other settings; "
-                                   "use another --study name or --out folder")
+                raise FixNormError(f"study {self.study.study_name!r} in {url} was created with other settings "
+                                   f"({_identity_changes(stored, json.loads(json.dumps(identity)))}); its trials "
+                                   "would not be comparable with new ones: use another --study name or --out folder")
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self, on_trial: Callable[[dict[str, Any]], None] | None = None) -> TuneResult:
