@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -78,20 +77,16 @@ def main() -> None:
     runs = Path(args.runs)
     axis = Axis("lr", args.centre, args.ratio, -64, 64)
     space = SearchSpace((axis,))
-    def index(lr: float) -> int | None:  # run names round the lr to 6 digits (0.565685 for 0.4 * sqrt(2))
-        k = axis.nearest(lr)
-        return k if math.isclose(axis.value(k), lr, rel_tol=1e-5) else None
-
     acc: dict[int, dict[int, float]] = {}
     for item in args.point:
         lr, _, arm = item.partition("=")
-        k = index(float(lr))
+        k = axis.index_of(float(lr), rel_tol=1e-5)  # run names round the lr to 6 digits
         if k is None:
             raise SystemExit(f"lr {lr} is not on the lattice {args.centre} x {args.ratio}^k")
         acc[k] = read_accuracy(runs / arm, seeds)
     prior = []
     for lr in args.prior:
-        k = index(lr)
+        k = axis.index_of(lr, rel_tol=1e-5)
         if k is None or k not in acc:
             raise SystemExit(f"prior lr {lr} needs a --point on the lattice")
         prior.append(k)

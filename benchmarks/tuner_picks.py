@@ -37,9 +37,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def pick_of(source: str) -> dict[str, Any]:
-    """The search's pick as settings: FixNorm's recommendation (computed from its trials where tune.json predates
-    it), any other search's best trial. ``source`` is a tune folder, or ``ARM@SEED`` for a search whose folder is
-    gone but whose pick was recorded (e.g. ``sgd:lr=0.565685,weight_decay=0.001@0``)."""
+    """The search's pick as settings: FixNorm's recommendation (``fitted_point`` of its trials, as ``fixnorm tune``
+    computes it, so tune.json files written before it was recorded read the same), any other search's best trial.
+    ``source`` is a tune folder, or ``ARM@SEED`` for a search whose folder is gone but whose pick was recorded (e.g.
+    ``sgd:lr=0.565685,weight_decay=0.001@0``)."""
     if "@" in source and not Path(source).exists():
         arm, _, seed = source.rpartition("@")
         method, _, spec = arm.partition(":")
@@ -47,12 +48,13 @@ def pick_of(source: str) -> dict[str, Any]:
         return {"method": method, "tuning_seed": int(seed), "rule": "recorded pick", "values": values}
     folder = Path(source)
     tune = json.loads((folder / "tune.json").read_text())
-    if tune["settings"].get("seed") is None:  # the recipe's seed, the config's default
-        tune["settings"]["seed"] = TrainConfig().seed
+    seed = tune["settings"].get("seed")
+    if seed is None:  # the recipe's seed, the config's default
+        seed = TrainConfig().seed
     space = SearchSpace(tuple(Axis(**axis) for axis in tune["space"]["axes"]))
     names = [axis.name for axis in space.axes]
     if tune["method"] != "fixnorm":
-        return {"method": tune["method"], "tuning_seed": tune["settings"].get("seed"), "rule": "best trial",
+        return {"method": tune["method"], "tuning_seed": seed, "rule": "best trial",
                 "values": {n: tune["best"][n] for n in names}}
     results = {}
     for trial in tune["trials"]:
@@ -61,7 +63,7 @@ def pick_of(source: str) -> dict[str, Any]:
             results[point] = trial["value"]
     best = space.point_of(tune["best"])
     point, _ = fitted_point(space, results, best)
-    return {"method": "fixnorm", "tuning_seed": tune["settings"].get("seed"), "rule": "recommended",
+    return {"method": "fixnorm", "tuning_seed": seed, "rule": "recommended",
             "values": space.values(point)}
 
 
@@ -116,8 +118,8 @@ def main() -> None:
     if missing:
         print("missing retrained runs; make them with:")
         for arm in dict.fromkeys(missing):
-            print(f"  python benchmarks/fixnorm_vs_wd.py --recipe fmnist-tune --arms {arm} --seeds {' '.join(args.seeds)}"
-                  f" --out {args.runs}")
+            print(f"  python benchmarks/fixnorm_vs_wd.py --recipe fmnist-tune --arms {arm} "
+                  f"--seeds {' '.join(args.seeds)} --out {args.runs}")
 
     lines = ["| tuning seed | FixNorm recommended | retrained (%) | other search's pick | retrained (%) "
              "| Δ FixNorm − other (paired ± se) | 95% CI |", "|---|---|---|---|---|---|---|"]

@@ -41,12 +41,13 @@ class Axis:
         k = round(math.log(value / self.center) / math.log(self.ratio)) if value > 0 else self.low
         return min(max(k, self.low), self.high)
 
-    def index_of(self, value: float) -> int | None:
-        """The index whose value is ``value`` (up to float round-off), or None off the lattice."""
+    def index_of(self, value: float, rel_tol: float = 1e-9) -> int | None:
+        """The index whose value is ``value`` (up to float round-off, or ``rel_tol`` for values written rounded),
+        or None off the lattice."""
         if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
             return None
         k = self.nearest(value)
-        return k if math.isclose(self.value(k), value, rel_tol=1e-9) else None
+        return k if math.isclose(self.value(k), value, rel_tol=rel_tol) else None
 
     def bounds(self) -> tuple[float, float]:
         """The range trials are suggested over: the lattice's ends widened by half a step.

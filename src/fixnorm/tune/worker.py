@@ -144,14 +144,15 @@ class Tuner:
             self.study = optuna.create_study(storage=self.storage, study_name=study_name or f"{tuner}",
                                              direction="maximize", load_if_exists=True, sampler=samplers[tuner](),
                                              pruner=pruners[pruner]())
-            identity = {"tuner": tuner, "space": space.to_dict(), "settings": dict(settings or {}),
-                        "steps": list(self.steps)}
+            # as the storage holds it (a JSON round trip: tuples become lists), so that it compares with what is stored
+            identity = json.loads(json.dumps({"tuner": tuner, "space": space.to_dict(),
+                                              "settings": dict(settings or {}), "steps": list(self.steps)}))
             stored = self.study.user_attrs.get("identity")
             if stored is None:
-                self.study.set_user_attr("identity", json.loads(json.dumps(identity)))
-            elif stored != json.loads(json.dumps(identity)):
+                self.study.set_user_attr("identity", identity)
+            elif stored != identity:
                 raise FixNormError(f"study {self.study.study_name!r} in {url} was created with other settings "
-                                   f"({_identity_changes(stored, json.loads(json.dumps(identity)))}); its trials "
+                                   f"({_identity_changes(stored, identity)}); its trials "
                                    "would not be comparable with new ones: use another --study name or --out folder")
 
     # -- the loop -------------------------------------------------------------------------------
