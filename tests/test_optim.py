@@ -633,10 +633,12 @@ def test_the_default_norm_drift_applies_only_where_the_norms_come_from_a_free_ph
     assert drifts(_FixNorm(small_net(), x, lr=0.1)) == [fixnorm.optim.DEFAULT_NORM_DRIFT]  # the convs' rule only
     assert fixnorm.optim.DEFAULT_NORM_DRIFT == 500
     for off in ({"free_steps": 0}, {"granularity": "filter"}, {"target": 2.0}, {"norm_drift": None},
-                {"angular_update": 0.01}):
+                {"angular_update": 0.01}, {"base": torch.optim.Adam}, {"base": torch.optim.RMSprop}):
         assert drifts(_FixNorm(small_net(), x, lr=0.1, **off)) == [], off
     held = [r for r in _FixNorm(small_net(), x, lr=0.1)._hold_rules() if r.drift_steps]
     assert [n for r in held for n in r.names] == ["0.weight", "3.weight"]  # the classifier does not drift
+    # asked for explicitly, it drifts over any base (SGD's law, the user's choice)
+    assert drifts(_FixNorm(small_net(), x, lr=0.1, base=torch.optim.Adam, norm_drift=50)) == [50]
 
 
 def test_the_default_equilibrium_ceiling_applies_only_to_drifting_norms_under_sgd():
@@ -830,13 +832,17 @@ def test_a_state_saved_with_fixed_norms_does_not_load_into_drifting_norms():
     drifting = _FixNorm(small_net(), x, free_steps=4, norm_drift=3, lr=0.5)
     with pytest.raises(FixNormError, match="without drifting norms"):
         drifting.load_state_dict(plain_state)
+    # and the other way: a state with drifting norms never loads silently into fixed ones
+    drifting_state = copy.deepcopy(_FixNorm(small_net(), x, free_steps=4, norm_drift=3, lr=0.5).state_dict())
+    with pytest.raises(FixNormError, match="grad_sq.*these rules do not keep"):
+        _FixNorm(small_net(), x, free_steps=4, norm_drift=None, lr=0.5).load_state_dict(drifting_state)
 
 
 @pytest.mark.parametrize("kwargs,message", [
     ({"norm_drift": None}, "needs norm_drift"), ({"free_steps": 0}, "needs norm_drift"),
     ({"granularity": "filter"}, "needs norm_drift"), ({"equilibrium_wd": "5e-4"}, "positive weight decay"),
     ({"equilibrium_wd": -1e-4}, "positive weight decay"), ({"equilibrium_wd": True}, "positive weight decay"),
-    ({"base": torch.optim.Adam}, "SGD's equilibrium"), ({"dampening": 0.1}, "no dampening")])
+    ({"base": torch.optim.Adam, "norm_drift": 10}, "SGD's equilibrium"), ({"dampening": 0.1}, "no dampening")])
 def test_equilibrium_wd_errors(kwargs, message):
     settings = {"free_steps": 3, "equilibrium_wd": 5e-4, "lr": 0.1, **kwargs}
     with pytest.raises(FixNormError, match=message):
@@ -898,3 +904,64 @@ def test_norm_drift_needs_a_free_phase_and_whole_tensors(kwargs):
     settings = {"free_steps": 3, "norm_drift": 10, **kwargs}
     with pytest.raises(FixNormError, match="norm_drift"):
         _FixNorm(small_net(), batches(1)[0][0], lr=0.1, **settings)
+
+
+def test_the_classifier_stays_free_over_adaptive_bases_and_is_held_over_sgd():
+    """fc_free_steps="auto": over SGD the classifier is held from the end of the free phase with the rest; over Adam or
+    RMSprop it is never held (the base moves it every step, its norm included) unless fc_scale asks for a hold;
+    the scale-invariant weights are held either way."""
+    data = batches(8)
+    x = data[0][0]
+    for base, kwargs, free in ((torch.optim.SGD, {"lr": 0.5, "momentum": 0.9, "norm_drift": None}, False),
+                               (torch.optim.Adam, {"lr": 0.01}, True), (torch.optim.RMSprop, {"lr": 0.01}, True),
+                               (torch.optim.Adam, {"lr": 0.01, "fc_scale": 2.0}, False)):
+        model = small_net()
+        opt = _FixNorm(model, x, base=base, free_steps=3, **kwargs)
+        assert (opt.fc_free_steps is None) == free, (base, kwargs)
+        entry = next(e for e in opt.plan.entries if e.role == "classifier")
+        assert (entry.constraint is None) == free
+        norms = []
+        for xb, yb in data:
+            opt.zero_grad()
+            F.cross_entropy(model(xb), yb).backward()
+            opt.step()
+            norms.append((float(model[3].weight.norm()), float(model[8].weight.norm())))
+        conv, fc = zip(*norms[3:])  # after the free phase
+        assert max(conv) / min(conv) - 1 < 1e-5  # held (no drift over Adam and RMSprop by default)
+        moving = max(fc) / min(fc) - 1 > 1e-3
+        assert moving == free, (base, kwargs, fc)
+        assert ("8.weight" in opt.norm_targets()) != free and "3.weight" in opt.norm_targets()
+
+
+@pytest.mark.parametrize("value,kwargs,expected", [
+    ("auto", {}, 3), ("free_steps", {"base": torch.optim.Adam}, 3), (7, {"base": torch.optim.Adam}, 7),
+    (0, {}, 0), (None, {}, None), ("auto", {"base": torch.optim.Adam}, None)])
+def test_fc_free_steps_takes_the_classifier_norm_when_asked(value, kwargs, expected):
+    data = batches(8)
+    model = small_net()
+    kwargs = {"lr": 0.01 if "base" in kwargs else 0.5, **kwargs}
+    opt = _FixNorm(model, data[0][0], free_steps=3, fc_free_steps=value, **kwargs)
+    assert opt.fc_free_steps == expected
+    taken_at = None
+    for step, (xb, yb) in enumerate(data, 1):
+        opt.zero_grad()
+        F.cross_entropy(model(xb), yb).backward()
+        opt.step()
+        if taken_at is None and "8.weight" in opt.norm_targets():
+            taken_at = step
+            target = float(opt.norm_targets()["8.weight"])
+    if expected is None:
+        assert taken_at is None
+    else:
+        assert taken_at == max(expected, 1) if expected else taken_at == 1  # 0: held from construction
+        assert float(model[8].weight.norm()) == pytest.approx(target, rel=1e-5)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"fc_free_steps": None, "fc_norm": 2.0}, "give one of them"), ({"fc_free_steps": None, "fc_scale": 2.0}, "give one"),
+    ({"fc_free_steps": 5, "fc_norm": 2.0}, "give one of them"), ({"fc_free_steps": -1}, "fc_free_steps must be"),
+    ({"fc_free_steps": 2.5}, "fc_free_steps must be"), ({"fc_free_steps": True}, "fc_free_steps must be"),
+    ({"fc_free_steps": "later"}, "fc_free_steps must be")])
+def test_bad_fc_free_steps_is_a_clear_error(kwargs, message):
+    with pytest.raises(FixNormError, match=message):
+        _FixNorm(small_net(), torch.randn(4, 1, 8, 8), lr=0.1, free_steps=3, **kwargs)

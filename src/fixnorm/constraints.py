@@ -122,8 +122,10 @@ def build_plan(
     fc_granularity: str = "tensor",
     others: str = "free",
     others_weight_decay: float = 0.0,
+    fc_free: bool = False,
 ) -> Plan:
-    """Turn measured roles and FixNorm's options into one rule per parameter."""
+    """Turn measured roles and FixNorm's options into one rule per parameter (``fc_free``: the classifier is not
+    held, the base optimizer moves it as it moves the free parameters)."""
     if granularity not in GRANULARITIES:
         raise FixNormError(f"unknown granularity {granularity!r}; choose one of {GRANULARITIES}")
     if fc_granularity not in ("tensor", "class"):
@@ -148,6 +150,11 @@ def build_plan(
             constraint = "filter" if (granularity == "filter" and role == "filter") else "tensor"
             entries.append(PlanEntry(name, shape, "scale-invariant", constraint,
                                      "initial" if target == "initial" else f"constant {target:g}"))
+        elif role == ROLE_CLASSIFIER and fc_free:
+            if fc_norm is not None:
+                raise FixNormError("fc_norm holds the classifier; with the classifier left free there is nothing to "
+                                   "hold: give one of them")
+            entries.append(PlanEntry(name, shape, "classifier", None, "-", note="free: trained by the base optimizer"))
         elif role == ROLE_CLASSIFIER:
             constraint = "filter" if fc_granularity == "class" else "tensor"
             entries.append(PlanEntry(name, shape, "classifier", constraint,

@@ -77,6 +77,30 @@ def equilibrium_constant(equilibrium_wd: float | str | None, norm_drift: int | N
                                    float(base_kwargs.get("momentum", 0.0)))
 
 
+def classifier_free_steps(fc_free_steps: int | str | None, free_steps: int, base: type[torch.optim.Optimizer],
+                          fc_norm: float | None, fc_scale: float) -> int | None:
+    """The steps before the classifier's norm is taken (None: never, the classifier stays free) for FixNorm's
+    ``fc_free_steps``: "auto" is ``free_steps`` over SGD and None over other bases unless ``fc_scale`` asks for a
+    held classifier; "free_steps" is ``free_steps`` over any base (the rule before "auto")."""
+    if fc_free_steps == "auto":
+        held = issubclass(base, torch.optim.SGD) or fc_norm is not None or fc_scale != 1
+        return free_steps if held else None
+    if fc_free_steps == "free_steps":
+        return free_steps
+    if fc_free_steps is None:
+        if fc_norm is not None or fc_scale != 1:
+            raise FixNormError("fc_free_steps=None leaves the classifier free; fc_norm and fc_scale hold it: give "
+                               "one of them")
+        return None
+    if isinstance(fc_free_steps, bool) or not isinstance(fc_free_steps, int) or fc_free_steps < 0:
+        raise FixNormError(f"fc_free_steps must be 'auto', 'free_steps', None or a whole number of steps >= 0, "
+                           f"got {fc_free_steps!r}")
+    if fc_norm is not None:
+        raise FixNormError("fc_free_steps says when the classifier's norm is taken from training; with fc_norm "
+                           "given it is held from the first step: give one of them")
+    return fc_free_steps
+
+
 class FixNorm(torch.optim.Optimizer):
     """Train without weight decay: hold scale-invariant weights and the classifier at fixed norms.
 
@@ -125,8 +149,11 @@ class FixNorm(torch.optim.Optimizer):
             this many steps of the squared unit-norm gradient, the norm going as its fourth root,
             relative to the moment the norm was taken after the free phase). "auto" (default):
             ``DEFAULT_NORM_DRIFT`` steps where the norms come from a free phase per tensor
-            (``free_steps >= 1``, ``target="initial"``, ``granularity="tensor"``, no ``angular_update``),
-            off otherwise; a number asks for it (an error where it cannot apply); None: fixed norms.
+            (``free_steps >= 1``, ``target="initial"``, ``granularity="tensor"``, no ``angular_update``)
+            and the base is SGD, off otherwise: the fourth-root law is SGD's equilibrium; under Adam-like
+            bases the step's size, and so weight decay's equilibrium norm, does not depend on the gradient's
+            scale (measured: over Adam the drift cost 0.15 ± 0.04 points, docs/fixnorm.md). A number asks
+            for it (an error where it cannot apply); None: fixed norms.
         equilibrium_wd: with drifting norms (SGD base): no scale-invariant weight is held above the norm
             SGD with this weight decay settles at, ``|w|**4 = K |g~|**2`` with ``K = lr / (2 wd (1 - momentum))``
             (lr and momentum as given to FixNorm; ``HoldNorms(ceiling=K)``). Weight decay pulls a norm above
@@ -134,6 +161,13 @@ class FixNorm(torch.optim.Optimizer):
             it blows norms up that FixNorm would then hold. "auto" (default): ``DEFAULT_EQUILIBRIUM_WD``
             (5e-4) where the norms drift and the base is SGD without dampening, off otherwise; a number
             asks for it (an error where it cannot apply); None: no ceiling.
+        fc_free_steps: when the classifier's norm is taken: a number of steps (its own free phase); None
+            leaves it free for the whole run (the base optimizer moves it as it moves biases); "free_steps"
+            is ``free_steps``; "auto" (default) is ``free_steps`` over SGD and None over other bases (Adam,
+            RMSprop, ...) unless ``fc_scale`` asks for a held classifier. An adaptive step moves the
+            classifier by about lr per coordinate whatever its gradient, so a free phase counted in steps
+            leaves it far below the norm its own training reaches (over Adam at lr 1e-3: 2.7 after 100
+            steps, 4.3 after 700) and holds the logits too cold; measured in docs/fixnorm.md.
         free_steps: the weights whose target is "initial" train freely (plain base steps,
             no projection) for this many steps and are then held at the norms they have
             reached: training, not the initialisation, chooses each layer's norm and so
@@ -165,6 +199,7 @@ class FixNorm(torch.optim.Optimizer):
         lr_power: float = DEFAULT_LR_POWER,
         norm_drift: int | str | None = "auto",
         equilibrium_wd: float | str | None = "auto",
+        fc_free_steps: int | str | None = "auto",
         **base_kwargs: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -196,9 +231,10 @@ class FixNorm(torch.optim.Optimizer):
                                "nothing to scale: give one of them")
         if isinstance(free_steps, bool) or not isinstance(free_steps, int) or free_steps < 0:
             raise FixNormError(f"free_steps must be a whole number of steps >= 0, got {free_steps!r}")
+        fc_free_steps = classifier_free_steps(fc_free_steps, free_steps, base, fc_norm, fc_scale)
         drift_applies = free_steps > 0 and target == "initial" and granularity == "tensor" and angular_update is None
-        if norm_drift == "auto":
-            norm_drift = DEFAULT_NORM_DRIFT if drift_applies else None
+        if norm_drift == "auto":  # the drift is SGD's law: an adaptive step's size ignores the gradient's scale
+            norm_drift = DEFAULT_NORM_DRIFT if drift_applies and issubclass(base, torch.optim.SGD) else None
         elif norm_drift is not None:
             if isinstance(norm_drift, bool) or not isinstance(norm_drift, int) or norm_drift < 1:
                 raise FixNormError(f"norm_drift must be a whole number of steps >= 1 (or None), got {norm_drift!r}")
@@ -226,7 +262,8 @@ class FixNorm(torch.optim.Optimizer):
         self.roles = roles
         self.plan: Plan = build_plan(roles, granularity=granularity, target=target, fc_norm=fc_norm,
                                      fc_granularity=fc_granularity, others=others,
-                                     others_weight_decay=others_weight_decay)
+                                     others_weight_decay=others_weight_decay, fc_free=fc_free_steps is None)
+        self.fc_free_steps = fc_free_steps
         self.nonfinite = nonfinite
         self._names: dict[torch.Tensor, str] = {p: n for n, p in named.items()}
         self._grad_params: dict[bool | None, list[list[torch.Tensor]]] | None = None
@@ -236,7 +273,8 @@ class FixNorm(torch.optim.Optimizer):
         # weights held from the end of the free phase (their norms then, the classifier's times fc_scale, the
         # scale-invariant weights' times norm_scale)
         held: OrderedDict[str, tuple[list[torch.Tensor], list[str], list[torch.Tensor]]] = OrderedDict()
-        later: OrderedDict[tuple[str, bool], tuple[list[torch.Tensor], list[str], dict[int, float]]] = OrderedDict()
+        later: OrderedDict[tuple[str, bool, int], tuple[list[torch.Tensor], list[str], dict[int, float]]] = \
+            OrderedDict()
 
         groups: OrderedDict[tuple[str, str | None], dict[str, Any]] = OrderedDict()
         for entry in self.plan.entries:
@@ -257,9 +295,10 @@ class FixNorm(torch.optim.Optimizer):
                 scale = 1.0
                 if value is None:
                     scale = float({"classifier": fc_scale, "scale-invariant": norm_scale}.get(entry.role, 1.0))
-                if value is None and free_steps > 0:
+                from_step = fc_free_steps if entry.role == "classifier" and fc_free_steps is not None else free_steps
+                if value is None and from_step > 0:
                     drifts = norm_drift is not None and entry.role == "scale-invariant"
-                    params, names, scales = later.setdefault((entry.constraint, drifts), ([], [], {}))
+                    params, names, scales = later.setdefault((entry.constraint, drifts, from_step), ([], [], {}))
                     if scale != 1:
                         scales[len(params)] = scale
                 else:
@@ -300,9 +339,9 @@ class FixNorm(torch.optim.Optimizer):
         self._init_hooks()
         warn_if_base_normalizes(self.base, stacklevel=3)
         rules: list[HoldNorms] = [HoldNorms(ps, names=ns, per=c, targets=ts) for c, (ps, ns, ts) in held.items()]
-        rules += [HoldNorms(ps, names=ns, per=c, from_step=free_steps, scale=sc, drift_steps=norm_drift if d else None,
+        rules += [HoldNorms(ps, names=ns, per=c, from_step=k, scale=sc, drift_steps=norm_drift if d else None,
                             ceiling=ceiling if d else None)
-                  for (c, d), (ps, ns, sc) in later.items()]
+                  for (c, d, k), (ps, ns, sc) in later.items()]
         # attached to this optimizer itself: the projection runs as its first step post-hook, and the targets and
         # the step count are "fixnorm_target" / "fixnorm_held" / "fixnorm_steps" entries of its state dict
         self._rules = Attachment(self, rules, name="fixnorm", nonfinite=nonfinite, names=self._names,

@@ -800,6 +800,16 @@ class Attachment:
         if len(steps) != 1 or min(steps) < 0:
             raise FixNormError(f"the saved {self.name!r} step counts {sorted(steps)[:4]} are not one whole number")
         self.steps = steps.pop()
+        # a saved field no rule reads is state that would be dropped silently (e.g. drifting norms' running means
+        # loaded into fixed norms): the run would go on as another run
+        wanted = {(positions[id(p)], prefix + f) for rule in self.rules for p in rule.params for f in rule.state_fields}
+        extra = sorted({k[len(prefix):] for key, saved in mine.items() for k in saved
+                        if k != steps_key and (key, k) not in wanted})
+        if extra:
+            raise FixNormError(f"the saved {self.name!r} rule state has {extra}, which these rules do not keep: it "
+                               "was saved with other settings (drifting norms saved with norm_drift set, e.g. a "
+                               "FixNorm-over-Adam run saved when norm_drift 'auto' still drifted there: resume it "
+                               "with norm_drift=500); resume with the settings it was trained with")
         for rule in self.rules:
             if not rule.stateful:
                 continue
