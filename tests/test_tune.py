@@ -103,6 +103,10 @@ def test_fixnorm_search_is_centred_on_the_default_classifier():
     assert (second.value(second.low), second.value(second.high)) == pytest.approx((0.25, 4.0))
     assert search_space({**smoke, "free_steps": 0}).axes[1].name == "fc_norm"
     assert search_space({**smoke, "fc_norm": 3.0}).axes[1].name == "fc_norm"
+    # over Adam the default (fc_scale 1) is the free classifier and the other scales hold it: still fc_scale
+    assert search_space({**smoke, "base": "adam", "lr": 1e-3}).axes[1].name == "fc_scale"
+    with pytest.raises(FixNormError, match="leaves the classifier free"):
+        search_space({**smoke, "fc_free_steps": None})
 
 
 def test_norm_scale_axis_moves_the_effective_lr_by_the_lr_axis_step():

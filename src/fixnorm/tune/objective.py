@@ -126,6 +126,10 @@ def _other_axis(name: str, settings: Mapping[str, Any], fixnorm: Any, given: Seq
                 ratio: float) -> Axis:
     """One non-lr axis of ``search_space`` (its docstring gives each axis's centre and range)."""
     if name in ("fc_scale", "fc_norm"):
+        if fixnorm.fc_free_steps is None:
+            raise FixNormError("the recipe leaves the classifier free (fc_free_steps=None), so it has no norm to tune; "
+                               "drop that setting (over Adam-like bases 'auto' leaves it free at fc_scale 1 and "
+                               "holds it at the other scales) or tune --axes norm_scale")
         if fixnorm.fc_norm is None and fixnorm.free_steps > 0:
             lo, hi = given or (0.25, 4.0)
             return Axis.spanning("fc_scale", min(max(1.0, lo), hi), lo, hi, ratio)
