@@ -500,13 +500,17 @@ def test_free_phase_holds_explicit_targets_from_the_first_step():
     assert any(abs(float(model[i].weight.norm()) - float(small_net()[i].weight.norm())) > 1e-3 for i in (0, 3))
 
 
-@pytest.mark.parametrize("drift,ceiling", [(None, None), (3, None), (3, 3e-2)],
-                         ids=["fixed", "drifting", "ceiling"])
-def test_resume_inside_and_after_the_free_phase_is_bit_identical(drift, ceiling):
+@pytest.mark.parametrize("drift,ceiling,extra", [
+    (None, None, {}), (3, None, {}), (3, 3e-2, {}), ("auto", "auto", {"base": torch.optim.Adam, "lr": 0.01}),
+    (None, None, {"fc_free_steps": 5})], ids=["fixed", "drifting", "ceiling", "adam-free-classifier", "classifier-later"])
+def test_resume_inside_and_after_the_free_phase_is_bit_identical(drift, ceiling, extra):
     data = batches(8)
     for stop in (2, 6):  # inside the free phase (4 steps) and after it
         model = small_net(seed=0)
         settings = {"free_steps": 4, "norm_drift": drift, "equilibrium_wd": ceiling, "lr": 0.5, "momentum": 0.9}
+        if extra.get("base") is torch.optim.Adam:
+            del settings["momentum"]
+        settings.update(extra)
         opt = FixNorm(model, data[0][0], **settings)
         train(model, opt, data[:stop])
         checkpoint = save_and_load({"model": model.state_dict(), "opt": opt.state_dict()})
