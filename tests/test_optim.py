@@ -957,7 +957,7 @@ def test_fc_free_steps_takes_the_classifier_norm_when_asked(value, kwargs, expec
     if expected is None:
         assert taken_at is None
     else:
-        assert taken_at == max(expected, 1) if expected else taken_at == 1  # 0: held from construction
+        assert taken_at == max(expected, 1)  # 0: held from construction, so seen after the first step
         assert float(model[8].weight.norm()) == pytest.approx(target, rel=1e-5)
 
 

@@ -295,7 +295,8 @@ class FixNorm(torch.optim.Optimizer):
                 scale = 1.0
                 if value is None:
                     scale = float({"classifier": fc_scale, "scale-invariant": norm_scale}.get(entry.role, 1.0))
-                from_step = fc_free_steps if entry.role == "classifier" and fc_free_steps is not None else free_steps
+                # (a classifier left free, fc_free_steps None, has no constraint and never gets here)
+                from_step = fc_free_steps if entry.role == "classifier" else free_steps
                 if value is None and from_step > 0:
                     drifts = norm_drift is not None and entry.role == "scale-invariant"
                     params, names, scales = later.setdefault((entry.constraint, drifts, from_step), ([], [], {}))
