@@ -38,6 +38,7 @@ import torch  # noqa: E402
 from fixnorm.run_folder import RunFolder  # noqa: E402
 from fixnorm.train import Trainer  # noqa: E402
 from fixnorm.train.config import load_recipe, make_config, parse_overrides  # noqa: E402
+from fixnorm.train.engine import check_same_run  # noqa: E402
 
 
 def _teacher(teacher: str, optimizer: str = "sgd") -> dict[str, Any]:
@@ -87,10 +88,12 @@ def _delta(values: dict[int, float], reference: dict[int, float]) -> tuple[str, 
 def table(args: argparse.Namespace) -> dict[str, Any]:
     """Read the finished runs; print and (with ``--name``) save the table, the JSON and the PNG."""
     runs: dict[str, dict[int, list[dict[str, float]]]] = {}
+    recipe, overrides = load_recipe(args.recipe), parse_overrides(args.set)
     for arm in args.arms:
         for seed in args.seeds:
             run_dir = Path(args.out) / arms_runner.run_dir_name(arm, seed)
-            if RunFolder(run_dir).finished:
+            if RunFolder(run_dir).finished:  # trained with the arm's settings, or an error (never a wrong label)
+                check_same_run(run_dir, arms_runner.arm_config(arm, seed, recipe, overrides, args.threads))
                 runs.setdefault(arm, {})[seed] = read_metrics(run_dir)
     if not runs:
         raise SystemExit(f"no finished runs under {args.out} for arms {args.arms} and seeds {args.seeds}")

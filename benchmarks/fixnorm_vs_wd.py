@@ -2,7 +2,8 @@
 
 Every arm is a set of overrides of one recipe, trained through the engine (``fixnorm.train.Trainer``); runs live in
 ``OUT/<arm>-s<seed>`` and are reused when finished, resumed when interrupted, so the script can be killed and
-started again. ``--shard i/n`` splits the runs between processes (two 1-thread processes share 2 cores well).
+started again; a folder whose run was trained with other settings than the arm's today is an error, never reused.
+``--shard i/n`` splits the runs between processes (two 1-thread processes share 2 cores well).
 ``--table`` only reads the finished runs and writes the paired comparison against ``--reference``:
 
     python benchmarks/fixnorm_vs_wd.py --recipe fmnist-tune --arms sgd fixnorm free100 --seeds 0-15 \\
@@ -31,9 +32,9 @@ import _common  # noqa: E402
 import torch  # noqa: E402
 
 from fixnorm.optim import from_weight_decay  # noqa: E402
-from fixnorm.train.config import load_recipe, make_config, parse_overrides  # noqa: E402
+from fixnorm.train.config import TrainConfig, load_recipe, make_config, parse_overrides  # noqa: E402
 from fixnorm.run_folder import RunFolder  # noqa: E402
-from fixnorm.train.engine import train_or_reuse  # noqa: E402
+from fixnorm.train.engine import check_same_run, train_or_reuse  # noqa: E402
 
 # The arms: the baseline, FixNorm's variants (one hypothesis each) and the peers a user would pick instead.
 ARMS: dict[str, dict[str, Any]] = {
@@ -152,23 +153,31 @@ def run_all(args: argparse.Namespace, recipe: dict[str, Any], overrides: dict[st
         if index % shards != shard:
             continue
         run_dir = Path(args.out) / run_dir_name(arm, seed)
-        if RunFolder(run_dir).finished:
-            continue
-        settings = arm_settings(arm, {})
-        if settings.get("angular_update") == "from_wd":  # the recipe's SGD+WD equilibrium angle
-            base = make_config(recipe, overrides, {k: v for k, v in settings.items() if k != "angular_update"})
-            settings["angular_update"] = from_weight_decay(base.lr, base.weight_decay, base.momentum)["angular_update"]
-        cfg = make_config(recipe, overrides, settings, {"seed": seed, "threads": args.threads})
-        summary = train_or_reuse(cfg, run_dir)
-        print(f"{arm} seed {seed}: final {100 * summary['final_test_acc']:.2f}", flush=True)
+        finished = RunFolder(run_dir).finished
+        summary = train_or_reuse(arm_config(arm, seed, recipe, overrides, args.threads), run_dir)  # checks a reused one
+        if not finished:
+            print(f"{arm} seed {seed}: final {100 * summary['final_test_acc']:.2f}", flush=True)
+
+
+def arm_config(arm: str, seed: int, recipe: dict[str, Any], overrides: dict[str, Any],
+               threads: int | None) -> TrainConfig:
+    """The config of one arm's run on one seed."""
+    settings = arm_settings(arm, {})
+    if settings.get("angular_update") == "from_wd":  # the recipe's SGD+WD equilibrium angle
+        base = make_config(recipe, overrides, {k: v for k, v in settings.items() if k != "angular_update"})
+        settings["angular_update"] = from_weight_decay(base.lr, base.weight_decay, base.momentum)["angular_update"]
+    return make_config(recipe, overrides, settings, {"seed": seed, "threads": threads})
 
 
 def table(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, dict[int, dict[str, Any]]] = {}
+    recipe, overrides = load_recipe(args.recipe), parse_overrides(args.set)
     for arm in args.arms:
         for seed in args.seeds:
             path = Path(args.out) / run_dir_name(arm, seed) / "summary.json"
             if path.exists():
+                # a folder trained with other settings than the arm's today would be tabulated under a wrong name
+                check_same_run(path.parent, arm_config(arm, seed, recipe, overrides, args.threads))
                 summary = json.loads(path.read_text())  # the engine's summary holds final_train_loss
                 results.setdefault(arm, {})[seed] = summary
     ref = results.get(args.reference, {})

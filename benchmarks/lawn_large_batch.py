@@ -12,13 +12,12 @@ batch size, learning rate and schedule per seed; only the method differs:
 
     python benchmarks/lawn_large_batch.py [--seeds 0] [--epochs 3] [--batch-size 1024] [--lr 0.003]
 
-A finished run (summary.json) is reused and an interrupted one resumed, so a killed benchmark
-picks up where it stopped. Prints `name: value` lines and writes results/lawn_large_batch.{json,md}.
+A finished run is reused and an interrupted one resumed (each only if trained with the same settings), so a
+killed benchmark picks up where it stopped. Prints `name: value` lines and writes results/lawn_large_batch.{json,md}.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -29,7 +28,8 @@ from _common import atomic_write_json, atomic_write_text, command_line, load_ave
 
 import torch  # noqa: E402
 
-from fixnorm.train import Trainer, load_recipe, make_config  # noqa: E402
+from fixnorm.train import load_recipe, make_config  # noqa: E402
+from fixnorm.train.engine import train_or_reuse  # noqa: E402
 
 
 def arms(adamw_wd: float, lawn_warmup: float) -> dict[str, dict[str, Any]]:
@@ -63,12 +63,7 @@ def main() -> None:
     for name, options in variants.items():
         for seed in args.seeds:
             run_dir = Path(args.runs) / f"{name}-b{args.batch_size}-e{args.epochs}-s{seed}"
-            if (run_dir / "summary.json").exists():
-                summary = json.loads((run_dir / "summary.json").read_text())
-            else:
-                resume = (run_dir / "last.pt").exists()
-                cfg = make_config(common, options, {"seed": seed})
-                summary = Trainer(None if resume else cfg, run_dir, resume=resume).fit()
+            summary = train_or_reuse(make_config(common, options, {"seed": seed}), run_dir)  # a reused one is checked
             metrics = (run_dir / "metrics.csv").read_text().strip().splitlines()
             runs.append({"arm": name, "seed": seed, "run_dir": str(run_dir), "final_test_acc": summary["final_test_acc"],
                          "best_test_acc": summary["best_test_acc"], "final_train_loss": summary["final_train_loss"],

@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from fixnorm.hooks import Hook, RunState  # noqa: E402
 from fixnorm.report import read_run  # noqa: E402
 from fixnorm.train.config import load_recipe, make_config, parse_overrides  # noqa: E402
-from fixnorm.train.engine import Trainer  # noqa: E402
+from fixnorm.train.engine import Trainer, check_same_run  # noqa: E402
 
 
 class WallClock(Hook):
@@ -75,11 +75,12 @@ def main() -> None:
     for seed in seeds:  # seed by seed, so that a stopped benchmark leaves pairs
         for arm in args.arms:
             run_dir = Path(args.out) / run_dir_name(arm, seed)
+            cfg = make_config(recipe, overrides, arm_settings(arm, {}), {"seed": seed, "threads": args.threads})
             if (run_dir / "summary.json").exists():
+                check_same_run(run_dir, cfg)  # reused only if trained with the arm's settings
                 continue
             if run_dir.exists():
                 raise SystemExit(f"{run_dir} is an unfinished run: its clock cannot be resumed; delete it")
-            cfg = make_config(recipe, overrides, arm_settings(arm, {}), {"seed": seed, "threads": args.threads})
             start = time.perf_counter()
             summary = Trainer(cfg, run_dir, hooks=[WallClock(start)]).fit()
             print(f"{arm} seed {seed}: final {100 * summary['final_test_acc']:.2f} after "

@@ -67,6 +67,7 @@ def grid_phase(args: argparse.Namespace) -> None:
             if index % args.shard[1] != args.shard[0]:
                 continue
             if (runs / run_key(values) / "summary.json").exists():
+                objective(values, None)  # reused: read, or refused if it was trained with other settings
                 continue
             if args.max_new is not None and new >= args.max_new:
                 print(f"stopping after {new} new trials (--max-new)")

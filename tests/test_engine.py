@@ -3,6 +3,7 @@ import csv
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from fixnorm import FixNormError
 from fixnorm.data import DEFAULT_FASHION_MNIST_DIR
@@ -386,9 +388,51 @@ def test_train_or_reuse_trains_a_new_run_resumes_an_interrupted_one_and_reads_a_
     resumed = train_or_reuse(cfg, folder.path)
     assert resumed["final_test_acc"] == straight["final_test_acc"]
     stamp = folder.summary.stat().st_mtime_ns
-    again = train_or_reuse(make_config(TINY, {"method": "sgd"}), folder.path)  # finished: read, not retrained
+    elsewhere = make_config(TINY, {"method": "fixnorm", "threads": 2, "eval_batch_size": 250, "diagnostics": True})
+    again = train_or_reuse(elsewhere, folder.path)  # finished: read, not retrained, under other execution settings
     assert again == folder.read_summary() and folder.summary.stat().st_mtime_ns == stamp
     assert not RunFolder(tmp_path / "nothing").finished and not RunFolder(tmp_path / "nothing").interrupted
+
+
+@needs_fmnist
+def test_a_run_folder_is_never_reused_for_a_run_with_other_settings(tmp_path):
+    """A finished or interrupted run stands only for the run it is: another method, lr or method setting asked of
+    its folder is an error naming the difference, and the folder is left as it was."""
+    from fixnorm.train.engine import check_same_run, train_or_reuse
+
+    cfg = make_config(TINY, {"method": "fixnorm", "epochs": 2})
+    train_until(cfg, tmp_path / "killed", epoch=1)
+    last = (tmp_path / "killed" / "last.pt").read_bytes()
+    for other, named in (({"lr": 0.05}, "lr: 0.1 -> 0.05"), ({"method": "sgd"}, "method: 'fixnorm' -> 'sgd'"),
+                         ({"fc_scale": 2.0}, "method_kwargs.fixnorm.fc_scale: 1.0 -> 2.0"), ({"epochs": 3}, "epochs")):
+        with pytest.raises(FixNormError, match=re.escape(named)):
+            train_or_reuse(make_config(cfg.to_dict(), other), tmp_path / "killed")
+        with pytest.raises(FixNormError, match="an interrupted run with other settings"):
+            Trainer(make_config(cfg.to_dict(), other), tmp_path / "killed", resume=True)
+    assert (tmp_path / "killed" / "last.pt").read_bytes() == last  # nothing trained, nothing written
+    finished = train_or_reuse(cfg, tmp_path / "killed")  # the same settings: resumed to the end
+    with pytest.raises(FixNormError, match="a finished run with other settings.*lr: 0.1 -> 0.2"):
+        train_or_reuse(make_config(cfg.to_dict(), {"lr": 0.2}), tmp_path / "killed")
+    assert train_or_reuse(cfg, tmp_path / "killed") == finished
+    with pytest.raises(FixNormError, match="holds no run"):
+        check_same_run(tmp_path / "nothing", cfg)
+
+
+@needs_fmnist
+def test_a_run_saved_before_a_setting_existed_is_not_reused_for_todays_default(tmp_path):
+    """A config saved without a setting reads the value the run trained with (SETTINGS_BEFORE_THEY_EXISTED), not
+    today's default; asked for today's default, its folder is refused, not silently reused."""
+    from fixnorm.train.engine import train_or_reuse
+
+    cfg = make_config(TINY, {"method": "fixnorm", "base": "adam", "lr": 1e-3, "epochs": 1})
+    train_or_reuse(cfg, tmp_path / "old")
+    config = tmp_path / "old" / "config.yaml"
+    saved = yaml.safe_load(config.read_text())
+    del saved["method_kwargs"]["fixnorm"]["fc_free_steps"]  # as written before the setting existed
+    config.write_text(yaml.safe_dump(saved, sort_keys=False))
+    with pytest.raises(FixNormError, match="fc_free_steps: 'free_steps' -> 'auto'"):
+        train_or_reuse(cfg, tmp_path / "old")
+    assert train_or_reuse(make_config(cfg.to_dict(), {"fc_free_steps": "free_steps"}), tmp_path / "old")
 
 
 @needs_fmnist

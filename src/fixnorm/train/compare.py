@@ -1,7 +1,8 @@
 """Several methods x seeds on one recipe, through the same engine; a Markdown table and a JSON file of every run.
 
 Each run lives in ``OUT/<method>-s<seed>``: a finished run (summary.json) is reused and an interrupted one
-(last.pt) is resumed, so a killed comparison picks up where it stopped.
+(last.pt) is resumed, so a killed comparison picks up where it stopped; a folder trained with other settings is an
+error (``train_or_reuse``).
 """
 from __future__ import annotations
 

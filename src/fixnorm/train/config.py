@@ -317,6 +317,31 @@ def saved_config(saved: Mapping[str, Any]) -> TrainConfig:
     return make_config({"method_kwargs": {m: f for m, f in filled.items() if f}}, saved)
 
 
+# Settings that change how a run is executed or observed, not the weights it trains: a finished or interrupted run
+# is reused under other values of these (another thread count, a larger evaluation batch, diagnostics switched on).
+EXECUTION_ONLY_SETTINGS = frozenset({
+    "data_dir", "workers", "eval_batch_size", "device", "threads", "compile", "checkpoint_every", "diagnostics",
+    "diagnostics_every", "probe_size", "rank_every", "curvature_every", "curvature_probe", "ema_bn_check"})
+
+
+def settings_that_differ(saved: TrainConfig, requested: TrainConfig) -> list[str]:
+    """``key: saved -> requested`` for every setting (method settings by their dotted path) in which two configs
+    differ, execution-only settings left out: why a run folder cannot stand for the run asked for."""
+    def flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            if isinstance(value, Mapping) and value:
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value  # a YAML round trip
+        return out
+
+    mine, theirs = flat(saved.to_dict()), flat(requested.to_dict())
+    keys = sorted(k for k in set(mine) | set(theirs) if k.split(".")[0] not in EXECUTION_ONLY_SETTINGS)
+    return [f"{k}: {mine.get(k, 'unset')!r} -> {theirs.get(k, 'unset')!r}" for k in keys
+            if k not in mine or k not in theirs or mine[k] != theirs[k]]
+
+
 def make_config(*layers: Mapping[str, Any]) -> TrainConfig:
     """Merge settings (later layers win) into a validated TrainConfig; unknown keys are errors."""
     merged: dict[str, Any] = {}

@@ -32,7 +32,7 @@ from ..models import create_model
 from ..run_folder import RunFolder
 from .checkpoint import (load_checkpoint, remove_stale_temp_files, save_checkpoint, write_json_atomic,
                          write_text_atomic)
-from .config import TrainConfig, saved_config
+from .config import TrainConfig, saved_config, settings_that_differ
 from .data_source import make_data
 from .distributed import DistInfo, all_reduce_sum, broadcast_buffers, init_distributed, shutdown
 from .hooks import EmaHook, Hook
@@ -75,6 +75,8 @@ class Trainer:
         checkpoint = None
         if resume:
             checkpoint = load_checkpoint(self.folder.last)
+            if cfg is not None:  # asked for a run: the interrupted one must be that run
+                _refuse_other_settings(self.run_dir, "an interrupted run", checkpoint["config"], cfg)
             cfg = saved_config(checkpoint["config"])
         elif cfg is None:
             raise FixNormError("Trainer needs a TrainConfig, or resume=True to take the one saved in the run")
@@ -401,5 +403,27 @@ def train_or_reuse(cfg: TrainConfig, run_dir: str | Path, **trainer_kwargs: Any)
     """
     folder = RunFolder(run_dir)
     if folder.finished:
+        check_same_run(folder.path, cfg)
         return folder.read_summary()
     return Trainer(cfg, run_dir, resume=folder.interrupted, **trainer_kwargs).fit()
+
+
+def check_same_run(run_dir: str | Path, cfg: TrainConfig) -> None:
+    """Raise if the run saved in ``run_dir`` (finished or interrupted) trained with other settings than ``cfg``
+    asks for, execution-only settings aside: a reused folder must never stand in for another run."""
+    folder = RunFolder(run_dir)
+    if folder.config.is_file():
+        saved = yaml.safe_load(folder.config.read_text())
+    elif folder.last.is_file():
+        saved = load_checkpoint(folder.last)["config"]
+    else:
+        raise FixNormError(f"{run_dir} holds no run (no config.yaml, no last.pt)")
+    _refuse_other_settings(run_dir, "a finished run" if folder.finished else "a run", saved, cfg)
+
+
+def _refuse_other_settings(run_dir: str | Path, what: str, saved: dict[str, Any], cfg: TrainConfig) -> None:
+    differ = settings_that_differ(with_method_settings(saved_config(saved)), with_method_settings(cfg))
+    if differ:
+        raise FixNormError(f"{run_dir} holds {what} with other settings than asked for ({'; '.join(differ[:6])}"
+                           f"{f'; and {len(differ) - 6} more' if len(differ) > 6 else ''}); it would be reused as "
+                           "if it were the run asked for: choose another folder, or delete this one")
