@@ -103,10 +103,30 @@ def test_fixnorm_search_is_centred_on_the_default_classifier():
     assert (second.value(second.low), second.value(second.high)) == pytest.approx((0.25, 4.0))
     assert search_space({**smoke, "free_steps": 0}).axes[1].name == "fc_norm"
     assert search_space({**smoke, "fc_norm": 3.0}).axes[1].name == "fc_norm"
-    # over Adam the default (fc_scale 1) is the free classifier and the other scales hold it: still fc_scale
-    assert search_space({**smoke, "base": "adam", "lr": 1e-3}).axes[1].name == "fc_scale"
     with pytest.raises(FixNormError, match="leaves the classifier free"):
-        search_space({**smoke, "fc_free_steps": None})
+        search_space({**smoke, "fc_free_steps": None}, axes=["fc_scale"])
+    assert search_space({**smoke, "fc_free_steps": None}).axes[1].name == "norm_scale"  # nothing to tune on it
+
+
+def test_over_adam_the_free_classifier_is_not_an_axis_that_changes_rule_at_its_centre():
+    """Over an Adam-like base 'auto' leaves the classifier free at fc_scale 1 and holds it at any other scale: a
+    classifier axis would compare two rules, not two norms. The default axis there is norm_scale, spaced so that
+    one step moves lr / norm (an Adam step's size does not follow the gradient's) by the lr axis's factor."""
+    adam = {"model": "small_cnn", "dataset": "synthetic", "method": "fixnorm", "base": "adam", "lr": 1e-3}
+    lr, norm = search_space(adam).axes
+    assert norm.name == "norm_scale" and norm.center == 1.0
+    assert (norm.value(norm.low), norm.value(norm.high)) == pytest.approx((0.25, 4.0))
+    effective_lr = lambda index: 1 / norm.value(index)  # noqa: E731 - lr / norm at a fixed lr
+    assert effective_lr(-1) / effective_lr(0) == pytest.approx(lr.value(1) / lr.value(0))
+    for base in ("adam", "adamw", "rmsprop"):
+        with pytest.raises(FixNormError, match="change rule within it"):
+            search_space({**adam, "base": base}, axes=["fc_scale"])
+    with pytest.raises(FixNormError, match="change rule within it"):  # an axis from 2 down would reach 1, and free
+        search_space({**adam, "fc_scale": 2.0}, axes=["fc_scale"])
+    # held at every point (the old rule, a number of steps, or a norm given): the classifier axis is coherent again
+    assert search_space({**adam, "fc_free_steps": "free_steps"}).axes[1].name == "fc_scale"
+    assert search_space({**adam, "fc_free_steps": 300}).axes[1].name == "fc_scale"
+    assert search_space({**adam, "fc_norm": 4.0}).axes[1].name == "fc_norm"
 
 
 def test_norm_scale_axis_moves_the_effective_lr_by_the_lr_axis_step():

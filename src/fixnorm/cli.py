@@ -357,12 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="default: the recipe's lr / 16 .. x 16")
     tune.add_argument("--second-range", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
                       help="range of the first axis after the lr: fc_scale (default 1/4 .. 4; fc_norm initial / 4 "
-                           ".. x 16 with free_steps=0), norm_scale (default 1/2 .. 2) or weight decay (default "
-                           "wd / 30 .. x 30)")
+                           ".. x 16 with free_steps=0), norm_scale (default 1/2 .. 2 under SGD, 1/4 .. 4 under "
+                           "Adam-like bases) or weight decay (default wd / 30 .. x 30)")
     tune.add_argument("--axes", nargs="+", default=None, metavar="NAME",
                       help="the settings searched besides the lr, in this order (after the lr, unless lr is "
-                           "listed elsewhere): for fixnorm any of fc_scale (the default), norm_scale; for the "
-                           "baselines weight_decay")
+                           "listed elsewhere): for fixnorm any of fc_scale (the default; norm_scale where the "
+                           "classifier is left free, as over Adam), norm_scale; for the baselines weight_decay")
     tune.add_argument("--ratio", type=float, default=2 ** 0.5, help="factor between neighbouring lattice points")
     tune.add_argument("--tuner-seed", type=int, default=0)
     tune.set_defaults(func=cmd_tune)

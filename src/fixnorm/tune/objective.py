@@ -55,6 +55,23 @@ def _fixnorm_settings(settings: Mapping[str, Any]) -> Any:
 
     return fixnorm_settings(make_config(settings))
 
+
+def _no_classifier_axis(settings: Mapping[str, Any], fixnorm: Any) -> str | None:
+    """Why the recipe's FixNorm settings give the classifier no norm to tune along an axis (None: they do)."""
+    from ..methods.baselines import base_optimizer
+    from ..optim import classifier_free_steps
+    from ..train.config import make_config
+
+    if fixnorm.fc_free_steps is None:
+        return "the recipe leaves the classifier free (fc_free_steps=None), so it has no norm to tune"
+    base, _ = base_optimizer(make_config(settings))
+    if (fixnorm.fc_free_steps == "auto" and fixnorm.fc_norm is None
+            and classifier_free_steps("auto", fixnorm.free_steps, base, None, 1.0) is None):
+        return (f"over {base.__name__} fc_free_steps='auto' leaves the classifier free at fc_scale 1 and holds it "
+                "at every other scale, so a classifier axis would change rule within it")
+    return None
+
+
 def initial_classifier_norm(settings: Mapping[str, Any]) -> float:
     """The classifier's norm at initialisation for these settings (FixNorm's default fc_norm), measured."""
     import torch
@@ -92,16 +109,23 @@ def search_space(settings: Mapping[str, Any], *, lr_range: Sequence[float] | Non
     - ``weight_decay`` (baselines): / 30 .. x 30 around the recipe's.
     - ``fc_scale`` (FixNorm with a free phase, the default): the classifier's norm relative to the one the
       free phase chose, 1/4 .. 4. With ``free_steps=0`` or an ``fc_norm`` in the recipe it becomes ``fc_norm``
-      itself, initial / 4 .. x 16.
+      itself, initial / 4 .. x 16. Refused where the recipe leaves the classifier free (``fc_free_steps=None``, or
+      ``"auto"`` over an Adam-like base without ``fc_norm``, which holds it only at fc_scale != 1: the axis would
+      change rule within it); there ``norm_scale`` is the default.
     - ``norm_scale`` (FixNorm): the scale-invariant weights held at this multiple of the norms training chose,
-      1/2 .. 2, spaced at ``sqrt(ratio)`` so that each step moves their effective lr (lr / norm²) by the lr
-      axis's own factor. After a free phase the norms grow with the lr, so the lr alone barely moves the
-      effective lr of those weights; this axis does.
+      spaced so that each step moves their effective lr by the lr axis's own factor: ``sqrt(ratio)`` over
+      1/2 .. 2 under SGD (lr / norm²), ``ratio`` over 1/4 .. 4 under Adam-like bases (lr / norm). After a free
+      phase the norms grow with the lr, so the lr alone barely moves the effective lr of those weights; this
+      axis does.
     """
     method = settings.get("method", "fixnorm")
     if method not in SECOND_AXIS:
         raise FixNormError(f"tuning knows methods {sorted(SECOND_AXIS)}, not {method!r}")
-    names = list(axes) if axes is not None else [SECOND_AXIS[method]]
+    fixnorm = _fixnorm_settings(settings) if method == "fixnorm" else None
+    default = SECOND_AXIS[method]
+    if fixnorm is not None and _no_classifier_axis(settings, fixnorm):
+        default = "norm_scale"  # a free classifier has no norm to tune: the effective lr of the held weights
+    names = list(axes) if axes is not None else [default]
     if "lr" not in names:
         names.insert(0, "lr")
     allowed = ("lr", "fc_scale", "fc_norm", "norm_scale") if method == "fixnorm" else ("lr", "weight_decay")
@@ -111,7 +135,6 @@ def search_space(settings: Mapping[str, Any], *, lr_range: Sequence[float] | Non
                            f"not {[n for n in names if n != 'lr'] or 'the lr alone'}")
     lr = float(settings.get("lr", 0.1))
     lo, hi = lr_range or (lr / 16, lr * 16)
-    fixnorm = _fixnorm_settings(settings) if method == "fixnorm" else None
     built, given = [], second_range  # second_range belongs to the first axis that is not the lr
     for name in names:
         if name == "lr":
@@ -126,10 +149,10 @@ def _other_axis(name: str, settings: Mapping[str, Any], fixnorm: Any, given: Seq
                 ratio: float) -> Axis:
     """One non-lr axis of ``search_space`` (its docstring gives each axis's centre and range)."""
     if name in ("fc_scale", "fc_norm"):
-        if fixnorm.fc_free_steps is None:
-            raise FixNormError("the recipe leaves the classifier free (fc_free_steps=None), so it has no norm to tune; "
-                               "drop that setting (over Adam-like bases 'auto' leaves it free at fc_scale 1 and "
-                               "holds it at the other scales) or tune --axes norm_scale")
+        problem = _no_classifier_axis(settings, fixnorm)
+        if problem:
+            raise FixNormError(f"{problem}: tune --axes norm_scale (the default here), or hold the classifier at "
+                               "every point (fc_free_steps='free_steps' or a number of steps, or an fc_norm)")
         if fixnorm.fc_norm is None and fixnorm.free_steps > 0:
             lo, hi = given or (0.25, 4.0)
             return Axis.spanning("fc_scale", min(max(1.0, lo), hi), lo, hi, ratio)
@@ -143,9 +166,12 @@ def _other_axis(name: str, settings: Mapping[str, Any], fixnorm: Any, given: Seq
         if fixnorm.angular_update is not None:
             raise FixNormError("norm_scale sets the effective lr through the norm; with angular_update the angle per "
                                "step is fixed and the norm does not matter")
+        # one step of this axis moves the held weights' effective lr by the lr axis's factor: lr / norm² under
+        # SGD, lr / norm under an Adam-like base (its step's size does not follow the gradient's)
+        sgd = settings.get("base", "sgd") == "sgd"
         center = float(fixnorm.norm_scale)
-        lo, hi = given or (center / 2, center * 2)
-        return Axis.spanning("norm_scale", min(max(center, lo), hi), lo, hi, math.sqrt(ratio))
+        lo, hi = given or ((center / 2, center * 2) if sgd else (center / 4, center * 4))
+        return Axis.spanning("norm_scale", min(max(center, lo), hi), lo, hi, math.sqrt(ratio) if sgd else ratio)
     center = float(settings.get("weight_decay", 5e-4))
     if center <= 0:
         raise FixNormError("weight-decay tuning needs a positive weight_decay in the recipe as its centre")
