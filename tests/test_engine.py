@@ -398,6 +398,7 @@ def test_train_or_reuse_trains_a_new_run_resumes_an_interrupted_one_and_reads_a_
 def test_a_run_folder_is_never_reused_for_a_run_with_other_settings(tmp_path):
     """A finished or interrupted run stands only for the run it is: another method, lr or method setting asked of
     its folder is an error naming the difference, and the folder is left as it was."""
+    from fixnorm.train.config import EXECUTION_ONLY_SETTINGS
     from fixnorm.train.engine import check_same_run, train_or_reuse
 
     cfg = make_config(TINY, {"method": "fixnorm", "epochs": 2})
@@ -416,6 +417,7 @@ def test_a_run_folder_is_never_reused_for_a_run_with_other_settings(tmp_path):
     assert train_or_reuse(cfg, tmp_path / "killed") == finished
     with pytest.raises(FixNormError, match="holds no run"):
         check_same_run(tmp_path / "nothing", cfg)
+    assert EXECUTION_ONLY_SETTINGS <= set(cfg.to_dict())  # every name a real setting: a typo would compare it
 
 
 @needs_fmnist
