@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from .errors import FixNormError
 from .io import write_text_atomic
@@ -69,7 +68,7 @@ def read_run(path: str | Path) -> RunRecords:
                 except ValueError:
                     row[key] = math.nan
             rows.append(row)
-    config = yaml.safe_load(folder.config.read_text()) if folder.config.is_file() else {}
+    config = folder.read_config() or {}
     summary = folder.read_summary() if folder.finished else {}
     method = (config or {}).get("method")
     label = path.name if method and method in path.name else f"{path.name} ({method or '?'})"

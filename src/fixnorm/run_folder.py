@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from .errors import FixNormError
 
 
@@ -42,6 +44,10 @@ class RunFolder:
     @property
     def interrupted(self) -> bool:
         return not self.finished and self.last.is_file()
+
+    def read_config(self) -> dict[str, Any] | None:
+        """The settings the run was started with (``config.yaml``), or None when it has none."""
+        return yaml.safe_load(self.config.read_text()) if self.config.is_file() else None
 
     def read_summary(self) -> dict[str, Any]:
         if not self.finished:

@@ -75,9 +75,10 @@ class Trainer:
         checkpoint = None
         if resume:
             checkpoint = load_checkpoint(self.folder.last)
+            saved = saved_config(checkpoint["config"])
             if cfg is not None:  # asked for a run: the interrupted one must be that run
-                _refuse_other_settings(self.run_dir, "an interrupted run", checkpoint["config"], cfg)
-            cfg = saved_config(checkpoint["config"])
+                _refuse_other_settings(self.run_dir, "an interrupted run", saved, cfg)
+            cfg = saved
         elif cfg is None:
             raise FixNormError("Trainer needs a TrainConfig, or resume=True to take the one saved in the run")
         elif self.folder.last.exists():
@@ -412,17 +413,16 @@ def check_same_run(run_dir: str | Path, cfg: TrainConfig) -> None:
     """Raise if the run saved in ``run_dir`` (finished or interrupted) trained with other settings than ``cfg``
     asks for, execution-only settings aside: a reused folder must never stand in for another run."""
     folder = RunFolder(run_dir)
-    if folder.config.is_file():
-        saved = yaml.safe_load(folder.config.read_text())
-    elif folder.last.is_file():
+    saved = folder.read_config()
+    if saved is None and folder.last.is_file():
         saved = load_checkpoint(folder.last)["config"]
-    else:
+    if saved is None:
         raise FixNormError(f"{run_dir} holds no run (no config.yaml, no last.pt)")
-    _refuse_other_settings(run_dir, "a finished run" if folder.finished else "a run", saved, cfg)
+    _refuse_other_settings(run_dir, "a finished run" if folder.finished else "a run", saved_config(saved), cfg)
 
 
-def _refuse_other_settings(run_dir: str | Path, what: str, saved: dict[str, Any], cfg: TrainConfig) -> None:
-    differ = settings_that_differ(with_method_settings(saved_config(saved)), with_method_settings(cfg))
+def _refuse_other_settings(run_dir: str | Path, what: str, saved: TrainConfig, cfg: TrainConfig) -> None:
+    differ = settings_that_differ(with_method_settings(saved), with_method_settings(cfg))
     if differ:
         raise FixNormError(f"{run_dir} holds {what} with other settings than asked for ({'; '.join(differ[:6])}"
                            f"{f'; and {len(differ) - 6} more' if len(differ) > 6 else ''}); it would be reused as "
