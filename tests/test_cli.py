@@ -19,13 +19,15 @@ def run_cli(*args, timeout=300):
 
 @pytest.mark.skipif(not DEFAULT_FASHION_MNIST_DIR.exists(), reason="apt-get install dataset-fashion-mnist")
 def test_train_and_compare_from_the_command_line(tmp_path):
-    proc = run_cli("train", "--recipe", "fmnist-smoke", "--set", "train_subset=1000", "--epochs", "1",
-                   "--run-dir", str(tmp_path / "run"))
+    # 10 steps: FixNorm's free phase shortened below them (a longer one is refused: tests/test_engine.py)
+    proc = run_cli("train", "--recipe", "fmnist-smoke", "--set", "train_subset=1000", "--set", "free_steps=2",
+                   "--epochs", "1", "--run-dir", str(tmp_path / "run"))
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"epoch 1/1  train loss [0-9.]+ acc", proc.stdout)
     accuracy = float(re.search(r"final test accuracy: ([0-9.]+)", proc.stdout).group(1))
     assert accuracy > 0.2  # chance is 0.1
-    proc = run_cli("compare", "--recipe", "fmnist-smoke", "--set", "train_subset=500", "--epochs", "1",
+    proc = run_cli("compare", "--recipe", "fmnist-smoke", "--set", "train_subset=500", "--set", "free_steps=1",
+                   "--epochs", "1",
                    "--methods", "sgd", "fixnorm", "--out", str(tmp_path / "cmp"), "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert "| sgd | 1 |" in proc.stdout and "| fixnorm | 1 |" in proc.stdout
@@ -72,9 +74,9 @@ def test_readme_has_the_two_setup_commands_that_ci_runs():
 def test_the_readme_python_example_runs(tmp_path, monkeypatch):
     readme = (ROOT / "README.md").read_text()
     code = re.search(r"```python\n(.+?)\n```", readme, re.S).group(1)
-    assert "range(100)" in code
+    assert "range(total_steps)" in code and "opt.check_horizon(total_steps)" in code
     monkeypatch.chdir(tmp_path)
-    exec(compile(code.replace("range(100)", "range(2)"), "README.md", "exec"), {})
+    exec(compile(code.replace("range(total_steps)", "range(2)"), "README.md", "exec"), {})
     saved = __import__("torch").load(tmp_path / "ckpt.pt", weights_only=True)
     # the targets travel in the parameters' state entries, as every checkpoint API carries them
     assert any("fixnorm_target" in entry for entry in saved["opt"]["state"].values())
@@ -95,7 +97,8 @@ def test_tune_lists_only_the_files_it_wrote_and_takes_a_journal(tmp_path):
             "sys.exit(main(sys.argv[1:]))")
     out, journal = tmp_path / "tune", tmp_path / "journal.log"
     proc = subprocess.run([sys.executable, "-c", code, "tune", "--recipe", "fmnist-smoke", "--set", "train_subset=300",
-                           "--set", "holdout=200", "--epochs", "1", "--set", "threads=1", "--trials", "1",
+                           "--set", "holdout=200", "--set", "free_steps=0", "--epochs", "1", "--set", "threads=1",
+                           "--trials", "1",
                            "--out", str(out), "--storage", str(journal)],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr

@@ -143,7 +143,7 @@ class NoNormCNN(nn.Module):
 def test_a_model_without_batchnorm_gives_three_equal_numbers(tmp_path):
     if "test_no_norm_cnn" not in list_models():
         register_model("test_no_norm_cnn")(NoNormCNN)
-    train(make_config(TINY, {"model": "test_no_norm_cnn", "train_subset": 500,
+    train(make_config(TINY, {"model": "test_no_norm_cnn", "train_subset": 500, "free_steps": 1,
                              "ema_bn_check": True}), tmp_path / "run")
     row = metrics(tmp_path / "run")[-1]
     assert row[COLUMNS[0]] == row[COLUMNS[1]] == row[COLUMNS[2]] == row["ema_test_acc"]

@@ -28,7 +28,9 @@ needs_fmnist = pytest.mark.skipif(not DEFAULT_FASHION_MNIST_DIR.exists(),
 HERE = Path(__file__).resolve().parent
 
 # a tiny but real run: small CNN, 1000 Fashion-MNIST images, about a second per epoch
-TINY = dict(load_recipe("fmnist-smoke"), train_subset=1000, epochs=3, threads=1)
+# 10 steps an epoch: FixNorm (the default method) holds its norms after 2 (a free phase as long as the run is
+# refused)
+TINY = dict(load_recipe("fmnist-smoke"), train_subset=1000, epochs=3, threads=1, free_steps=2)
 
 
 def weights(path):
@@ -141,6 +143,19 @@ def test_a_run_writes_its_directory(tmp_path):
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     with pytest.raises(FixNormError, match="already holds a run"):
         Trainer(make_config(TINY), run)
+
+
+@needs_fmnist
+def test_fixnorm_refuses_a_run_shorter_than_its_free_phase_before_writing_anything(tmp_path):
+    """30 steps with the default 100 free steps would train SGD without weight decay under FixNorm's name."""
+    cfg = make_config(TINY, {"method": "fixnorm", "method_kwargs": {"fixnorm": {"free_steps": 100}}})
+    with pytest.raises(FixNormError, match=r"takes 30 optimizer steps .* free_steps=100"):
+        Trainer(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    # counted from start_step: a run resumed from step 25 of 30 has 5 steps left for its fresh optimizer
+    cfg = make_config(TINY, {"method": "fixnorm", "start_step": 25, "method_kwargs": {"fixnorm": {"free_steps": 5}}})
+    with pytest.raises(FixNormError, match=r"takes 5 optimizer steps .* free_steps=5"):
+        Trainer(cfg, tmp_path / "run")
 
 
 @needs_fmnist
@@ -266,7 +281,7 @@ def test_imagefolder_tree_trains_and_resumes(tmp_path):
                 pixels[..., tint] += 120  # a colour the classes differ by
                 Image.fromarray(pixels.numpy()).save(folder / f"{i}.png")
     settings = dict(model="small_cnn", dataset="imagefolder", data_dir=str(tmp_path / "data"), image_size=32,
-                    batch_size=8, eval_batch_size=8, epochs=2, lr=0.1, workers=0, threads=1)
+                    batch_size=8, eval_batch_size=8, epochs=2, lr=0.1, workers=0, threads=1, free_steps=1)
     summary = train(make_config(settings), tmp_path / "straight")
     assert summary["epochs"] == 2 and 0.0 <= summary["final_test_acc"] <= 1.0
 
@@ -292,7 +307,7 @@ def test_cifar10_files_train_through_the_engine(tmp_path):
         pixels = torch.randint(0, 256, (20, 3072), generator=g, dtype=torch.uint8)
         (folder / f"{name}.bin").write_bytes(torch.cat([labels, pixels], 1).numpy().tobytes())
     settings = dict(model="small_cnn", dataset="cifar10", data_dir=str(tmp_path), epochs=1, batch_size=25,
-                    augment="crop_flip", cutout=8, threads=1)
+                    augment="crop_flip", cutout=8, threads=1, free_steps=1)
     summary = train(make_config(settings), tmp_path / "run")
     assert summary["epochs"] == 1 and summary["images_per_second"] > 0
     assert load_checkpoint(tmp_path / "run" / "last.pt")["config"]["dataset"] == "cifar10"

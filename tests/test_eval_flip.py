@@ -8,7 +8,8 @@ from fixnorm.train import Trainer, load_recipe, make_config
 
 needs_fmnist = pytest.mark.skipif(not DEFAULT_FASHION_MNIST_DIR.is_dir(), reason="dataset-fashion-mnist not installed")
 
-TINY = dict(load_recipe("fmnist-smoke"), train_subset=600, holdout=500, eval_batch_size=250, epochs=1, threads=1)
+TINY = dict(load_recipe("fmnist-smoke"), train_subset=600, holdout=500, eval_batch_size=250, epochs=1, threads=1,
+            free_steps=1)  # 6 steps: FixNorm holds its norms after 1
 
 
 def by_hand(trainer, model, flip):

@@ -48,6 +48,7 @@ class Classifier(L.LightningModule):
     def configure_optimizers(self):
         example = torch.randn(8, 3, 8, 8)
         opt = fixnorm.FixNorm(self, example, lr=0.05, momentum=0.9, fc_norm=self.fc_norm, free_steps=0)
+        opt.check_horizon(int(self.trainer.estimated_stepping_batches))
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

@@ -2,6 +2,7 @@
 import copy
 import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -538,6 +539,38 @@ def test_nan_gradient_during_the_free_phase_is_a_clear_error():
 def test_free_steps_must_be_a_whole_number(bad):
     with pytest.raises(FixNormError, match="free_steps"):
         FixNorm(small_net(), torch.randn(2, 1, 8, 8), free_steps=bad, lr=0.1)
+
+
+def test_a_run_that_ends_inside_the_free_phase_is_refused_and_a_long_one_warned():
+    """A run of k steps with free_steps=k is the base optimizer without weight decay: it is refused, naming the
+    setting; a free phase over a quarter of the run is warned about; the classifier's own phase is checked too."""
+    model = small_net()
+    x, y = batches(1)[0]
+    opt = _FixNorm(model, x, lr=0.5, momentum=0.9)  # the defaults: 100 free steps for both roles over SGD
+    with pytest.raises(FixNormError, match=r"takes 100 optimizer steps .* free_steps=100: they would never be held"):
+        opt.check_horizon(100)
+    with pytest.warns(UserWarning, match="covers 99% of this 101-step run"):
+        opt.check_horizon(101)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.check_horizon(400)
+    # the premise: within the free phase the weights train exactly as the base optimizer's
+    reference = copy.deepcopy(model)
+    plain = torch.optim.SGD(reference.parameters(), lr=0.5, momentum=0.9)
+    data = batches(3)
+    train(model, opt, data)
+    train(reference, plain, data)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters()))
+
+    classifier_only = _FixNorm(small_net(), x, free_steps=0, fc_free_steps=50, lr=0.5, momentum=0.9)
+    with pytest.raises(FixNormError, match="the classifier.s norm after fc_free_steps=50: it would never be held"):
+        classifier_only.check_horizon(50)
+    classifier_only.check_horizon(1000)
+    # over Adam the classifier stays free ("auto"), and free_steps=0 holds the rest from the first step
+    _FixNorm(small_net(), x, base=torch.optim.Adam, free_steps=0, lr=1e-3).check_horizon(1)
+    for bad in (0, 2.5, True):
+        with pytest.raises(FixNormError, match="total_steps"):
+            opt.check_horizon(bad)
 
 
 def test_targets_follow_the_parameters_when_the_model_changes_dtype_after_the_optimizer_is_built():

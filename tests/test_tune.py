@@ -568,6 +568,7 @@ def test_cli_searches_norm_scale_and_each_trial_trains_with_its_value(tmp_path):
     out = tmp_path / "tune"
     proc = subprocess.run([sys.executable, "-m", "fixnorm", "tune", "--recipe", "fmnist-smoke", "--method", "fixnorm",
                            "--set", "train_subset=300", "--set", "holdout=200", "--epochs", "1", "--set", "threads=1",
+                           "--set", "free_steps=1",  # 3 steps: the norms (then scaled) are taken after 1
                            "--axes", "norm_scale", "fc_scale", "--trials", "3", "--out", str(out), "--quiet"],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr

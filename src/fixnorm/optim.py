@@ -14,6 +14,7 @@ gradient checks of the unconstrained parameters.
 from __future__ import annotations
 
 import math
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -231,6 +232,7 @@ class FixNorm(torch.optim.Optimizer):
                                "nothing to scale: give one of them")
         if isinstance(free_steps, bool) or not isinstance(free_steps, int) or free_steps < 0:
             raise FixNormError(f"free_steps must be a whole number of steps >= 0, got {free_steps!r}")
+        self._fc_free_setting = fc_free_steps
         fc_free_steps = classifier_free_steps(fc_free_steps, free_steps, base, fc_norm, fc_scale)
         drift_applies = free_steps > 0 and target == "initial" and granularity == "tensor" and angular_update is None
         if norm_drift == "auto":  # the drift is SGD's law: an adaptive step's size ignores the gradient's scale
@@ -268,6 +270,7 @@ class FixNorm(torch.optim.Optimizer):
         self._names: dict[torch.Tensor, str] = {p: n for n, p in named.items()}
         self._grad_params: dict[bool | None, list[list[torch.Tensor]]] | None = None
         self.free_steps = free_steps
+        self._taken_after: dict[str, int] = {}  # role -> the step after which training's norms are taken
         self._layout: list[tuple[torch.device, torch.dtype]] = []  # parameters' (device, dtype) of the cache
         # the rules, by constraint: weights held from the first step (explicit targets, or free_steps=0) and
         # weights held from the end of the free phase (their norms then, the classifier's times fc_scale, the
@@ -300,6 +303,7 @@ class FixNorm(torch.optim.Optimizer):
                 if value is None and from_step > 0:
                     drifts = norm_drift is not None and entry.role == "scale-invariant"
                     params, names, scales = later.setdefault((entry.constraint, drifts, from_step), ([], [], {}))
+                    self._taken_after[entry.role] = from_step
                     if scale != 1:
                         scales[len(params)] = scale
                 else:
@@ -481,6 +485,32 @@ class FixNorm(torch.optim.Optimizer):
         if constraint:
             self._rules.add_rule(HoldNorms(params, names=names, per=constraint, targets=targets))
         self._grad_params = None
+
+    def check_horizon(self, total_steps: int) -> None:
+        """Refuse a run of ``total_steps`` optimizer steps (counted from this optimizer's first) that ends before
+        a free phase does: no norm would ever be held and the run would be the base optimizer without weight decay,
+        trained under FixNorm's name. Warns where a free phase covers more than a quarter of the run (the
+        defaults were measured with 100 free steps in runs of 700 to 7,000). The engine calls it; call it from a
+        loop of your own with the number of steps you will take."""
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+            raise FixNormError(f"total_steps must be a whole number of optimizer steps >= 1, got {total_steps!r}")
+        if not self._taken_after:  # every norm held from the first step, or none held at all
+            return
+        role, after = max(self._taken_after.items(), key=lambda item: item[1])  # the longest free phase
+        what = {"classifier": "the classifier's norm"}.get(role, "the scale-invariant weights' norms")
+        setting = f"free_steps={after}"
+        if role == "classifier" and self._fc_free_setting not in ("auto", "free_steps"):
+            setting = f"fc_free_steps={after}"
+        if after >= total_steps:
+            raise FixNormError(
+                f"the run takes {total_steps} optimizer steps but FixNorm takes {what} after {setting}: "
+                f"{'it' if role == 'classifier' else 'they'} would never be held, and the run would be "
+                f"{type(self.base).__name__} without weight decay. Give {setting.split('=')[0]} well below "
+                f"{total_steps} (the defaults were measured with the free phase at 1-15% of the run), or train longer")
+        if 4 * after > total_steps:
+            warnings.warn(f"FixNorm's free phase ({setting}) covers {100 * after / total_steps:.0f}% of this "
+                          f"{total_steps}-step run, in which {what} {'is' if role == 'classifier' else 'are'} not "
+                          "held and nothing decays; the defaults were measured with it at 1-15%", stacklevel=2)
 
     def _check_settings(self) -> None:
         for g in self.param_groups:

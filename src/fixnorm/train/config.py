@@ -200,7 +200,9 @@ RECIPES: dict[str, dict[str, Any]] = {
                             schedule="cosine", augment="crop_flip", crop_padding=4),
     # a smoke test: a small CNN on 2000 images, seconds
     "fmnist-smoke": dict(model="small_cnn", model_kwargs={"width": 8}, dataset="fashion_mnist", train_subset=2000,
-                         epochs=2, batch_size=100, lr=0.1, augment="crop", crop_padding=2),
+                         epochs=2, batch_size=100, lr=0.1, augment="crop", crop_padding=2,
+                         # 40 steps: FixNorm's free phase scaled down with the run (100 steps would outlast it)
+                         method_kwargs={"fixnorm": {"free_steps": 10}}),
     # He et al. 2016: ResNet-56 on CIFAR-10, SGD 0.1, momentum 0.9, wd 1e-4, batch 128, /10 at epochs 82 and 123 of 164
     "cifar10-resnet56": dict(model="resnet56", dataset="cifar10", epochs=164, batch_size=128, lr=0.1, nesterov=False,
                              weight_decay=1e-4, schedule="step", milestones=[82, 123], gamma=0.1, augment="crop_flip"),

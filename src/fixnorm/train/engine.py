@@ -120,6 +120,9 @@ class Trainer:
         self.model = model
         example = self.prepare_batch(self.data.example())
         self.optimizer, method_hooks = self.method.build(model, cfg, example)
+        check_horizon = getattr(self.optimizer, "check_horizon", None)  # FixNorm: a free phase longer than the run
+        if callable(check_horizon):
+            check_horizon(cfg.epochs * self.steps_per_epoch - cfg.start_step)
         if masks:
             attach_masks(model, self.optimizer, masks)
         if unified:
