@@ -498,14 +498,14 @@ class FixNorm(torch.optim.Optimizer):
             return
         role, after = max(self._taken_after.items(), key=lambda item: item[1])  # the longest free phase
         what = {"classifier": "the classifier's norm"}.get(role, "the scale-invariant weights' norms")
-        setting = f"free_steps={after}"
-        if role == "classifier" and self._fc_free_setting not in ("auto", "free_steps"):
-            setting = f"fc_free_steps={after}"
+        name = "fc_free_steps" if role == "classifier" and self._fc_free_setting not in ("auto", "free_steps") \
+            else "free_steps"  # "auto" and "free_steps" give the classifier free_steps' moment
+        setting = f"{name}={after}"
         if after >= total_steps:
             raise FixNormError(
                 f"the run takes {total_steps} optimizer steps but FixNorm takes {what} after {setting}: "
                 f"{'it' if role == 'classifier' else 'they'} would never be held, and the run would be "
-                f"{type(self.base).__name__} without weight decay. Give {setting.split('=')[0]} well below "
+                f"{type(self.base).__name__} without weight decay. Give {name} well below "
                 f"{total_steps} (the defaults were measured with the free phase at 1-15% of the run), or train longer")
         if 4 * after > total_steps:
             warnings.warn(f"FixNorm's free phase ({setting}) covers {100 * after / total_steps:.0f}% of this "
