@@ -59,6 +59,9 @@ def test_what_timm_cannot_hand_fixnorm_is_a_clear_error():
                        example_inputs=batch)
     with pytest.raises(FixNormError, match="exactly the model's trainable parameters"):
         timm_optimizer([{"params": list(model[0].parameters())}], lr=0.1, model=model, example_inputs=batch)
+    # the run's length travels as one more keyword: a run inside the free phase is refused at the factory
+    with pytest.raises(FixNormError, match="takes 50 optimizer steps"):
+        timm_optimizer(timm_groups(model), lr=0.1, model=model, example_inputs=batch, total_steps=50)
 
 
 def test_create_optimizer_v2_builds_fixnorm_by_name():

@@ -571,6 +571,13 @@ def test_a_run_that_ends_inside_the_free_phase_is_refused_and_a_long_one_warned(
     for bad in (0, 2.5, True):
         with pytest.raises(FixNormError, match="total_steps"):
             opt.check_horizon(bad)
+    # a factory (timm, the HF Trainer) passes the run's length to the constructor: the same check, at once
+    with pytest.raises(FixNormError, match=r"takes 60 optimizer steps .* free_steps=100"):
+        _FixNorm(small_net(), x, lr=0.5, momentum=0.9, total_steps=60)
+    with pytest.warns(UserWarning, match="covers 50% of this 200-step run"):
+        _FixNorm(small_net(), x, lr=0.5, momentum=0.9, total_steps=200)
+    with pytest.raises(FixNormError, match="total_steps"):
+        _FixNorm(small_net(), x, lr=0.5, momentum=0.9, total_steps=0)
 
 
 def test_targets_follow_the_parameters_when_the_model_changes_dtype_after_the_optimizer_is_built():

@@ -175,6 +175,10 @@ class FixNorm(torch.optim.Optimizer):
             its effective learning rate. Explicit targets (``fc_norm``, a number for
             ``target``) are held from the first step. 0 holds the norms at construction (the
             first reconstruction's rule). Default ``DEFAULT_FREE_STEPS`` (100).
+        total_steps: the number of optimizer steps the run will take, where a factory builds the
+            optimizer and no loop of yours is there to call :meth:`check_horizon` (timm's
+            ``create_optimizer_v2``, the HF Trainer's ``optimizer_cls_and_kwargs``): checked at
+            construction, so a run that would end inside the free phase is refused before it starts.
         **base_kwargs: passed to ``base`` (lr, momentum, betas, ...).
     """
 
@@ -201,6 +205,7 @@ class FixNorm(torch.optim.Optimizer):
         norm_drift: int | str | None = "auto",
         equilibrium_wd: float | str | None = "auto",
         fc_free_steps: int | str | None = "auto",
+        total_steps: int | None = None,
         **base_kwargs: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -334,7 +339,8 @@ class FixNorm(torch.optim.Optimizer):
         except TypeError as exc:
             raise FixNormError(f"{base.__name__} rejected the options {sorted(base_kwargs)}: {exc}. FixNorm's own "
                                "options are fc_norm, roles, granularity, target, fc_granularity, others, "
-                               "others_weight_decay, nonfinite, angular_update") from exc
+                               "others_weight_decay, nonfinite, angular_update, angle_power, free_steps, fc_scale, "
+                               "norm_scale, lr_power, norm_drift, equilibrium_wd, fc_free_steps, total_steps") from exc
         for g in self.base.param_groups:
             if ("angular_update" in g or "lr_power" in g) and g["lr_ref"] is None:
                 g["lr_ref"] = g["lr"]
@@ -354,6 +360,8 @@ class FixNorm(torch.optim.Optimizer):
         self._flags = self._rules.flags
         self._follow_parameters()
         self._project_at_construction()
+        if total_steps is not None:
+            self.check_horizon(total_steps)
 
     # -- delegation: the base optimizer owns groups, state and defaults -----------------
     @property
