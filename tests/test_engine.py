@@ -156,12 +156,21 @@ def test_fixnorm_refuses_a_run_shorter_than_its_free_phase_before_writing_anythi
     cfg = make_config(TINY, {"method": "fixnorm", "start_step": 25, "method_kwargs": {"fixnorm": {"free_steps": 5}}})
     with pytest.raises(FixNormError, match=r"takes 5 optimizer steps .* free_steps=5"):
         Trainer(cfg, tmp_path / "run")
+    # through a warm-up the free phase is counted in full-lr steps: 15 of them take all 30 steps of a 3-epoch one
+    cfg = make_config(TINY, {"method": "fixnorm", "warmup_epochs": 3, "method_kwargs": {"fixnorm": {"free_steps": 15}}})
+    with pytest.raises(FixNormError, match=r"takes 30 optimizer steps .* free_steps=15 full-lr steps, 30 steps "
+                                           r"through the 30-step warm-up"):
+        Trainer(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 @needs_fmnist
-@pytest.mark.parametrize("method", ["fixnorm", "sgd"])
+@pytest.mark.parametrize("method", ["fixnorm", "sgd", "fixnorm-warmup"])
 def test_resume_reaches_the_same_weights_bit_for_bit(tmp_path, method):
-    cfg = make_config(TINY, {"method": method, "ema_decay": 0.9})
+    # fixnorm-warmup: 6 free steps through a 10-step warm-up end at step 11, after the epoch-1 checkpoint; the
+    # resumed optimizer must count the warm-up before it reads that checkpoint (else its phase ended at step 6)
+    warmup = {"method": "fixnorm", "warmup_epochs": 1, "free_steps": 6} if method == "fixnorm-warmup" else {}
+    cfg = make_config(TINY, {"method": method, "ema_decay": 0.9, **warmup})
     train(cfg, tmp_path / "straight")
 
     train_until(cfg, tmp_path / "stopped", epoch=1)

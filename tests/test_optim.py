@@ -580,6 +580,43 @@ def test_a_run_that_ends_inside_the_free_phase_is_refused_and_a_long_one_warned(
         _FixNorm(small_net(), x, lr=0.5, momentum=0.9, total_steps=0)
 
 
+def test_a_free_phase_is_counted_in_full_lr_steps_through_a_linear_warmup():
+    """A warm-up step at a fraction of the lr counts as that fraction of a free step: against the definition, and in a
+    loop of one's own with a LambdaLR warm-up (the norms are taken at the stretched step, and not before)."""
+    def by_definition(k, w):  # the fewest steps whose lr factors min(1, (t + 1) / w) add up to k
+        steps, mass = 0, 0.0
+        while mass < k - 1e-9:
+            mass += min(1.0, (steps + 1) / w) if w else 1.0
+            steps += 1
+        return steps
+    for k in (0, 1, 6, 100):
+        for w in (0, 0.5, 1, 2.5, 10, 99, 235, 1000):
+            assert fixnorm.steps_through_warmup(k, w) == by_definition(k, w), (k, w)
+    assert fixnorm.steps_through_warmup(100, 235) == 217  # fmnist-tune's 1-epoch warm-up
+    with pytest.raises(FixNormError, match="warmup_steps"):
+        fixnorm.steps_through_warmup(100, -1)
+
+    model, data = small_net(), batches(12)
+    reference = copy.deepcopy(model)
+    warmup = 10  # 6 full-lr steps: 10 warm-up steps add up to 5.5, the 11th (at the full lr) completes them
+    opt = _FixNorm(model, data[0][0], lr=0.5, momentum=0.9, free_steps=6, warmup_steps=warmup,
+                   lr_power=1)  # the schedule unbent, so that the free steps are plain SGD's
+    plain = torch.optim.SGD(reference.parameters(), lr=0.5, momentum=0.9)
+    schedules = [torch.optim.lr_scheduler.LambdaLR(o, lambda t: min(1.0, (t + 1) / warmup)) for o in (opt, plain)]
+    train(model, opt, data[:10], schedules[0])
+    train(reference, plain, data[:10], schedules[1])
+    assert opt.norm_targets() == {}
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters()))
+    train(model, opt, data[10:11], schedules[0])
+    assert set(opt.norm_targets()) == {n for n, _ in constrained_parameters(opt)}
+    with pytest.raises(FixNormError, match="takes 11 optimizer steps .* free_steps=6 full-lr steps, 11 steps "
+                                           "through the 10-step warm-up"):
+        opt.check_horizon(11)
+    with pytest.raises(FixNormError, match="before the first step"):
+        opt.count_warmup(20)
+    opt.count_warmup(warmup)  # the same warm-up again changes nothing
+
+
 def test_targets_follow_the_parameters_when_the_model_changes_dtype_after_the_optimizer_is_built():
     """HF Trainer / Fabric build the optimizer first and move the model after; targets must follow, in fp32."""
     model = small_net()

@@ -6,12 +6,12 @@ parameter) -> ``FixNorm`` (any torch.optim optimizer, then the plan applied in p
 from .constraints import Plan, PlanEntry, build_plan
 from .eman import eman_update_
 from .errors import FixNormError
-from .optim import FixNorm, constrained_parameters, from_weight_decay
+from .optim import FixNorm, constrained_parameters, from_weight_decay, steps_through_warmup
 from .roles import Roles, analyze, apply_overrides
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FixNorm", "FixNormError", "Plan", "PlanEntry", "Roles", "analyze", "apply_overrides", "build_plan",
-    "constrained_parameters", "eman_update_", "from_weight_decay", "__version__",
+    "constrained_parameters", "eman_update_", "from_weight_decay", "steps_through_warmup", "__version__",
 ]

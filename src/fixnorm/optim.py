@@ -179,6 +179,10 @@ class FixNorm(torch.optim.Optimizer):
             optimizer and no loop of yours is there to call :meth:`check_horizon` (timm's
             ``create_optimizer_v2``, the HF Trainer's ``optimizer_cls_and_kwargs``): checked at
             construction, so a run that would end inside the free phase is refused before it starts.
+        warmup_steps: the linear warm-up of the lr schedule, in optimizer steps: the free phases
+            (``free_steps``, ``fc_free_steps``) are then counted in full-lr steps, a warm-up step at a
+            fraction of the lr counting as that fraction (:func:`steps_through_warmup`); see
+            :meth:`count_warmup`. The engine passes its own warm-up.
         **base_kwargs: passed to ``base`` (lr, momentum, betas, ...).
     """
 
@@ -206,6 +210,7 @@ class FixNorm(torch.optim.Optimizer):
         equilibrium_wd: float | str | None = "auto",
         fc_free_steps: int | str | None = "auto",
         total_steps: int | None = None,
+        warmup_steps: float = 0,
         **base_kwargs: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -276,6 +281,8 @@ class FixNorm(torch.optim.Optimizer):
         self._grad_params: dict[bool | None, list[list[torch.Tensor]]] | None = None
         self.free_steps = free_steps
         self._taken_after: dict[str, int] = {}  # role -> the step after which training's norms are taken
+        self._free_phases: dict[str, int] = {}  # role -> its free phase in full-lr steps (before a warm-up)
+        self.warmup_steps: float = 0
         self._layout: list[tuple[torch.device, torch.dtype]] = []  # parameters' (device, dtype) of the cache
         # the rules, by constraint: weights held from the first step (explicit targets, or free_steps=0) and
         # weights held from the end of the free phase (their norms then, the classifier's times fc_scale, the
@@ -308,7 +315,7 @@ class FixNorm(torch.optim.Optimizer):
                 if value is None and from_step > 0:
                     drifts = norm_drift is not None and entry.role == "scale-invariant"
                     params, names, scales = later.setdefault((entry.constraint, drifts, from_step), ([], [], {}))
-                    self._taken_after[entry.role] = from_step
+                    self._taken_after[entry.role] = self._free_phases[entry.role] = from_step
                     if scale != 1:
                         scales[len(params)] = scale
                 else:
@@ -350,9 +357,12 @@ class FixNorm(torch.optim.Optimizer):
         self._init_hooks()
         warn_if_base_normalizes(self.base, stacklevel=3)
         rules: list[HoldNorms] = [HoldNorms(ps, names=ns, per=c, targets=ts) for c, (ps, ns, ts) in held.items()]
-        rules += [HoldNorms(ps, names=ns, per=c, from_step=k, scale=sc, drift_steps=norm_drift if d else None,
-                            ceiling=ceiling if d else None)
-                  for (c, d, k), (ps, ns, sc) in later.items()]
+        # the rules that wait for a free phase, with its length in full-lr steps (count_warmup stretches them)
+        self._waiting: list[tuple[HoldNorms, int]] = [
+            (HoldNorms(ps, names=ns, per=c, from_step=k, scale=sc, drift_steps=norm_drift if d else None,
+                       ceiling=ceiling if d else None), k)
+            for (c, d, k), (ps, ns, sc) in later.items()]
+        rules += [rule for rule, _ in self._waiting]
         # attached to this optimizer itself: the projection runs as its first step post-hook, and the targets and
         # the step count are "fixnorm_target" / "fixnorm_held" / "fixnorm_steps" entries of its state dict
         self._rules = Attachment(self, rules, name="fixnorm", nonfinite=nonfinite, names=self._names,
@@ -360,6 +370,8 @@ class FixNorm(torch.optim.Optimizer):
         self._flags = self._rules.flags
         self._follow_parameters()
         self._project_at_construction()
+        if warmup_steps:
+            self.count_warmup(warmup_steps)
         if total_steps is not None:
             self.check_horizon(total_steps)
 
@@ -494,6 +506,22 @@ class FixNorm(torch.optim.Optimizer):
             self._rules.add_rule(HoldNorms(params, names=names, per=constraint, targets=targets))
         self._grad_params = None
 
+    def count_warmup(self, warmup_steps: float) -> None:
+        """Count the free phases in full-lr steps through a linear warm-up of ``warmup_steps`` optimizer steps.
+
+        A free phase exists to let training choose the norms; inside a warm-up it ends at a fraction of the lr,
+        with the norms near their initialisation (measured in docs/fixnorm.md, "Warm-up"). Each phase is
+        stretched to the number of steps that trains as far as ``free_steps`` full-lr steps would
+        (:func:`steps_through_warmup`). Call it before the first step (the engine does, before it restores a
+        checkpoint); 0 puts the phases back to their step counts."""
+        if self.steps_done and warmup_steps != self.warmup_steps:
+            raise FixNormError(f"count_warmup after {self.steps_done} steps: the free phase has begun; "
+                               "give the warm-up before the first step")
+        for rule, free_steps in self._waiting:
+            rule.from_step = steps_through_warmup(free_steps, warmup_steps)
+        self._taken_after = {role: steps_through_warmup(k, warmup_steps) for role, k in self._free_phases.items()}
+        self.warmup_steps = warmup_steps
+
     def check_horizon(self, total_steps: int) -> None:
         """Refuse a run of ``total_steps`` optimizer steps (counted from this optimizer's first) that ends before
         a free phase does: no norm would ever be held and the run would be the base optimizer without weight decay,
@@ -509,6 +537,9 @@ class FixNorm(torch.optim.Optimizer):
         name = "fc_free_steps" if role == "classifier" and self._fc_free_setting not in ("auto", "free_steps") \
             else "free_steps"  # "auto" and "free_steps" give the classifier free_steps' moment
         setting = f"{name}={after}"
+        if after != self._free_phases[role]:  # stretched through a warm-up
+            setting = (f"{name}={self._free_phases[role]} full-lr steps, {after} steps through the "
+                       f"{self.warmup_steps:g}-step warm-up")
         if after >= total_steps:
             raise FixNormError(
                 f"the run takes {total_steps} optimizer steps but FixNorm takes {what} after {setting}: "
@@ -664,6 +695,27 @@ def _from_version_1(state_dict: dict[str, Any]) -> dict[str, Any]:
         state[key] = {**state.get(key, {}), "fixnorm_target": target, "fixnorm_steps": steps.clone()}
     state_dict["state"] = state
     return state_dict
+
+
+def steps_through_warmup(free_steps: int, warmup_steps: float) -> int:
+    """The optimizer steps a free phase of ``free_steps`` full-lr steps takes under a linear warm-up of
+    ``warmup_steps`` steps (lr x (t + 1) / warmup_steps at step t, the engine's, timm's and HF's shape): a warm-up
+    step at a fraction of the lr counts as that fraction of a step. Without a warm-up, ``free_steps`` itself.
+
+    The norms a free phase reaches are set by how far training has moved, not by how many steps it took; a
+    100-step phase inside a warm-up ends at a fraction of the lr, with the norms near their initialisation."""
+    if isinstance(free_steps, bool) or not isinstance(free_steps, int) or free_steps < 0:
+        raise FixNormError(f"free_steps must be a whole number of steps >= 0, got {free_steps!r}")
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, (int, float)) or not (
+            math.isfinite(warmup_steps) and warmup_steps >= 0):
+        raise FixNormError(f"warmup_steps must be a number of steps >= 0, got {warmup_steps!r}")
+    steps, mass = 0, 0.0
+    while mass < free_steps - 1e-9:
+        if steps + 1 >= warmup_steps:  # the rest at the full lr
+            return steps + math.ceil(free_steps - mass - 1e-9)
+        steps += 1
+        mass += steps / warmup_steps
+    return steps
 
 
 def stepping_lr(group: Mapping[str, Any]) -> float:

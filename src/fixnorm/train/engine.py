@@ -120,6 +120,10 @@ class Trainer:
         self.model = model
         example = self.prepare_batch(self.data.example())
         self.optimizer, method_hooks = self.method.build(model, cfg, example)
+        count_warmup = getattr(self.optimizer, "count_warmup", None)  # FixNorm: free phases in full-lr steps
+        warmup_left = cfg.warmup_epochs * self.steps_per_epoch - cfg.start_step
+        if callable(count_warmup) and warmup_left > 0:  # before a checkpoint is restored: it was saved so too
+            count_warmup(warmup_left)
         check_horizon = getattr(self.optimizer, "check_horizon", None)  # FixNorm: a free phase longer than the run
         if callable(check_horizon):
             check_horizon(cfg.epochs * self.steps_per_epoch - cfg.start_step)
