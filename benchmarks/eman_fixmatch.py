@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import statistics
 import sys
@@ -95,6 +96,18 @@ def table(args: argparse.Namespace) -> dict[str, Any]:
             if RunFolder(run_dir).finished:  # trained with the arm's settings, or an error (never a wrong label)
                 check_same_run(run_dir, arms_runner.arm_config(arm, seed, recipe, overrides, args.threads))
                 runs.setdefault(arm, {})[seed] = read_metrics(run_dir)
+    committed = []  # (arm, seed, file): runs no longer on this machine, read from a committed result's records
+    for path in args.committed:
+        saved = json.loads(Path(path).read_text())
+        if saved["recipe"] != args.recipe or list(saved["overrides"]) != list(args.set):
+            raise SystemExit(f"{path} was made with --recipe {saved['recipe']} --set {saved['overrides']}, not "
+                             f"--recipe {args.recipe} --set {args.set}: its runs are another benchmark's")
+        for arm in args.arms:
+            for seed in args.seeds:
+                rows = saved["curves"].get(arm, {}).get(str(seed))
+                if rows and seed not in runs.get(arm, {}):
+                    runs.setdefault(arm, {})[seed] = rows
+                    committed.append((arm, seed, path))
     if not runs:
         raise SystemExit(f"no finished runs under {args.out} for arms {args.arms} and seeds {args.seeds}")
     final = {arm: {key: {s: 100 * rows[-1][key] for s, rows in by_seed.items() if key in rows[-1]}
@@ -125,6 +138,9 @@ def table(args: argparse.Namespace) -> dict[str, Any]:
         f"student. Pseudo-label accuracy is over every unlabelled image of the last epoch, mask rate the share above "
         f"the threshold. Δ: mean paired difference over seeds ± its standard error [95% t-interval].\n\n"
         f"Command: `{command}`\n")
+    if committed:
+        text += ("\nRead from committed results (their per-epoch records; the runs are no longer on this machine): "
+                 + "; ".join(f"`{arm}` seed {seed} from `{path}`" for arm, seed, path in committed) + ".\n")
     plot = Path(args.plot) if args.plot else (Path(_common.RESULTS_DIR) / f"{args.name}.png" if args.name
                                               else Path(args.out) / "eman_fixmatch.png")
     plot_curves(runs, plot)
@@ -224,6 +240,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reference", default="none")
     parser.add_argument("--table", action="store_true", help="only read finished runs: table, JSON, PNG")
+    parser.add_argument("--committed", nargs="*", default=[], help="with --table: committed result JSONs of this "
+                        "benchmark whose per-epoch records stand in for runs no longer on this machine")
     parser.add_argument("--name", default=None, help="write benchmarks/results/<name>.json, .md and .png")
     parser.add_argument("--plot", default=None, help="the PNG's path (default: results/<name>.png or OUT/)")
     parser.add_argument("--steps-per-run", action="store_true",
