@@ -347,7 +347,8 @@ class FixNorm(torch.optim.Optimizer):
             raise FixNormError(f"{base.__name__} rejected the options {sorted(base_kwargs)}: {exc}. FixNorm's own "
                                "options are fc_norm, roles, granularity, target, fc_granularity, others, "
                                "others_weight_decay, nonfinite, angular_update, angle_power, free_steps, fc_scale, "
-                               "norm_scale, lr_power, norm_drift, equilibrium_wd, fc_free_steps, total_steps") from exc
+                               "norm_scale, lr_power, norm_drift, equilibrium_wd, fc_free_steps, total_steps, "
+                               "warmup_steps") from exc
         for g in self.base.param_groups:
             if ("angular_update" in g or "lr_power" in g) and g["lr_ref"] is None:
                 g["lr_ref"] = g["lr"]
@@ -510,7 +511,7 @@ class FixNorm(torch.optim.Optimizer):
         """Count the free phases in full-lr steps through a linear warm-up of ``warmup_steps`` optimizer steps.
 
         A free phase exists to let training choose the norms; inside a warm-up it ends at a fraction of the lr,
-        with the norms near their initialisation (measured in docs/fixnorm.md, "Warm-up"). Each phase is
+        with the norms near their initialisation (measured in docs/fixnorm.md, "Through a warm-up"). Each phase is
         stretched to the number of steps that trains as far as ``free_steps`` full-lr steps would
         (:func:`steps_through_warmup`). Call it before the first step (the engine does, before it restores a
         checkpoint); 0 puts the phases back to their step counts."""

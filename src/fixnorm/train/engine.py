@@ -122,8 +122,8 @@ class Trainer:
         self.optimizer, method_hooks = self.method.build(model, cfg, example)
         count_warmup = getattr(self.optimizer, "count_warmup", None)  # FixNorm: free phases in full-lr steps
         warmup_left = cfg.warmup_epochs * self.steps_per_epoch - cfg.start_step
-        # before a checkpoint is restored (it was saved so too); a run from start_step inside the warm-up counts the
-        # rest of it as a warm-up of its own, from 0 (a longer free phase than its lr would need: on the safe side)
+        # before a checkpoint is restored (it was saved under the same count); a run from start_step inside the
+        # warm-up counts the rest of it as a warm-up of its own, from 0 (a longer free phase than its lr would need)
         if callable(count_warmup) and warmup_left > 0:
             count_warmup(warmup_left)
         check_horizon = getattr(self.optimizer, "check_horizon", None)  # FixNorm: a free phase longer than the run
