@@ -280,7 +280,6 @@ class FixNorm(torch.optim.Optimizer):
         self._names: dict[torch.Tensor, str] = {p: n for n, p in named.items()}
         self._grad_params: dict[bool | None, list[list[torch.Tensor]]] | None = None
         self.free_steps = free_steps
-        self._taken_after: dict[str, int] = {}  # role -> the step after which training's norms are taken
         self._free_phases: dict[str, int] = {}  # role -> its free phase in full-lr steps (before a warm-up)
         self.warmup_steps: float = 0
         self._layout: list[tuple[torch.device, torch.dtype]] = []  # parameters' (device, dtype) of the cache
@@ -315,7 +314,7 @@ class FixNorm(torch.optim.Optimizer):
                 if value is None and from_step > 0:
                     drifts = norm_drift is not None and entry.role == "scale-invariant"
                     params, names, scales = later.setdefault((entry.constraint, drifts, from_step), ([], [], {}))
-                    self._taken_after[entry.role] = self._free_phases[entry.role] = from_step
+                    self._free_phases[entry.role] = from_step
                     if scale != 1:
                         scales[len(params)] = scale
                 else:
@@ -520,7 +519,6 @@ class FixNorm(torch.optim.Optimizer):
                                "give the warm-up before the first step")
         for rule, free_steps in self._waiting:
             rule.from_step = steps_through_warmup(free_steps, warmup_steps)
-        self._taken_after = {role: steps_through_warmup(k, warmup_steps) for role, k in self._free_phases.items()}
         self.warmup_steps = warmup_steps
 
     def check_horizon(self, total_steps: int) -> None:
@@ -531,9 +529,11 @@ class FixNorm(torch.optim.Optimizer):
         loop of your own with the number of steps you will take."""
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
             raise FixNormError(f"total_steps must be a whole number of optimizer steps >= 1, got {total_steps!r}")
-        if not self._taken_after:  # every norm held from the first step, or none held at all
+        if not self._free_phases:  # every norm held from the first step, or none held at all
             return
-        role, after = max(self._taken_after.items(), key=lambda item: item[1])  # the longest free phase
+        # the step after which each role's norms are taken, through the warm-up; the longest free phase
+        taken_after = {role: steps_through_warmup(k, self.warmup_steps) for role, k in self._free_phases.items()}
+        role, after = max(taken_after.items(), key=lambda item: item[1])
         what = {"classifier": "the classifier's norm"}.get(role, "the scale-invariant weights' norms")
         name = "fc_free_steps" if role == "classifier" and self._fc_free_setting not in ("auto", "free_steps") \
             else "free_steps"  # "auto" and "free_steps" give the classifier free_steps' moment
