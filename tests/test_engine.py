@@ -525,7 +525,7 @@ def test_a_run_saved_before_a_setting_existed_resumes_with_the_value_it_trained_
     resumed = Trainer(None, tmp_path / "old", resume=True)
     settings = fixnorm_settings(resumed.cfg)
     assert settings.free_steps == 0 and settings.lr_power == 1.0 and settings.norm_drift is None
-    assert settings.equilibrium_wd is None and settings.fc_free_steps == "free_steps"
+    assert settings.equilibrium_wd is None and settings.fc_free_steps == "free_steps" and settings.warmup_count is True
     assert resumed.cfg.method_kwargs["fixnorm"]["free_steps"] == 0  # written out in full from now on
     assert resumed.fit()["final_test_acc"] == train(cfg, tmp_path / "straight")["final_test_acc"]
 

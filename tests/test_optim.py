@@ -617,6 +617,31 @@ def test_a_free_phase_is_counted_in_full_lr_steps_through_a_linear_warmup():
     opt.count_warmup(warmup)  # the same warm-up again changes nothing
 
 
+def test_the_warmup_count_is_sgds_law_and_warmup_count_sets_it_over_any_base():
+    """'auto' counts the free phase through a warm-up over SGD only (over Adam the count cost accuracy, docs/fixnorm.md):
+    over Adam the norms are taken after free_steps steps whatever the warm-up, as without one; True counts over Adam,
+    False ignores the warm-up over SGD; anything else is refused."""
+    data = batches(12)
+
+    for base, kwargs, counted in ((torch.optim.SGD, {"lr": 0.5, "momentum": 0.9}, True),
+                                  (torch.optim.Adam, {"lr": 0.05}, False)):
+        for setting, expected in (("auto", counted), (True, True), (False, False)):
+            model = small_net()
+            opt = _FixNorm(model, data[0][0], base=base, free_steps=6, warmup_steps=10, warmup_count=setting, **kwargs)
+            assert opt.warmup_count is expected and opt.warmup_steps == 10
+            steps = 0
+            while not opt.norm_targets():
+                train(model, opt, data[steps:steps + 1])
+                steps += 1
+            assert steps == (11 if expected else 6), (base.__name__, setting)  # 10 warm-up steps add up to 5.5
+            if not expected:  # a phase ignoring the warm-up is checked as one of free_steps steps
+                with pytest.raises(FixNormError, match=r"takes 6 optimizer steps .* free_steps=6: "):
+                    opt.check_horizon(6)
+    for bad in ("yes", 1, 0, None, 1.0):
+        with pytest.raises(FixNormError, match="warmup_count must be 'auto', True or False"):
+            _FixNorm(small_net(), data[0][0], free_steps=6, warmup_count=bad, lr=0.5, momentum=0.9)
+
+
 def test_targets_follow_the_parameters_when_the_model_changes_dtype_after_the_optimizer_is_built():
     """HF Trainer / Fabric build the optimizer first and move the model after; targets must follow, in fp32."""
     model = small_net()

@@ -183,6 +183,11 @@ class FixNorm(torch.optim.Optimizer):
             (``free_steps``, ``fc_free_steps``) are then counted in full-lr steps, a warm-up step at a
             fraction of the lr counting as that fraction (:func:`steps_through_warmup`); see
             :meth:`count_warmup`. The engine passes its own warm-up.
+        warmup_count: whether the free phases are counted in full-lr steps through a warm-up: "auto" (default)
+            over SGD, where how far training moves a norm is set by the lr it moves it with, and not over other
+            bases (an adaptive step grows the norms by about as much at any lr, so a longer phase only takes
+            larger norms: over Adam the count cost 0.12 points, measured in docs/fixnorm.md); True over any base;
+            False never (a warm-up is then ignored and each phase is ``free_steps`` steps).
         **base_kwargs: passed to ``base`` (lr, momentum, betas, ...).
     """
 
@@ -211,6 +216,7 @@ class FixNorm(torch.optim.Optimizer):
         fc_free_steps: int | str | None = "auto",
         total_steps: int | None = None,
         warmup_steps: float = 0,
+        warmup_count: bool | str = "auto",
         **base_kwargs: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -243,6 +249,10 @@ class FixNorm(torch.optim.Optimizer):
         if isinstance(free_steps, bool) or not isinstance(free_steps, int) or free_steps < 0:
             raise FixNormError(f"free_steps must be a whole number of steps >= 0, got {free_steps!r}")
         self._fc_free_setting = fc_free_steps
+        if not (isinstance(warmup_count, bool) or warmup_count == "auto"):
+            raise FixNormError(f"warmup_count must be 'auto', True or False, got {warmup_count!r}")
+        # the count is SGD's law, as the drift and the ceiling are: "auto" applies it over SGD only
+        self.warmup_count: bool = issubclass(base, torch.optim.SGD) if warmup_count == "auto" else warmup_count
         fc_free_steps = classifier_free_steps(fc_free_steps, free_steps, base, fc_norm, fc_scale)
         drift_applies = free_steps > 0 and target == "initial" and granularity == "tensor" and angular_update is None
         if norm_drift == "auto":  # the drift is SGD's law: an adaptive step's size ignores the gradient's scale
@@ -281,7 +291,7 @@ class FixNorm(torch.optim.Optimizer):
         self._grad_params: dict[bool | None, list[list[torch.Tensor]]] | None = None
         self.free_steps = free_steps
         self._free_phases: dict[str, int] = {}  # role -> its free phase in full-lr steps (before a warm-up)
-        self.warmup_steps: float = 0
+        self.warmup_steps: float = 0  # the warm-up given to count_warmup (counted only where warmup_count holds)
         self._layout: list[tuple[torch.device, torch.dtype]] = []  # parameters' (device, dtype) of the cache
         # the rules, by constraint: weights held from the first step (explicit targets, or free_steps=0) and
         # weights held from the end of the free phase (their norms then, the classifier's times fc_scale, the
@@ -513,13 +523,19 @@ class FixNorm(torch.optim.Optimizer):
         with the norms near their initialisation (measured in docs/fixnorm.md, "Through a warm-up"). Each phase is
         stretched to the number of steps that trains as far as ``free_steps`` full-lr steps would
         (:func:`steps_through_warmup`). Call it before the first step (the engine does, before it restores a
-        checkpoint); 0 puts the phases back to their step counts."""
+        checkpoint); 0 puts the phases back to their step counts. Where ``warmup_count`` is off (by default over
+        a base other than SGD) the warm-up is recorded and the phases keep their step counts."""
         if self.steps_done and warmup_steps != self.warmup_steps:
             raise FixNormError(f"count_warmup after {self.steps_done} steps: the free phase has begun; "
                                "give the warm-up before the first step")
-        for rule, free_steps in self._waiting:
-            rule.from_step = steps_through_warmup(free_steps, warmup_steps)
         self.warmup_steps = warmup_steps
+        for rule, free_steps in self._waiting:
+            rule.from_step = steps_through_warmup(free_steps, self._counted_warmup)
+
+    @property
+    def _counted_warmup(self) -> float:
+        """The warm-up the free phases are counted through: the one given, where ``warmup_count`` holds."""
+        return self.warmup_steps if self.warmup_count else 0
 
     def check_horizon(self, total_steps: int) -> None:
         """Refuse a run of ``total_steps`` optimizer steps (counted from this optimizer's first) that ends before
@@ -532,7 +548,7 @@ class FixNorm(torch.optim.Optimizer):
         if not self._free_phases:  # every norm held from the first step, or none held at all
             return
         # the step after which each role's norms are taken, through the warm-up; the longest free phase
-        taken_after = {role: steps_through_warmup(k, self.warmup_steps) for role, k in self._free_phases.items()}
+        taken_after = {role: steps_through_warmup(k, self._counted_warmup) for role, k in self._free_phases.items()}
         role, after = max(taken_after.items(), key=lambda item: item[1])
         what = {"classifier": "the classifier's norm"}.get(role, "the scale-invariant weights' norms")
         name = "fc_free_steps" if role == "classifier" and self._fc_free_setting not in ("auto", "free_steps") \

@@ -34,6 +34,7 @@ class FixNormSettings:
     free_steps: int = DEFAULT_FREE_STEPS  # steps of free training before the chosen norms are taken
     fc_free_steps: int | str | None = "auto"  # the classifier's own free phase; None: never held; "auto": free_steps
                                               # over SGD, None over other bases; "free_steps": free_steps
+    warmup_count: bool | str = "auto"     # free phases counted in full-lr steps through a warm-up; "auto": over SGD
     angular_update: float | None = None   # rotational mode: radians per step for scale-invariant weights
     lr_power: float = DEFAULT_LR_POWER    # scale-invariant weights step with lr0 * (lr / lr0) ** lr_power
     angle_power: float = 1.0              # rotational mode: the angle follows (lr / lr0) ** angle_power
@@ -59,7 +60,8 @@ def build_fixnorm(model: nn.Module, cfg: TrainConfig, example: torch.Tensor) -> 
                         fc_granularity=s.fc_granularity, others=s.others, others_weight_decay=s.others_weight_decay,
                         free_steps=s.free_steps, fc_scale=s.fc_scale, norm_scale=s.norm_scale, lr_power=s.lr_power,
                         angular_update=s.angular_update, angle_power=s.angle_power, norm_drift=s.norm_drift,
-                        equilibrium_wd=s.equilibrium_wd, fc_free_steps=s.fc_free_steps, **kwargs)
+                        equilibrium_wd=s.equilibrium_wd, fc_free_steps=s.fc_free_steps,
+                        warmup_count=s.warmup_count, **kwargs)
     if s.norm_replay is not None:  # "{seed}" in the path: each seed replays its own reference run
         replay_norms(optimizer, model, s.norm_replay.replace("{seed}", str(cfg.seed)), s.norm_replay_roles)
     return optimizer
