@@ -186,8 +186,8 @@ class FixNorm(torch.optim.Optimizer):
         warmup_count: whether the free phases are counted in full-lr steps through a warm-up: "auto" (default)
             over SGD, where how far training moves a norm is set by the lr it moves it with, and not over other
             bases (an adaptive step grows the norms by about as much at any lr, so a longer phase only takes
-            larger norms: over Adam the count cost 0.12 points, measured in docs/fixnorm.md); True over any base;
-            False never (a warm-up is then ignored and each phase is ``free_steps`` steps).
+            larger norms: over Adam the count cost 0.15 ± 0.02 points on 16 seeds, docs/fixnorm.md); True over
+            any base; False never (a warm-up is then ignored and each phase is ``free_steps`` steps).
         **base_kwargs: passed to ``base`` (lr, momentum, betas, ...).
     """
 
