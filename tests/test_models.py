@@ -14,8 +14,9 @@ def _n_params(model: torch.nn.Module) -> int:
 @pytest.mark.parametrize("name", [n for n in list_models() if n not in ("resnet110", "wrn28_10")])
 def test_forward_shape(name):
     torch.manual_seed(0)
-    size = 64 if name in ("resnet50", "mobilenetv2", "efficientnet_b0") else 28 if name == "small_cnn" else 32
-    in_channels = 1 if name == "small_cnn" else 3
+    grey = name in ("small_cnn", "fast_cnn")  # Fashion-MNIST models: 28x28, one channel
+    size = 64 if name in ("resnet50", "mobilenetv2", "efficientnet_b0") else 28 if grey else 32
+    in_channels = 1 if grey else 3
     model = create_model(name, num_classes=7, in_channels=in_channels)
     out = model(torch.randn(2, in_channels, size, size))
     assert out.shape == (2, 7)
@@ -23,7 +24,7 @@ def test_forward_shape(name):
 
 
 def test_registry_lists_the_reference_models():
-    assert {"small_cnn", "resnet20", "resnet32", "resnet56", "resnet110", "resnet50"} <= set(list_models())
+    assert {"small_cnn", "fast_cnn", "resnet20", "resnet32", "resnet56", "resnet110", "resnet50"} <= set(list_models())
     assert {"preact_resnet18", "wrn16_4", "wrn28_10", "mobilenetv2", "mobilenetv2_cifar", "efficientnet_b0",
             "efficientnet_b0_cifar"} <= set(list_models())  # the zoo, tested in test_models_zoo.py
 
@@ -44,6 +45,29 @@ def test_convs_have_no_bias_and_are_followed_by_bn():
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert all(c.bias is None for c in convs) and len(convs) == len(bns)
+
+
+def test_fast_cnn_pools_early_and_every_conv_is_scale_invariant():
+    """One conv at full resolution, the rest at 1/2 or less; every conv is followed by BN (FixNorm holds each filter)
+    and the final linear is the classifier, as measured by the role analysis."""
+    import fixnorm
+
+    torch.manual_seed(0)
+    model = create_model("fast_cnn", in_channels=1)
+    assert 280_000 <= _n_params(model) <= 300_000  # width 32
+    sizes = []
+    hooks = [m.register_forward_hook(lambda m, i, o: sizes.append(o.shape[-1]))
+             for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    model(torch.randn(2, 1, 28, 28))
+    for h in hooks:
+        h.remove()
+    assert sizes == [28, 14, 14, 7, 7, 3]
+    roles = fixnorm.analyze(model, torch.randn(4, 1, 28, 28))
+    convs = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    assert {n: roles.scale_invariant.get(n) for n in convs} == dict.fromkeys(convs, "filter"), roles.table()
+    assert roles.classifier == ["classifier.weight"]
+    with pytest.raises(ValueError, match="width"):
+        create_model("fast_cnn", width=0)
 
 
 def test_zero_init_residual():

@@ -10,6 +10,7 @@ from torch import nn
 from fixnorm.errors import FixNormError
 from fixnorm.models.cifar_resnet import CifarResNet, resnet20, resnet32, resnet56, resnet110
 from fixnorm.models.efficientnet import EfficientNet, efficientnet_b0, efficientnet_b0_cifar
+from fixnorm.models.fast_cnn import FastCNN
 from fixnorm.models.mobilenetv2 import MobileNetV2, mobilenetv2, mobilenetv2_cifar
 from fixnorm.models.preact_resnet import PreActResNet, preact_resnet18
 from fixnorm.models.resnet import ResNet, resnet50
@@ -46,6 +47,7 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **kw) -
 
 for _name, _factory in {
     "small_cnn": SmallCNN,
+    "fast_cnn": FastCNN,
     "resnet20": resnet20,
     "resnet32": resnet32,
     "resnet56": resnet56,
@@ -64,6 +66,7 @@ for _name, _factory in {
 __all__ = [
     "CifarResNet",
     "EfficientNet",
+    "FastCNN",
     "MobileNetV2",
     "PreActResNet",
     "ResNet",
