@@ -160,7 +160,7 @@ def test_method_trains_records_resumes_bit_for_bit_and_composes_with_fixnorm(tmp
     composed = Trainer(make_config(TINY, {"method_kwargs": {"afan": {"optimizer": "fixnorm"}}}), tmp_path / "fx")
     assert isinstance(composed.optimizer, FixNorm) and isinstance(composed.train_step, AFANStep)
     written = composed.cfg.method_kwargs["fixnorm"]  # its settings written out in full too: the recipe's, defaults
-    assert written["free_steps"] == 10 and written["lr_power"] == 0.5 and written["norm_drift"] == "auto"
+    assert written["free_steps"] == 10 and written["lr_power"] == "auto" and written["norm_drift"] == "auto"
     for bad, message in (({"split": "stage9"}, "offers"), ({"optimizer": "afan"}, "not afan itself"),
                          ({"random_start": True}, "needs an epsilon"), ({"bn_mode": "eval"}, "bn_mode"),
                          ({"strengths": [0.5]}, "one entry per point"),

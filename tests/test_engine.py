@@ -507,9 +507,9 @@ def test_states_saved_at_chosen_steps_are_the_run_at_those_steps_and_change_noth
 
 @needs_fmnist
 def test_a_run_saved_before_a_setting_existed_resumes_with_the_value_it_trained_with(tmp_path):
-    """Runs from before the free phase, the schedule law, drifting norms, the equilibrium ceiling and the classifier's
-    own free phase resume with free_steps=0, lr_power=1, fixed norms, no ceiling and the classifier held with the
-    rest."""
+    """Runs from before the free phase, the schedule law, drifting norms, the equilibrium ceiling, the classifier's
+    own free phase and the drift that follows the lr resume with free_steps=0, lr_power=1, fixed norms, no ceiling,
+    the classifier held with the rest and a drift that does not follow the lr."""
     from fixnorm.train.checkpoint import save_checkpoint
     from fixnorm.methods.fixnorm_method import fixnorm_settings
     from fixnorm.train.config import SETTINGS_BEFORE_THEY_EXISTED
@@ -526,6 +526,7 @@ def test_a_run_saved_before_a_setting_existed_resumes_with_the_value_it_trained_
     settings = fixnorm_settings(resumed.cfg)
     assert settings.free_steps == 0 and settings.lr_power == 1.0 and settings.norm_drift is None
     assert settings.equilibrium_wd is None and settings.fc_free_steps == "free_steps" and settings.warmup_count is True
+    assert settings.drift_follows_lr is False
     assert resumed.cfg.method_kwargs["fixnorm"]["free_steps"] == 0  # written out in full from now on
     assert resumed.fit()["final_test_acc"] == train(cfg, tmp_path / "straight")["final_test_acc"]
 

@@ -503,7 +503,8 @@ def test_free_phase_holds_explicit_targets_from_the_first_step():
 
 @pytest.mark.parametrize("drift,ceiling,extra", [
     (None, None, {}), (3, None, {}), (3, 3e-2, {}), ("auto", "auto", {"base": torch.optim.Adam, "lr": 0.01}),
-    (None, None, {"fc_free_steps": 5})], ids=["fixed", "drifting", "ceiling", "adam-free-classifier", "classifier-later"])
+    (None, None, {"fc_free_steps": 5}), ("auto", 5e-3, {"drift_follows_lr": True})],
+    ids=["fixed", "drifting", "ceiling", "adam-free-classifier", "classifier-later", "weight-decay"])
 def test_resume_inside_and_after_the_free_phase_is_bit_identical(drift, ceiling, extra):
     data = batches(8)
     for stop in (2, 6):  # inside the free phase (4 steps) and after it
@@ -880,39 +881,55 @@ def test_lr_power_steps_scale_invariant_weights_with_lr_ref_times_the_schedule_f
     assert scheduler.get_last_lr()[0] == pytest.approx(0.05)
 
 
-@pytest.mark.parametrize("ceiling", [None, 6e-3], ids=["as-taken", "ceiling"])
-def test_norm_drift_moves_held_norms_as_the_fourth_root_of_the_unit_gradient_mean_square(ceiling):
+# lr 0.3, momentum 0.9: weight decay's relaxation time (1 - m) / (4 lr wd) is 4 steps at this wd
+WD_RELAXING_IN_4_STEPS = 0.1 / (4 * 0.3 * 4)
+
+
+@pytest.mark.parametrize("ceiling,follows_lr", [(None, False), (6e-3, False), (WD_RELAXING_IN_4_STEPS, True)],
+                         ids=["as-taken", "ceiling", "weight-decay"])
+def test_norm_drift_moves_held_norms_as_the_fourth_root_of_the_unit_gradient_mean_square(ceiling, follows_lr):
     """The held norm after step k is its norm when taken times (m_k / m_taken) ** 1/4, m the bias-corrected running
     mean (time constant N steps, from the middle of the free phase) of (|g| |w|)**2, |w| the norm the gradient was
     computed at; the classifier stays. With equilibrium_wd the norm taken is min(norm, (K m_taken) ** 1/4), K =
-    lr / (2 wd (1 - momentum)) weight decay's equilibrium constant: here it caps the first conv, not the second."""
+    lr / (2 wd (1 - momentum)) weight decay's equilibrium constant: here it caps the first conv, not the second.
+    With drift_follows_lr N is weight decay's relaxation time at the lr of construction, and under a
+    schedule at factor r the mean takes r (|g| |w|)**2 with weight r / N, corrected by the sum of the weights."""
     data, free, n, lr, momentum = batches(9), 4, 4, 0.3, 0.9
+    factors = [1.0, 1.0, 0.8, 0.5, 0.9, 0.3, 0.2, 0.6, 0.1] if follows_lr else [1.0] * 9
     model = small_net()
-    opt = _FixNorm(model, data[0][0], free_steps=free, norm_drift=n, equilibrium_wd=ceiling, lr=lr,
-                   momentum=momentum)
+    opt = _FixNorm(model, data[0][0], free_steps=free, norm_drift="auto" if follows_lr else n, equilibrium_wd=ceiling,
+                   drift_follows_lr=follows_lr, lr=lr, momentum=momentum)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: factors[min(step, 8)])
     convs = [model[0].weight, model[3].weight]
     # the same run without balancing shows the norms the free phase reached (balancing projects inside the step)
     twin = small_net()
-    twin_opt = _FixNorm(twin, data[0][0], free_steps=free, norm_drift=n, lr=0.3, momentum=0.9)
-    beta, mean, taken, ref = 1 - 1 / n, [0.0, 0.0], None, None
+    twin_opt = _FixNorm(twin, data[0][0], free_steps=free, norm_drift=n, equilibrium_wd=None,
+                        drift_follows_lr=follows_lr, lr=0.3, momentum=0.9)
+    twin_schedule = torch.optim.lr_scheduler.LambdaLR(twin_opt, lambda step: factors[min(step, 8)])
+    mean, weight, taken, ref = [0.0, 0.0], 0.0, None, None
     fc_norm = None
     for k, (x, y) in enumerate(data, start=1):
+        r = factors[k - 1]
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         grads = [float(w.grad.detach().norm()) for w in convs]
         norm_before = [float(w.detach().norm()) for w in convs]
         opt.step()
+        schedule.step()
         if k <= free:  # free phase: the gradient was computed at about the norm the step ends at (no projection)
             twin_opt.zero_grad()
             F.cross_entropy(twin(x), y).backward()
             twin_opt.step()
+            twin_schedule.step()
             at = [float(twin[i].weight.detach().norm()) for i in (0, 3)]
         else:
             at = norm_before
         if k <= free // 2:  # the first half of the free phase is not counted
             continue
-        mean = [beta * m + (1 - beta) * (g * a) ** 2 for m, g, a in zip(mean, grads, at)]
-        corrected = [m / (1 - beta ** (k - free // 2)) for m in mean]
+        rate, value = (r / n, r) if follows_lr else (1 / n, 1.0)
+        mean = [(1 - rate) * m + rate * value * (g * a) ** 2 for m, g, a in zip(mean, grads, at)]
+        weight = (1 - rate) * weight + rate
+        corrected = [m / weight for m in mean]
         if k == free:
             ref = corrected
             if ceiling is not None:
@@ -920,7 +937,8 @@ def test_norm_drift_moves_held_norms_as_the_fourth_root_of_the_unit_gradient_mea
                 taken = [min(a, (k_wd * r) ** 0.25) for a, r in zip(at, ref)]
                 for w, t in zip(convs, taken):
                     assert float(w.detach().norm()) == pytest.approx(t, rel=1e-4)
-                assert [t < a for a, t in zip(at, taken)] == [True, False]
+                if not follows_lr:
+                    assert [t < a for a, t in zip(at, taken)] == [True, False]
             else:
                 taken = [float(w.detach().norm()) for w in convs]
             fc_norm = float(model[8].weight.detach().norm())
@@ -1003,6 +1021,64 @@ def test_the_equilibrium_ceiling_is_where_sgd_with_weight_decay_settles():
     assert float(held[0].weight.detach().norm()) ** 4 > 10 * norm4_sgd
     norm4_held, _ = run(held, opt, 2000)
     assert norm4_held == pytest.approx(norm4_sgd, rel=0.25)
+
+
+def test_weight_decay_drift_follows_sgd_with_weight_decay_through_an_lr_drop():
+    """drift_follows_lr: on a stationary problem SGD + weight decay settles at its equilibrium norm; after
+    the lr drops 10x its equilibrium falls by 10 ** (1/4) but the norm gets there only at the lower lr's slow rate.
+    FixNorm's held norm follows the same path (and so the same angle per step, at lr_power 1), while a drift with a
+    constant time constant relaxes as fast after the drop as before it."""
+    lr, wd, momentum, before, after = 0.1, 5e-3, 0.9, 400, 300
+
+    def net() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(32, 16, bias=False), nn.BatchNorm1d(16, affine=False), nn.ReLU(),
+                             nn.Linear(16, 4))
+
+    def norms4(model: nn.Module, opt: torch.optim.Optimizer) -> list[float]:
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 if step < before else 0.1)
+        gen = torch.Generator().manual_seed(1)
+        out = []
+        for _ in range(before + after):
+            x, y = torch.randn(64, 32, generator=gen), torch.randint(0, 4, (64,), generator=gen)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            schedule.step()
+            out.append(float(model[0].weight.detach().norm()) ** 4)
+        return out
+
+    def shrink(path: list[float]) -> float:  # norm**4 over the last 50 steps against the 50 before the drop
+        return (sum(path[-50:]) / 50) / (sum(path[before - 50:before]) / 50)
+
+    decayed = net()
+    sgd = torch.optim.SGD([{"params": [decayed[0].weight], "weight_decay": wd},
+                           {"params": decayed[3].parameters()}], lr=lr, momentum=momentum)
+    sgd_shrink = shrink(norms4(decayed, sgd))
+    # the relaxation time at lr 0.01 is 500 steps: 300 steps move norm**4 about 45% of the way down to 1/10
+    assert 0.45 < sgd_shrink < 0.75
+    held = net()
+    opt = _FixNorm(held, torch.randn(8, 32), free_steps=20, drift_follows_lr=True, equilibrium_wd=wd, lr=lr,
+                   momentum=momentum)
+    assert opt._waiting[0][0].drift_steps == 50  # (1 - 0.9) / (4 * 0.1 * 5e-3)
+    assert shrink(norms4(held, opt)) == pytest.approx(sgd_shrink, rel=0.15)
+    constant = net()
+    opt = _FixNorm(constant, torch.randn(8, 32), free_steps=20, norm_drift=50, equilibrium_wd=wd, lr=lr,
+                   momentum=momentum, drift_follows_lr=False)
+    # its norm relaxes at the old rate after the drop (toward the falling gradient scale): far below weight decay's
+    assert shrink(norms4(constant, opt)) < 0.6 * sgd_shrink
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"base": torch.optim.Adam}, "SGD \\+ weight decay's norm dynamics"), ({"lr_power": 0.5}, "a second time"),
+    ({"free_steps": 0}, "needs free_steps"), ({"dampening": 0.1}, "no dampening"),
+    ({"equilibrium_wd": -1.0}, "positive weight decay"), ({"drift_follows_lr": "yes"}, "'auto', True or False")])
+def test_weight_decay_drift_errors(kwargs, message):
+    settings = {"free_steps": 3, "drift_follows_lr": True, "lr": 0.1, **kwargs}
+    with pytest.raises(FixNormError, match=message):
+        _FixNorm(small_net(), batches(1)[0][0], **settings)
+    with pytest.raises(FixNormError, match="drift_steps"):
+        HoldNorms([small_net()[0].weight], from_step=3, drift_lr=lambda: 1.0)
 
 
 @pytest.mark.parametrize("kwargs", [{"free_steps": 0}, {"granularity": "filter"}, {"target": 2.0},

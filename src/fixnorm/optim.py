@@ -46,6 +46,7 @@ DEFAULT_NORM_DRIFT = 500
 # them back within (1 - momentum) / (4 lr wd) steps. 5e-4 is the usual weight decay of the recipes FixNorm replaces
 # (ResNets on CIFAR-style data). Measured in docs/fixnorm.md ("The fourth fix").
 DEFAULT_EQUILIBRIUM_WD = 5e-4
+DEFAULT_DRIFT_FOLLOWS_LR = False
 
 
 def equilibrium_constant(equilibrium_wd: float | str | None, norm_drift: int | None,
@@ -76,6 +77,29 @@ def equilibrium_constant(equilibrium_wd: float | str | None, norm_drift: int | N
         raise FixNormError(problems[0])
     return equilibrium_constant_of(float(base_kwargs["lr"]), float(equilibrium_wd),
                                    float(base_kwargs.get("momentum", 0.0)))
+
+
+def weight_decay_relaxation_steps(equilibrium_wd: float | str | None, drift_applies: bool,
+                                  base: type[torch.optim.Optimizer], base_kwargs: Mapping[str, Any]) -> int:
+    """Weight decay's relaxation time in steps at the lr of construction, ``(1 - m) / (4 lr wd)``, for
+    ``drift_follows_lr`` (wd: ``equilibrium_wd``, ``DEFAULT_EQUILIBRIUM_WD`` for "auto" or None), with clear errors
+    where SGD's law does not apply."""
+    if not drift_applies:
+        raise FixNormError("drift_follows_lr moves the norms training chose: it needs free_steps >= 1, "
+                           "target='initial', granularity='tensor' and no angular_update")
+    if not issubclass(base, torch.optim.SGD):
+        raise FixNormError(f"drift_follows_lr follows SGD + weight decay's norm dynamics; {base.__name__} has "
+                           "others. Use drift_follows_lr=False with this base")
+    if base_kwargs.get("dampening", 0) or "lr" not in base_kwargs:
+        raise FixNormError("drift_follows_lr needs the lr given to FixNorm and no dampening: weight decay's "
+                           "relaxation time depends on both")
+    wd = DEFAULT_EQUILIBRIUM_WD if equilibrium_wd in ("auto", None) else equilibrium_wd
+    if isinstance(wd, bool) or not isinstance(wd, (int, float)) or not (math.isfinite(wd) and wd > 0):
+        raise FixNormError(f"equilibrium_wd must be 'auto', None or a positive weight decay, got {equilibrium_wd!r}")
+    lr, momentum = float(base_kwargs["lr"]), float(base_kwargs.get("momentum", 0.0))
+    if not (lr > 0):
+        raise FixNormError(f"drift_follows_lr needs a positive lr, got {lr}")
+    return max(1, round((1.0 - momentum) / (4.0 * lr * float(wd))))
 
 
 def classifier_free_steps(fc_free_steps: int | str | None, free_steps: int, base: type[torch.optim.Optimizer],
@@ -143,8 +167,9 @@ class FixNorm(torch.optim.Optimizer):
             weight decay's equilibrium angle sqrt(2 lr wd / (1 + momentum)) does.
         lr_power: the scale-invariant weights step with ``lr0 * (lr / lr0) ** lr_power`` (lr0: the
             lr at construction): 0.5 makes their effective-LR schedule follow the square root of
-            the schedule, as weight decay's equilibrium angle does (default ``DEFAULT_LR_POWER``, 0.5);
-            1 makes the schedule itself theirs. A constant schedule is unaffected.
+            the schedule, as weight decay's equilibrium angle does; 1 makes the schedule itself theirs.
+            "auto" (default): 1 where the drift follows the lr (``drift_follows_lr``: the norm carries the
+            square-root law), ``DEFAULT_LR_POWER`` (0.5) otherwise. A constant schedule is unaffected.
         norm_drift: the scale-invariant weights' held norms drift with their gradient scale as
             weight decay's equilibrium norms do (``HoldNorms(drift_steps=...)``: a running mean over
             this many steps of the squared unit-norm gradient, the norm going as its fourth root,
@@ -155,6 +180,17 @@ class FixNorm(torch.optim.Optimizer):
             bases the step's size, and so weight decay's equilibrium norm, does not depend on the gradient's
             scale (measured: over Adam the drift cost 0.15 ± 0.04 points, docs/fixnorm.md). A number asks
             for it (an error where it cannot apply); None: fixed norms.
+        drift_follows_lr: the drifting norms follow weight decay's norm dynamics in the lr as well:
+            ``|w|**4`` relaxes toward ``K * lr * |g~|**2`` at weight decay's rate, ``(lr / lr0) / N`` per
+            step, N = ``norm_drift`` ("auto": weight decay's relaxation time at lr0, ``(1 - momentum) /
+            (4 lr0 wd)`` with wd ``equilibrium_wd``, 5e-4 for "auto" or None) (``HoldNorms(drift_lr=...)``).
+            While the lr is large the held norm goes as ``lr ** (1/4)`` (the square-root law of the angle);
+            once the lr is too small for weight decay to move a norm within the run, the norm freezes and the
+            angle follows the lr, as under SGD + weight decay late in a decaying schedule or right after a
+            milestone drop. The weights then step with the scheduler's lr (``lr_power`` "auto" is 1; another
+            value is an error). True needs an SGD base, the lr and drifting norms; "auto" (default):
+            ``DEFAULT_DRIFT_FOLLOWS_LR`` where those hold and ``lr_power`` is "auto" or 1; False: the drift
+            keeps a fixed time constant and the lr's law is ``lr_power``'s.
         equilibrium_wd: with drifting norms (SGD base): no scale-invariant weight is held above the norm
             SGD with this weight decay settles at, ``|w|**4 = K |g~|**2`` with ``K = lr / (2 wd (1 - momentum))``
             (lr and momentum as given to FixNorm; ``HoldNorms(ceiling=K)``). Weight decay pulls a norm above
@@ -210,8 +246,9 @@ class FixNorm(torch.optim.Optimizer):
         free_steps: int = DEFAULT_FREE_STEPS,
         fc_scale: float = 1.0,
         norm_scale: float = 1.0,
-        lr_power: float = DEFAULT_LR_POWER,
+        lr_power: float | str = "auto",
         norm_drift: int | str | None = "auto",
+        drift_follows_lr: bool | str = "auto",
         equilibrium_wd: float | str | None = "auto",
         fc_free_steps: int | str | None = "auto",
         total_steps: int | None = None,
@@ -231,9 +268,9 @@ class FixNorm(torch.optim.Optimizer):
         if not (isinstance(angle_power, (int, float)) and not isinstance(angle_power, bool) and angle_power > 0
                 and math.isfinite(angle_power)):
             raise FixNormError(f"angle_power must be a positive number, got {angle_power!r}")
-        if isinstance(lr_power, bool) or not isinstance(lr_power, (int, float)) or not (
-                math.isfinite(lr_power) and lr_power > 0):
-            raise FixNormError(f"lr_power must be a positive number, got {lr_power!r}")
+        if lr_power != "auto" and (isinstance(lr_power, bool) or not isinstance(lr_power, (int, float)) or not (
+                math.isfinite(lr_power) and lr_power > 0)):
+            raise FixNormError(f"lr_power must be 'auto' or a positive number, got {lr_power!r}")
         if isinstance(fc_scale, bool) or not isinstance(fc_scale, (int, float)) or not (
                 math.isfinite(fc_scale) and fc_scale > 0):
             raise FixNormError(f"fc_scale must be a positive number, got {fc_scale!r}")
@@ -255,6 +292,23 @@ class FixNorm(torch.optim.Optimizer):
         self.warmup_count: bool = issubclass(base, torch.optim.SGD) if warmup_count == "auto" else warmup_count
         fc_free_steps = classifier_free_steps(fc_free_steps, free_steps, base, fc_norm, fc_scale)
         drift_applies = free_steps > 0 and target == "initial" and granularity == "tensor" and angular_update is None
+        if drift_follows_lr not in (True, False, "auto"):
+            raise FixNormError(f"drift_follows_lr must be 'auto', True or False, got {drift_follows_lr!r}")
+        if drift_follows_lr == "auto":  # weight decay's law over SGD where the norms drift, unless lr_power is set
+            drift_follows_lr = (DEFAULT_DRIFT_FOLLOWS_LR and drift_applies and issubclass(base, torch.optim.SGD)
+                                and norm_drift is not None and lr_power in ("auto", 1))
+        if drift_follows_lr:
+            relaxation = weight_decay_relaxation_steps(equilibrium_wd, drift_applies, base, base_kwargs)
+            if norm_drift == "auto":
+                norm_drift = relaxation
+            if lr_power == "auto":
+                lr_power = 1.0
+            elif lr_power != 1:
+                raise FixNormError("drift_follows_lr moves the held norms with the lr as weight decay's do, which "
+                                   f"already gives the square-root law; lr_power={lr_power} would apply the lr's law "
+                                   "a second time: leave lr_power at 'auto' (1)")
+        if lr_power == "auto":
+            lr_power = DEFAULT_LR_POWER
         if norm_drift == "auto":  # the drift is SGD's law: an adaptive step's size ignores the gradient's scale
             norm_drift = DEFAULT_NORM_DRIFT if drift_applies and issubclass(base, torch.optim.SGD) else None
         elif norm_drift is not None:
@@ -370,7 +424,9 @@ class FixNorm(torch.optim.Optimizer):
         # the rules that wait for a free phase, with its length in full-lr steps (count_warmup stretches them)
         self._waiting: list[tuple[HoldNorms, int]] = [
             (HoldNorms(ps, names=ns, per=c, from_step=k, scale=sc, drift_steps=norm_drift if d else None,
-                       ceiling=ceiling if d else None), k)
+                       ceiling=ceiling if d else None,
+                       drift_lr=self._lr_ratio_of("scale_invariant", c, float(base_kwargs["lr"]))
+                       if d and drift_follows_lr else None), k)
             for (c, d, k), (ps, ns, sc) in later.items()]
         rules += [rule for rule, _ in self._waiting]
         # attached to this optimizer itself: the projection runs as its first step post-hook, and the targets and
@@ -409,6 +465,16 @@ class FixNorm(torch.optim.Optimizer):
     @defaults.setter
     def defaults(self, value: dict[str, Any]) -> None:
         self.base.defaults = value
+
+    def _lr_ratio_of(self, role: str, constraint: str, lr0: float) -> Callable[[], float]:
+        """The scheduler's lr of the group (role, constraint) over ``lr0``, read when called (the group is looked up
+        each time: ``load_state_dict`` replaces the group dicts)."""
+        def ratio() -> float:
+            for g in self.base.param_groups:
+                if g.get("role") == role and g.get("constraint") == constraint:
+                    return float(g["lr"]) / lr0
+            raise FixNormError(f"no {role} group with constraint {constraint!r}: were the param groups replaced?")
+        return ratio
 
     def _init_hooks(self) -> None:
         """The hook tables torch.optim.Optimizer.__init__ would create, without its own param groups."""

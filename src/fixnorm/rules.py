@@ -172,17 +172,28 @@ class HoldNorms(Rule):
             ``(1 - m) / (4 * lr * lambda)`` steps, while the free phase has only the growth half of that dynamics. With
             K given here, each norm taken is ``min(norm, (K * |g~|**2) ** (1/4))``, ``|g~|**2`` the running mean the
             drift keeps. None (default): the norms as the free phase left them.
+        drift_lr: with ``drift_steps``: a function returning the scheduler's lr over the lr at construction,
+            read once per step. The drift then follows weight decay's norm dynamics in the lr too: ``|w|**4``
+            relaxes toward ``K * lr * |g~|**2`` at weight decay's rate, ``drift_lr() / drift_steps`` per step
+            (``drift_steps`` is the relaxation time at the lr of construction, ``(1 - m) / (4 * lr * lambda)``). The
+            running mean is of ``drift_lr() * (|g| * |w|)**2`` with that per-step weight, and corrected by the
+            weights' sum. Under a decaying schedule the held norm then shrinks as ``lr ** (1/4)`` while the lr is
+            large and freezes once weight decay could no longer move it, so the weights should step with the
+            scheduler's lr (``lr_power=1``): the norm carries the square-root law. None (default): a constant time
+            constant, the lr's law left to ``lr_power``.
     """
 
     state_fields: tuple[str, ...] = ("target", "held")
     DRIFT_ONLY_FIELDS = ("grad_sq", "grad_sq_ref", "base_target")  # checkpointed too when the norms drift
+    DRIFT_LR_FIELDS = ("grad_sq_weight",)  # and the running mean's weight when the drift follows the lr
     DRIFT_FLOOR = 1e-3  # a drift factor never goes below this: a vanished gradient does not zero a weight
 
     def __init__(self, params: Sequence[torch.Tensor], *, names: Sequence[str] | None = None, per: str = "tensor",
                  targets: Sequence[torch.Tensor] | None = None, from_step: int | None = 0,
                  scale: Mapping[int, float] | None = None,
                  on_hold: Callable[[HoldNorms], None] | None = None,
-                 drift_steps: int | None = None, ceiling: float | None = None) -> None:
+                 drift_steps: int | None = None, ceiling: float | None = None,
+                 drift_lr: Callable[[], float] | None = None) -> None:
         if per not in ("tensor", "filter"):
             raise FixNormError(f"HoldNorms per must be 'tensor' or 'filter', got {per!r}")
         if drift_steps is not None:
@@ -192,6 +203,9 @@ class HoldNorms(Rule):
                 raise FixNormError("drifting norms need per='tensor' and norms taken after a free phase "
                                    "(targets=None, from_step >= 1): the drift is measured against the gradient "
                                    "scale at the moment the norms are taken")
+        if drift_lr is not None and drift_steps is None:
+            raise FixNormError("drift_lr makes the drift follow the lr; give drift_steps (the relaxation time at the "
+                               "lr of construction) too")
         if ceiling is not None:
             if drift_steps is None:
                 raise FixNormError("ceiling caps the norms from each weight's gradient scale, which only drifting "
@@ -219,8 +233,11 @@ class HoldNorms(Rule):
         self._kernels: list[tuple[list[torch.Tensor], Any]] | None = None
         self._layout: list[tuple[torch.device, torch.dtype]] = []
         self.drift_steps = drift_steps
+        self.drift_lr = drift_lr
+        self._mean_weight = 0.0  # with drift_lr: the sum of the running mean's weights so far (its correction)
         if drift_steps is not None:
-            self.state_fields = HoldNorms.state_fields + self.DRIFT_ONLY_FIELDS
+            self.state_fields = HoldNorms.state_fields + self.DRIFT_ONLY_FIELDS + (
+                self.DRIFT_LR_FIELDS if drift_lr is not None else ())
             self._grad_sq = [torch.zeros((), dtype=torch.float32, device=p.device) for p in self.params]
             self._grad_sq_ref: list[torch.Tensor] | None = None
             self._stacks: list[Any] | None = None  # see _drift_stacks
@@ -319,24 +336,40 @@ class HoldNorms(Rule):
             flags.flag(bad, params, "has a zero or non-finite norm after the step (a NaN/inf gradient?)")
 
     # -- drifting norms --------------------------------------------------------------------------
+    def _lr_step(self) -> float:
+        """With ``drift_lr``: the lr ratio of this step, after adding its weight to the running mean's sum."""
+        assert self.drift_lr is not None and self.drift_steps is not None
+        ratio = float(self.drift_lr())
+        if not (math.isfinite(ratio) and ratio >= 0):
+            raise FixNormError(f"drifting norms that follow the lr got an lr ratio of {ratio!r}; the scheduler's lr "
+                               "must be finite and >= 0")
+        rate = min(ratio / self.drift_steps, 1.0)
+        self._mean_weight = (1.0 - rate) * self._mean_weight + rate
+        return ratio
+
     @torch.no_grad()
-    def _track_grad_sq(self) -> None:
+    def _track_grad_sq(self, ratio: float | None) -> None:
         """During the free phase: one step of each weight's running mean of (|g| * |w|)**2, |w| its norm now (no
         projection moves it). Once the norms are held :meth:`_drift_step` does this on stacks."""
         for bucket in _bucket_by_layout(self.params):
             params = [self.params[i] for i in bucket]
             old = torch.stack([self._grad_sq[i] for i in bucket])
-            new = self._next_mean(old, params, tensor_norms_fp32(params).float())
+            new = self._next_mean(old, params, tensor_norms_fp32(params).float(), ratio)
             for i, v in zip(bucket, new.unbind(0)):
                 self._grad_sq[i] = v
 
-    def _next_mean(self, mean: torch.Tensor, params: list[torch.Tensor], weight_norms: torch.Tensor) -> torch.Tensor:
-        """``mean`` (stacked, one per parameter) after one more step of (|g| * |w|)**2; a non-finite value leaves
-        it as it was."""
-        beta = 1.0 - 1.0 / self.drift_steps
+    def _next_mean(self, mean: torch.Tensor, params: list[torch.Tensor], weight_norms: torch.Tensor,
+                   ratio: float | None) -> torch.Tensor:
+        """``mean`` (stacked, one per parameter) after one more step of (|g| * |w|)**2 (times the lr ratio, at the
+        lr's rate, with ``drift_lr``); a non-finite value leaves it as it was."""
+        assert self.drift_steps is not None
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         value = (tensor_norms_fp32(grads).float() * weight_norms) ** 2
-        return torch.where(torch.isfinite(value), beta * mean + (1.0 - beta) * value, mean)
+        if ratio is None:
+            beta = 1.0 - 1.0 / self.drift_steps
+            return torch.where(torch.isfinite(value), beta * mean + (1.0 - beta) * value, mean)
+        rate = min(ratio / self.drift_steps, 1.0)
+        return torch.where(torch.isfinite(value), (1.0 - rate) * mean + rate * ratio * value, mean)
 
     def _drift_start(self) -> int:
         """The running mean counts the steps after this one: the second half of the free phase on."""
@@ -344,6 +377,8 @@ class HoldNorms(Rule):
 
     def _correction(self, step: int) -> float:
         """What the running means are divided by after ``step`` steps: they started at zero."""
+        if self.drift_lr is not None:  # the sum of the weights so far (at least one tiny one: never a division by 0)
+            return max(self._mean_weight, torch.finfo(torch.float32).tiny)
         return 1.0 - (1.0 - 1.0 / self.drift_steps) ** max(step - self._drift_start(), 1)
 
     def _grad_sq_mean(self, step: int) -> list[torch.Tensor]:
@@ -370,21 +405,22 @@ class HoldNorms(Rule):
         return self._stacks
 
     @torch.no_grad()
-    def _drift_step(self, step: int) -> None:
+    def _drift_step(self, step: int, ratio: float | None) -> None:
         """Once the norms are held: update the running means and move every target, a few kernels per bucket."""
         correction = self._correction(step)
         tiny = torch.finfo(torch.float32).tiny
         for _, params, mean, ref, base, targets in self._drift_stacks():
-            mean.copy_(self._next_mean(mean, params, targets))  # targets: the norms the gradients were taken at
+            mean.copy_(self._next_mean(mean, params, targets, ratio))  # targets: the norms the gradients were taken at
             factor = torch.where(ref > 0, (mean / correction / ref.clamp_min(tiny)) ** 0.25, torch.ones_like(ref))
             targets.copy_(base * factor.clamp_min(self.DRIFT_FLOOR))
 
     def apply_(self, step: int, flags: DeviceFlags) -> None:
         if self.drift_steps is not None and step > self._drift_start():
+            ratio = self._lr_step() if self.drift_lr is not None else None
             if self.targets is not None:
-                self._drift_step(step)
+                self._drift_step(step, ratio)
             else:
-                self._track_grad_sq()
+                self._track_grad_sq(ratio)
         if self.targets is None:
             if self._from_step is None:
                 raise FixNormError("the step from which the norms are held (HoldNorms.from_step, LAWN's "
@@ -429,6 +465,8 @@ class HoldNorms(Rule):
                                          else torch.ones((), dtype=torch.float32))
                 out[i]["base_target"] = (self._base[i].detach().clone() if held_now
                                          else torch.ones((), dtype=torch.float32))
+                if self.drift_lr is not None:
+                    out[i]["grad_sq_weight"] = torch.tensor(self._mean_weight, dtype=torch.float64)
         return out
 
     def load_param_state(self, entries: dict[int, dict[str, torch.Tensor]], step: int) -> None:
@@ -442,10 +480,14 @@ class HoldNorms(Rule):
             raise FixNormError(f"the saved 'held' flags {sorted(held)} are not all 0 or all 1")
         self._kernels = None
         if self.drift_steps is not None:
-            missing = [f for f in self.DRIFT_ONLY_FIELDS if not all(f in e for e in entries.values())]
+            fields = self.DRIFT_ONLY_FIELDS + (self.DRIFT_LR_FIELDS if self.drift_lr is not None else ())
+            missing = [f for f in fields if not all(f in e for e in entries.values())]
             if missing:
-                raise FixNormError(f"the saved norm state has no {missing}: it was saved without drifting norms; "
+                raise FixNormError(f"the saved norm state has no {missing}: it was saved without drifting norms "
+                                   f"{'that follow the lr ' if self.drift_lr is not None else ''}(another norm_drift); "
                                    "resume with the settings it was trained with")
+            if self.drift_lr is not None:
+                self._mean_weight = float(entries[0]["grad_sq_weight"])
             def saved(field: str) -> list[torch.Tensor]:
                 return [entries[i][field].to(device=p.device, dtype=torch.float32).reshape(()).clone()
                         for i, p in enumerate(self.params)]

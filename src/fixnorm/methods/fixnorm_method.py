@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import FixNormError
-from ..optim import DEFAULT_FREE_STEPS, DEFAULT_LR_POWER, FixNorm
+from ..optim import DEFAULT_FREE_STEPS, FixNorm
 from ..rules import FollowNorms, attach
 from . import Method, method_settings, register_method
 from .baselines import base_optimizer
@@ -36,10 +36,12 @@ class FixNormSettings:
                                               # over SGD, None over other bases; "free_steps": free_steps
     warmup_count: bool | str = "auto"     # free phases counted in full-lr steps through a warm-up; "auto": over SGD
     angular_update: float | None = None   # rotational mode: radians per step for scale-invariant weights
-    lr_power: float = DEFAULT_LR_POWER    # scale-invariant weights step with lr0 * (lr / lr0) ** lr_power
+    lr_power: float | str = "auto"        # scale-invariant weights step with lr0 * (lr / lr0) ** lr_power; "auto": 1
+                                          # where the drift follows the lr, DEFAULT_LR_POWER otherwise
     angle_power: float = 1.0              # rotational mode: the angle follows (lr / lr0) ** angle_power
     norm_drift: int | str | None = "auto"  # held norms drift with the gradient scale over N steps; "auto": 500
                                            # steps where the norms come from a free phase per tensor; None: off
+    drift_follows_lr: bool | str = "auto"  # the drift follows weight decay's norm dynamics in the lr too
     equilibrium_wd: float | str | None = "auto"  # no drifting norm above SGD + weight decay's equilibrium for this
                                                  # wd; "auto": 5e-4 with an SGD base and drifting norms; None: off
     norm_replay: str | None = None        # the replay diagnostic: a run folder (or its norm_trace.pt) recorded with
@@ -60,7 +62,8 @@ def build_fixnorm(model: nn.Module, cfg: TrainConfig, example: torch.Tensor) -> 
                         fc_granularity=s.fc_granularity, others=s.others, others_weight_decay=s.others_weight_decay,
                         free_steps=s.free_steps, fc_scale=s.fc_scale, norm_scale=s.norm_scale, lr_power=s.lr_power,
                         angular_update=s.angular_update, angle_power=s.angle_power, norm_drift=s.norm_drift,
-                        equilibrium_wd=s.equilibrium_wd, fc_free_steps=s.fc_free_steps,
+                        drift_follows_lr=s.drift_follows_lr, equilibrium_wd=s.equilibrium_wd,
+                        fc_free_steps=s.fc_free_steps,
                         warmup_count=s.warmup_count, **kwargs)
     if s.norm_replay is not None:  # "{seed}" in the path: each seed replays its own reference run
         replay_norms(optimizer, model, s.norm_replay.replace("{seed}", str(cfg.seed)), s.norm_replay_roles)

@@ -287,7 +287,7 @@ def _deep_merge(base: Any, update: Any) -> Any:
 METHOD_SETTING_SHORTCUTS: dict[str, str] = {key: "fixnorm" for key in (
     "fc_norm", "fc_scale", "granularity", "target_norm", "fc_granularity", "others", "others_weight_decay",
     "free_steps", "angular_update", "lr_power", "angle_power", "norm_scale", "norm_drift", "equilibrium_wd",
-    "norm_replay", "norm_replay_roles", "fc_free_steps", "warmup_count")}
+    "drift_follows_lr", "norm_replay", "norm_replay_roles", "fc_free_steps", "warmup_count")}
 
 # Settings added after runs already existed, with the value that reproduces how those runs trained: a config saved
 # without the key is read with this value, not with today's default (resuming an old run must not change it).
@@ -296,6 +296,7 @@ SETTINGS_BEFORE_THEY_EXISTED: dict[str, dict[str, Any]] = {
         "free_steps": 0,     # before the free phase, norms were held from construction
         "lr_power": 1.0,     # before the square-root schedule law, the schedule was the scale-invariant weights' own
         "norm_drift": None,  # before drifting norms, the norms taken after the free phase stayed
+        "drift_follows_lr": False,  # before it, the drift's time constant was fixed and the lr's law was lr_power's
         "equilibrium_wd": None,  # before the equilibrium ceiling, the norms taken after the free phase were not capped
         "fc_free_steps": "free_steps",  # before the classifier's own free phase, it was held from free_steps on
         "warmup_count": True,  # before "auto", the free phases were counted through a warm-up over any base (and
