@@ -1,0 +1,85 @@
+"""How far each arm's scale-invariant weights turn per step, epoch by epoch, against a reference arm.
+
+Reads finished runs trained with ``diagnostics=true`` (their ``metrics.csv``: per layer the mean angle per step
+over the epoch, ``diag/invariant/<name>/angle``) and prints per epoch the scheduler's lr and, per arm, the
+geometric mean over the scale-invariant layers of that angle (averaged in the log over the arm's seeds), its ratio
+to the reference arm's, and the mean test accuracy. Runs are grouped into arms by their folder name without the
+``-s<seed>`` suffix (``benchmarks/fixnorm_vs_wd.py``'s layout); the first arm given is the reference::
+
+    python benchmarks/angle_schedule.py runs/speed sgd fixnorm fixnorm_drift_follows_lrtrue --name angles_speed
+
+Under SGD + weight decay the angle per step follows the square root of the lr while the norms can keep up with
+their equilibrium and the lr itself once they cannot (late in a decaying schedule); this shows which law an arm
+follows, and where.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import atomic_write_text  # noqa: E402  (importing _common puts src/ on the path from a checkout)
+from fixnorm.errors import FixNormError  # noqa: E402
+
+
+def epoch_angles(run: Path) -> list[tuple[float, float, float]]:
+    """(lr, geometric-mean angle per step over the scale-invariant layers, test accuracy %) per epoch of one run."""
+    path = run / "metrics.csv"
+    if not path.is_file():
+        raise FixNormError(f"{run} has no metrics.csv: is it a finished run folder?")
+    rows = list(csv.DictReader(path.open()))
+    out = []
+    for row in rows:
+        angles = [float(v) for k, v in row.items() if k.startswith("diag/invariant/") and k.endswith("/angle")]
+        if not angles or not all(a > 0 and math.isfinite(a) for a in angles):
+            raise FixNormError(f"{path} has no usable per-layer angles at epoch {row.get('epoch')}: train the run "
+                               "with --set diagnostics=true")
+        geomean = math.exp(sum(math.log(a) for a in angles) / len(angles))
+        out.append((float(row["lr"]), geomean, 100 * float(row["test_acc"])))
+    return out
+
+
+def arm_table(runs_dir: Path, arms: list[str]) -> str:
+    per_arm: dict[str, list[list[tuple[float, float, float]]]] = {}
+    for arm in arms:
+        runs = sorted(p for p in runs_dir.glob(f"{arm}-s*") if p.name[len(arm) + 2:].isdigit())
+        if not runs:
+            raise FixNormError(f"no runs {runs_dir}/{arm}-s<seed>")
+        per_arm[arm] = [epoch_angles(r) for r in runs]
+    epochs = min(len(e) for seeds in per_arm.values() for e in seeds)
+    head = "| epoch | lr | " + " | ".join(
+        f"{a} angle (n={len(per_arm[a])}) | ratio | acc" for a in arms) + " |"
+    lines = [head, "|" + "---|" * (2 + 3 * len(arms))]
+    for e in range(epochs):
+        cells, reference = [], None
+        for arm in arms:
+            seeds = per_arm[arm]
+            angle = math.exp(sum(math.log(s[e][1]) for s in seeds) / len(seeds))
+            acc = sum(s[e][2] for s in seeds) / len(seeds)
+            reference = angle if reference is None else reference
+            cells += [f"{angle:.2e}", f"{angle / reference:.2f}", f"{acc:.2f}"]
+        lines.append(f"| {e + 1} | {per_arm[arms[0]][0][e][0]:.4f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs_dir", type=Path)
+    parser.add_argument("arms", nargs="+", help="folder names without -s<seed>; the first is the reference")
+    parser.add_argument("--name", help="also write benchmarks/results/<name>.md")
+    args = parser.parse_args(argv)
+    table = arm_table(args.runs_dir, args.arms)
+    print(table)
+    if args.name:
+        command = "python benchmarks/angle_schedule.py " + " ".join(sys.argv[1:])
+        text = (f"# Angle per step by epoch\n\nGeometric mean over the scale-invariant layers of the mean angle per "
+                f"step (radians), averaged over seeds in the log; ratio to `{args.arms[0]}`.\n\n{table}\n\n"
+                f"Command: `{command}`\n")
+        atomic_write_text(Path(__file__).resolve().parent / "results" / f"{args.name}.md", text)
+
+
+if __name__ == "__main__":
+    main()
