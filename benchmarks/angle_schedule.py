@@ -8,6 +8,8 @@ to the reference arm's, and the mean test accuracy. Runs are grouped into arms b
 
     python benchmarks/angle_schedule.py runs/speed sgd fixnorm fixnorm_drift_follows_lrtrue --name angles_speed
 
+``--thresholds 93.5 94.0`` adds, per arm and seed, the first epoch whose test accuracy reaches each threshold.
+
 Under SGD + weight decay the angle per step follows the square root of the lr while the norms can keep up with
 their equilibrium and the lr itself once they cannot (late in a decaying schedule); this shows which law an arm
 follows, and where.
@@ -42,13 +44,20 @@ def epoch_angles(run: Path) -> list[tuple[float, float, float]]:
     return out
 
 
-def arm_table(runs_dir: Path, arms: list[str]) -> str:
+def arm_runs(runs_dir: Path, arms: list[str]) -> dict[str, list[list[tuple[float, float, float]]]]:
+    """Per arm, per seed (in seed order), the epochs' (lr, angle, accuracy)."""
     per_arm: dict[str, list[list[tuple[float, float, float]]]] = {}
     for arm in arms:
-        runs = sorted(p for p in runs_dir.glob(f"{arm}-s*") if p.name[len(arm) + 2:].isdigit())
+        runs = sorted((p for p in runs_dir.glob(f"{arm}-s*") if p.name[len(arm) + 2:].isdigit()),
+                      key=lambda p: int(p.name[len(arm) + 2:]))
         if not runs:
             raise FixNormError(f"no runs {runs_dir}/{arm}-s<seed>")
         per_arm[arm] = [epoch_angles(r) for r in runs]
+    return per_arm
+
+
+def angle_table(per_arm: dict[str, list[list[tuple[float, float, float]]]]) -> str:
+    arms = list(per_arm)
     epochs = min(len(e) for seeds in per_arm.values() for e in seeds)
     head = "| epoch | lr | " + " | ".join(
         f"{a} angle (n={len(per_arm[a])}) | ratio | acc" for a in arms) + " |"
@@ -65,13 +74,32 @@ def arm_table(runs_dir: Path, arms: list[str]) -> str:
     return "\n".join(lines)
 
 
+def crossing_table(per_arm: dict[str, list[list[tuple[float, float, float]]]], thresholds: list[float]) -> str:
+    """Per arm and threshold: the first epoch each seed reaches it ("-": never), and their mean over the seeds that
+    did."""
+    lines = ["| arm | threshold (%) | first epoch reaching it, per seed | mean |", "|---|---|---|---|"]
+    for arm, seeds in per_arm.items():
+        for t in thresholds:
+            firsts = [next((e + 1 for e, (_, _, acc) in enumerate(s) if acc >= t), None) for s in seeds]
+            reached = [f for f in firsts if f is not None]
+            mean = f"{sum(reached) / len(reached):.2f}" + ("" if len(reached) == len(firsts) else
+                                                           f" ({len(reached)}/{len(firsts)} seeds)") if reached else "-"
+            lines.append(f"| {arm} | {t:g} | {', '.join('-' if f is None else str(f) for f in firsts)} | {mean} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs_dir", type=Path)
     parser.add_argument("arms", nargs="+", help="folder names without -s<seed>; the first is the reference")
+    parser.add_argument("--thresholds", type=float, nargs="*", default=[],
+                        help="test accuracies (%%): the first epoch each run reaches them")
     parser.add_argument("--name", help="also write benchmarks/results/<name>.md")
     args = parser.parse_args(argv)
-    table = arm_table(args.runs_dir, args.arms)
+    per_arm = arm_runs(args.runs_dir, args.arms)
+    table = angle_table(per_arm)
+    if args.thresholds:
+        table += "\n\n" + crossing_table(per_arm, args.thresholds)
     print(table)
     if args.name:
         command = "python benchmarks/angle_schedule.py " + " ".join(sys.argv[1:])
