@@ -730,7 +730,14 @@ def test_the_default_free_phase_is_documented_and_used():
     assert opt.free_steps == fixnorm.optim.DEFAULT_FREE_STEPS > 0
     from fixnorm.methods.fixnorm_method import FixNormSettings
     assert FixNormSettings().free_steps == fixnorm.optim.DEFAULT_FREE_STEPS
-    assert opt.param_groups[0]["lr_power"] == fixnorm.optim.DEFAULT_LR_POWER == FixNormSettings().lr_power == 0.5
+    assert opt.param_groups[0]["lr_power"] == fixnorm.optim.DEFAULT_LR_POWER == 0.5  # "auto", the drift not following
+    assert FixNormSettings().lr_power == "auto" and FixNormSettings().drift_follows_lr == "auto"  # the lr: 0.5
+    assert not fixnorm.optim.DEFAULT_DRIFT_FOLLOWS_LR
+    assert not any(r.drift_lr for r in opt._hold_rules())
+    follows = _FixNorm(small_net(), torch.randn(4, 1, 8, 8), lr=0.1, momentum=0.9, drift_follows_lr=True)
+    assert all("lr_power" not in g for g in follows.param_groups)  # "auto" is 1 with it: the scheduler's lr
+    # the relaxation time of weight decay 5e-4 at lr 0.1, momentum 0.9: (1 - 0.9) / (4 * 0.1 * 5e-4)
+    assert [r.drift_steps for r in follows._hold_rules() if r.drift_lr] == [500]
 
 
 def test_the_default_norm_drift_applies_only_where_the_norms_come_from_a_free_phase_per_tensor():
@@ -1148,3 +1155,19 @@ def test_fc_free_steps_takes_the_classifier_norm_when_asked(value, kwargs, expec
 def test_bad_fc_free_steps_is_a_clear_error(kwargs, message):
     with pytest.raises(FixNormError, match=message):
         _FixNorm(small_net(), torch.randn(4, 1, 8, 8), lr=0.1, free_steps=3, **kwargs)
+
+
+def test_every_fixnorm_option_is_a_setting_of_the_fixnorm_method():
+    """What FixNorm(...) offers a user of the library, the engine's config and CLI offer too (``--set key=value``):
+    the keyword options of FixNorm.__init__ are the fields of the method's settings, but for what the engine supplies
+    itself (the roles it analyses, the run's length and warm-up) and ``target``, whose setting is ``target_norm``."""
+    import dataclasses
+    import inspect
+
+    from fixnorm.methods.fixnorm_method import FixNormSettings
+
+    options = {name for name, p in inspect.signature(_FixNorm.__init__).parameters.items()
+               if p.kind is p.KEYWORD_ONLY or (p.kind is p.POSITIONAL_OR_KEYWORD and name == "fc_norm")}
+    engine_supplies = {"roles", "total_steps", "warmup_steps"}
+    settings = {f.name for f in dataclasses.fields(FixNormSettings)} - {"norm_replay", "norm_replay_roles"}
+    assert options - engine_supplies - {"target"} == settings - {"target_norm"}

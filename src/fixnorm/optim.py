@@ -414,8 +414,8 @@ class FixNorm(torch.optim.Optimizer):
             raise FixNormError(f"{base.__name__} rejected the options {sorted(base_kwargs)}: {exc}. FixNorm's own "
                                "options are fc_norm, roles, granularity, target, fc_granularity, others, "
                                "others_weight_decay, nonfinite, angular_update, angle_power, free_steps, fc_scale, "
-                               "norm_scale, lr_power, norm_drift, equilibrium_wd, fc_free_steps, total_steps, "
-                               "warmup_steps") from exc
+                               "norm_scale, lr_power, norm_drift, drift_follows_lr, equilibrium_wd, fc_free_steps, "
+                               "total_steps, warmup_steps, warmup_count") from exc
         for g in self.base.param_groups:
             if ("angular_update" in g or "lr_power" in g) and g["lr_ref"] is None:
                 g["lr_ref"] = g["lr"]

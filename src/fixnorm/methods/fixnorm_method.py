@@ -44,6 +44,8 @@ class FixNormSettings:
     drift_follows_lr: bool | str = "auto"  # the drift follows weight decay's norm dynamics in the lr too
     equilibrium_wd: float | str | None = "auto"  # no drifting norm above SGD + weight decay's equilibrium for this
                                                  # wd; "auto": 5e-4 with an SGD base and drifting norms; None: off
+    nonfinite: str = "raise"              # a NaN gradient or zero norm: "raise" (the run stops, naming the parameter)
+                                          # or "skip" (that tensor's step is skipped and counted)
     norm_replay: str | None = None        # the replay diagnostic: a run folder (or its norm_trace.pt) recorded with
                                           # diagnostics=true ("{seed}" is replaced by the run's seed); the weights
                                           # of norm_replay_roles follow its norms
@@ -64,7 +66,7 @@ def build_fixnorm(model: nn.Module, cfg: TrainConfig, example: torch.Tensor) -> 
                         angular_update=s.angular_update, angle_power=s.angle_power, norm_drift=s.norm_drift,
                         drift_follows_lr=s.drift_follows_lr, equilibrium_wd=s.equilibrium_wd,
                         fc_free_steps=s.fc_free_steps,
-                        warmup_count=s.warmup_count, **kwargs)
+                        warmup_count=s.warmup_count, nonfinite=s.nonfinite, **kwargs)
     if s.norm_replay is not None:  # "{seed}" in the path: each seed replays its own reference run
         replay_norms(optimizer, model, s.norm_replay.replace("{seed}", str(cfg.seed)), s.norm_replay_roles)
     return optimizer
