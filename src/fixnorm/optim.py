@@ -74,13 +74,17 @@ def equilibrium_constant(equilibrium_wd: float | str | None, norm_drift: int | N
         if problems:
             return None
         equilibrium_wd = DEFAULT_EQUILIBRIUM_WD
-    if isinstance(equilibrium_wd, bool) or not isinstance(equilibrium_wd, (int, float)) or not (
-            math.isfinite(equilibrium_wd) and equilibrium_wd > 0):
-        raise FixNormError(f"equilibrium_wd must be 'auto', None or a positive weight decay, got {equilibrium_wd!r}")
+    wd = _positive_weight_decay(equilibrium_wd, equilibrium_wd)
     if problems:
         raise FixNormError(problems[0])
-    return equilibrium_constant_of(float(base_kwargs["lr"]), float(equilibrium_wd),
-                                   float(base_kwargs.get("momentum", 0.0)))
+    return equilibrium_constant_of(float(base_kwargs["lr"]), wd, float(base_kwargs.get("momentum", 0.0)))
+
+
+def _positive_weight_decay(value: Any, given: Any) -> float:
+    """``value`` as a float, or the error naming ``given``, what the user passed as ``equilibrium_wd``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise FixNormError(f"equilibrium_wd must be 'auto', None or a positive weight decay, got {given!r}")
+    return float(value)
 
 
 def weight_decay_relaxation_steps(equilibrium_wd: float | str | None, drift_applies: bool,
@@ -97,13 +101,12 @@ def weight_decay_relaxation_steps(equilibrium_wd: float | str | None, drift_appl
     if base_kwargs.get("dampening", 0) or "lr" not in base_kwargs:
         raise FixNormError("drift_follows_lr needs the lr given to FixNorm and no dampening: weight decay's "
                            "relaxation time depends on both")
-    wd = DEFAULT_EQUILIBRIUM_WD if equilibrium_wd in ("auto", None) else equilibrium_wd
-    if isinstance(wd, bool) or not isinstance(wd, (int, float)) or not (math.isfinite(wd) and wd > 0):
-        raise FixNormError(f"equilibrium_wd must be 'auto', None or a positive weight decay, got {equilibrium_wd!r}")
+    wd = _positive_weight_decay(DEFAULT_EQUILIBRIUM_WD if equilibrium_wd in ("auto", None) else equilibrium_wd,
+                               equilibrium_wd)
     lr, momentum = float(base_kwargs["lr"]), float(base_kwargs.get("momentum", 0.0))
     if not (lr > 0):
         raise FixNormError(f"drift_follows_lr needs a positive lr, got {lr}")
-    return max(1, round((1.0 - momentum) / (4.0 * lr * float(wd))))
+    return max(1, round((1.0 - momentum) / (4.0 * lr * wd)))
 
 
 def classifier_free_steps(fc_free_steps: int | str | None, free_steps: int, base: type[torch.optim.Optimizer],

@@ -65,8 +65,7 @@ def build_fixnorm(model: nn.Module, cfg: TrainConfig, example: torch.Tensor) -> 
                         free_steps=s.free_steps, fc_scale=s.fc_scale, norm_scale=s.norm_scale, lr_power=s.lr_power,
                         angular_update=s.angular_update, angle_power=s.angle_power, norm_drift=s.norm_drift,
                         drift_follows_lr=s.drift_follows_lr, equilibrium_wd=s.equilibrium_wd,
-                        fc_free_steps=s.fc_free_steps,
-                        warmup_count=s.warmup_count, nonfinite=s.nonfinite, **kwargs)
+                        fc_free_steps=s.fc_free_steps, warmup_count=s.warmup_count, nonfinite=s.nonfinite, **kwargs)
     if s.norm_replay is not None:  # "{seed}" in the path: each seed replays its own reference run
         replay_norms(optimizer, model, s.norm_replay.replace("{seed}", str(cfg.seed)), s.norm_replay_roles)
     return optimizer
