@@ -503,8 +503,9 @@ def test_free_phase_holds_explicit_targets_from_the_first_step():
 
 @pytest.mark.parametrize("drift,ceiling,extra", [
     (None, None, {}), (3, None, {}), (3, 3e-2, {}), ("auto", "auto", {"base": torch.optim.Adam, "lr": 0.01}),
-    (None, None, {"fc_free_steps": 5}), ("auto", 5e-3, {"drift_follows_lr": True})],
-    ids=["fixed", "drifting", "ceiling", "adam-free-classifier", "classifier-later", "weight-decay"])
+    (None, None, {"fc_free_steps": 5}), ("auto", 5e-3, {"drift_follows_lr": True}),
+    ("auto", 5e-3, {"drift_signal": "growth"})],
+    ids=["fixed", "drifting", "ceiling", "adam-free-classifier", "classifier-later", "weight-decay", "growth"])
 def test_resume_inside_and_after_the_free_phase_is_bit_identical(drift, ceiling, extra):
     data = batches(8)
     for stop in (2, 6):  # inside the free phase (4 steps) and after it
@@ -957,6 +958,43 @@ def test_norm_drift_moves_held_norms_as_the_fourth_root_of_the_unit_gradient_mea
     assert any(abs(float(w.detach().norm()) / t - 1) > 1e-3 for w, t in zip(convs, taken)), "the norms never drifted"
 
 
+def test_growth_signal_runs_weight_decays_norm_equation_on_the_growth_each_step_made():
+    """drift_signal="growth": after the norms are taken, each step's held norm t_k satisfies
+    t_k**4 = (1 - r_k / N) t_{k-1}**4 + 2 (|w'_k|**2 - t_{k-1}**2) t_{k-1}**2, w'_k the weight the base step reached
+    (before the projection), r_k the lr ratio, N weight decay's relaxation time at lr0; the classifier stays."""
+    data, free, lr, momentum = batches(9), 4, 0.3, 0.9
+    factors = [1.0, 1.0, 0.8, 0.5, 0.9, 0.3, 0.2, 0.6, 0.1]
+    model = small_net()
+    opt = _FixNorm(model, data[0][0], free_steps=free, drift_signal="growth", equilibrium_wd=WD_RELAXING_IN_4_STEPS,
+                   lr=lr, momentum=momentum)
+    rule = opt._waiting[0][0]
+    assert rule.drift_signal == "growth" and rule.drift_steps == 4  # (1 - 0.9) / (4 * 0.3 * wd)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: factors[min(step, 8)])
+    convs = [model[0].weight, model[3].weight]
+    group = next(g for g in opt.param_groups if g["role"] == "scale_invariant")
+    moved = False
+    for k, (x, y) in enumerate(data, start=1):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        before = [w.detach().clone() for w in convs]
+        step_lr = group["lr"]
+        opt.step()
+        schedule.step()
+        if k == free:
+            fc_norm = float(model[8].weight.detach().norm())
+        if k <= free:
+            continue
+        rate = (step_lr / lr) / 4
+        for w, b in zip(convs, before):
+            reached = b - step_lr * opt.state[w]["momentum_buffer"]  # SGD with momentum, no dampening, no nesterov
+            held_sq, reached_sq = float(b.norm()) ** 2, float(reached.norm()) ** 2
+            expected = ((1 - rate) * held_sq ** 2 + 2 * (reached_sq - held_sq) * held_sq) ** 0.25
+            assert float(w.detach().norm()) == pytest.approx(expected, rel=1e-4), k
+            moved |= abs(expected / held_sq ** 0.5 - 1) > 1e-3
+        assert float(model[8].weight.detach().norm()) == pytest.approx(fc_norm, rel=1e-5)
+    assert moved, "the norms never moved"
+
+
 def test_a_state_saved_with_fixed_norms_does_not_load_into_drifting_norms():
     """(Resuming with drifting norms, bit for bit: test_resume_inside_and_after_the_free_phase_is_bit_identical.)"""
     x = batches(1)[0][0]
@@ -1069,6 +1107,10 @@ def test_weight_decay_drift_follows_sgd_with_weight_decay_through_an_lr_drop():
                    momentum=momentum)
     assert opt._waiting[0][0].drift_steps == 50  # (1 - 0.9) / (4 * 0.1 * 5e-3)
     assert shrink(norms4(held, opt)) == pytest.approx(sgd_shrink, rel=0.15)
+    grown = net()  # weight decay's own equation on the measured growth: the same path
+    opt = _FixNorm(grown, torch.randn(8, 32), free_steps=20, drift_signal="growth", equilibrium_wd=wd, lr=lr,
+                   momentum=momentum)
+    assert shrink(norms4(grown, opt)) == pytest.approx(sgd_shrink, rel=0.15)
     constant = net()
     opt = _FixNorm(constant, torch.randn(8, 32), free_steps=20, norm_drift=50, equilibrium_wd=wd, lr=lr,
                    momentum=momentum, drift_follows_lr=False)
@@ -1079,13 +1121,18 @@ def test_weight_decay_drift_follows_sgd_with_weight_decay_through_an_lr_drop():
 @pytest.mark.parametrize("kwargs,message", [
     ({"base": torch.optim.Adam}, "SGD \\+ weight decay's norm dynamics"), ({"lr_power": 0.5}, "a second time"),
     ({"free_steps": 0}, "needs free_steps"), ({"dampening": 0.1}, "no dampening"),
-    ({"equilibrium_wd": -1.0}, "positive weight decay"), ({"drift_follows_lr": "yes"}, "'auto', True or False")])
+    ({"equilibrium_wd": -1.0}, "positive weight decay"), ({"drift_follows_lr": "yes"}, "'auto', True or False"),
+    ({"drift_signal": "norm"}, "drift_signal must be one of"),
+    ({"drift_signal": "growth", "drift_follows_lr": False}, "needs drift_follows_lr=True"),
+    ({"drift_signal": "growth", "base": torch.optim.Adam}, "SGD \\+ weight decay's norm dynamics")])
 def test_weight_decay_drift_errors(kwargs, message):
     settings = {"free_steps": 3, "drift_follows_lr": True, "lr": 0.1, **kwargs}
     with pytest.raises(FixNormError, match=message):
         _FixNorm(small_net(), batches(1)[0][0], **settings)
     with pytest.raises(FixNormError, match="drift_steps"):
         HoldNorms([small_net()[0].weight], from_step=3, drift_lr=lambda: 1.0)
+    with pytest.raises(FixNormError, match="give drift_lr"):
+        HoldNorms([small_net()[0].weight], from_step=3, drift_steps=10, drift_signal="growth")
 
 
 @pytest.mark.parametrize("kwargs", [{"free_steps": 0}, {"granularity": "filter"}, {"target": 2.0},

@@ -27,7 +27,7 @@ from .constraints import (Plan, build_plan, filter_norms, fix_filter_norms_, fix
 from .checks import warn_if_base_normalizes
 from .errors import FixNormError, NonFiniteError
 from .roles import Roles, analyze
-from .rules import NONFINITE_POLICIES, Attachment, HoldNorms, equilibrium_constant_of
+from .rules import DRIFT_SIGNALS, NONFINITE_POLICIES, Attachment, HoldNorms, equilibrium_constant_of
 
 # Steps of free training before "initial" targets are taken: training, not the initialisation, picks each
 # layer's norm (the classifier's above all). Measured in docs/fixnorm.md ("Why the first reconstruction trailed").
@@ -198,6 +198,13 @@ class FixNorm(torch.optim.Optimizer):
             value is an error). True needs an SGD base, the lr and drifting norms; "auto" (default):
             ``DEFAULT_DRIFT_FOLLOWS_LR`` where those hold and ``lr_power`` is "auto" or 1; False: the drift
             keeps a fixed time constant and the lr's law is ``lr_power``'s.
+        drift_signal: what moves the held norms when they follow the lr. "gradient" (default): the law above,
+            weight decay's equilibrium for uncorrelated gradients; measured on SGD + weight decay's own
+            gradients it grows the norms more than weight decay does (docs/fixnorm.md). "growth": weight decay's
+            norm equation driven by the norm growth FixNorm's own steps make, measured before each projection
+            (``HoldNorms(drift_signal="growth")``): to first order decoupled weight decay ``lr * wd / (1 -
+            momentum)`` per step on the norm alone, so the effective lr is weight decay's, step by step, with its
+            feedback. Needs ``drift_follows_lr`` ("auto" becomes True).
         equilibrium_wd: with drifting norms (SGD base): no scale-invariant weight is held above the norm
             SGD with this weight decay settles at, ``|w|**4 = K |g~|**2`` with ``K = lr / (2 wd (1 - momentum))``
             (lr and momentum as given to FixNorm; ``HoldNorms(ceiling=K)``). Weight decay pulls a norm above
@@ -256,6 +263,7 @@ class FixNorm(torch.optim.Optimizer):
         lr_power: float | str = "auto",
         norm_drift: int | str | None = "auto",
         drift_follows_lr: bool | str = "auto",
+        drift_signal: str = "gradient",
         equilibrium_wd: float | str | None = "auto",
         fc_free_steps: int | str | None = "auto",
         total_steps: int | None = None,
@@ -301,6 +309,13 @@ class FixNorm(torch.optim.Optimizer):
         drift_applies = free_steps > 0 and target == "initial" and granularity == "tensor" and angular_update is None
         if drift_follows_lr not in (True, False, "auto"):
             raise FixNormError(f"drift_follows_lr must be 'auto', True or False, got {drift_follows_lr!r}")
+        if drift_signal not in DRIFT_SIGNALS:
+            raise FixNormError(f"drift_signal must be one of {DRIFT_SIGNALS}, got {drift_signal!r}")
+        if drift_signal == "growth":
+            if drift_follows_lr is False:
+                raise FixNormError("drift_signal='growth' runs weight decay's norm equation, whose rate follows the "
+                                   "lr: it needs drift_follows_lr=True (or 'auto')")
+            drift_follows_lr = True
         if drift_follows_lr == "auto":  # weight decay's law over SGD where the norms drift, unless lr_power is set
             drift_follows_lr = (DEFAULT_DRIFT_FOLLOWS_LR and drift_applies and issubclass(base, torch.optim.SGD)
                                 and norm_drift is not None and lr_power in ("auto", 1))
@@ -417,8 +432,8 @@ class FixNorm(torch.optim.Optimizer):
             raise FixNormError(f"{base.__name__} rejected the options {sorted(base_kwargs)}: {exc}. FixNorm's own "
                                "options are fc_norm, roles, granularity, target, fc_granularity, others, "
                                "others_weight_decay, nonfinite, angular_update, angle_power, free_steps, fc_scale, "
-                               "norm_scale, lr_power, norm_drift, drift_follows_lr, equilibrium_wd, fc_free_steps, "
-                               "total_steps, warmup_steps, warmup_count") from exc
+                               "norm_scale, lr_power, norm_drift, drift_follows_lr, drift_signal, equilibrium_wd, "
+                               "fc_free_steps, total_steps, warmup_steps, warmup_count") from exc
         for g in self.base.param_groups:
             if ("angular_update" in g or "lr_power" in g) and g["lr_ref"] is None:
                 g["lr_ref"] = g["lr"]
@@ -433,7 +448,8 @@ class FixNorm(torch.optim.Optimizer):
             (HoldNorms(ps, names=ns, per=c, from_step=k, scale=sc, drift_steps=norm_drift if d else None,
                        ceiling=ceiling if d else None,
                        drift_lr=self._lr_ratio_of("scale_invariant", c, float(base_kwargs["lr"]))
-                       if d and drift_follows_lr else None), k)
+                       if d and drift_follows_lr else None,
+                       drift_signal=drift_signal if d and drift_follows_lr else "gradient"), k)
             for (c, d, k), (ps, ns, sc) in later.items()]
         rules += [rule for rule, _ in self._waiting]
         # attached to this optimizer itself: the projection runs as its first step post-hook, and the targets and

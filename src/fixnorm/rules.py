@@ -144,6 +144,9 @@ def equilibrium_norms(grad_sq: Sequence[torch.Tensor], constant: float,
     return out
 
 
+DRIFT_SIGNALS = ("gradient", "growth")
+
+
 class HoldNorms(Rule):
     """Hold each parameter's L2 norm (the whole tensor's, or each filter's) at a target after every step.
 
@@ -181,6 +184,13 @@ class HoldNorms(Rule):
             large and freezes once weight decay could no longer move it, so the weights should step with the
             scheduler's lr (``lr_power=1``): the norm carries the square-root law. None (default): a constant time
             constant, the lr's law left to ``lr_power``.
+        drift_signal: with ``drift_lr``, what drives the held norm. "gradient" (default): the law above, weight
+            decay's equilibrium as if successive gradients were uncorrelated, anchored where the norms were taken.
+            "growth": the norm growth the base step itself produced, measured before the projection: after every
+            step ``|w|**4`` becomes ``(1 - r / N) * t**4 + 2 * (|w'|**2 - t**2) * t**2`` (t the held norm the
+            step started from, |w'| the norm it reached, r the lr ratio): weight decay's own norm equation with its
+            growth term measured instead of modelled. To first order that is decoupled weight decay of
+            ``lr * wd / (1 - m)`` per step applied to the norm alone; no anchor, no gradient model.
     """
 
     state_fields: tuple[str, ...] = ("target", "held")
@@ -193,7 +203,7 @@ class HoldNorms(Rule):
                  scale: Mapping[int, float] | None = None,
                  on_hold: Callable[[HoldNorms], None] | None = None,
                  drift_steps: int | None = None, ceiling: float | None = None,
-                 drift_lr: Callable[[], float] | None = None) -> None:
+                 drift_lr: Callable[[], float] | None = None, drift_signal: str = "gradient") -> None:
         if per not in ("tensor", "filter"):
             raise FixNormError(f"HoldNorms per must be 'tensor' or 'filter', got {per!r}")
         if drift_steps is not None:
@@ -206,6 +216,12 @@ class HoldNorms(Rule):
         if drift_lr is not None and drift_steps is None:
             raise FixNormError("drift_lr makes the drift follow the lr; give drift_steps (the relaxation time at the "
                                "lr of construction) too")
+        if drift_signal not in DRIFT_SIGNALS:
+            raise FixNormError(f"drift_signal must be one of {DRIFT_SIGNALS}, got {drift_signal!r}")
+        if drift_signal == "growth" and drift_lr is None:
+            raise FixNormError("drift_signal='growth' runs weight decay's norm equation, whose rate follows the lr: "
+                               "give drift_lr (FixNorm: drift_follows_lr=True) too")
+        self.drift_signal = drift_signal
         if ceiling is not None:
             if drift_steps is None:
                 raise FixNormError("ceiling caps the norms from each weight's gradient scale, which only drifting "
@@ -407,12 +423,29 @@ class HoldNorms(Rule):
     @torch.no_grad()
     def _drift_step(self, step: int, ratio: float | None) -> None:
         """Once the norms are held: update the running means and move every target, a few kernels per bucket."""
+        if self.drift_signal == "growth":
+            assert ratio is not None and self.drift_steps is not None
+            self._growth_step(min(ratio / self.drift_steps, 1.0))
+            return
         correction = self._correction(step)
         tiny = torch.finfo(torch.float32).tiny
         for _, params, mean, ref, base, targets in self._drift_stacks():
             mean.copy_(self._next_mean(mean, params, targets, ratio))  # targets: the norms the gradients were taken at
             factor = torch.where(ref > 0, (mean / correction / ref.clamp_min(tiny)) ** 0.25, torch.ones_like(ref))
             targets.copy_(base * factor.clamp_min(self.DRIFT_FLOOR))
+
+    @torch.no_grad()
+    def _growth_step(self, rate: float) -> None:
+        """drift_signal="growth": each target's fourth power takes weight decay's norm equation, its decay at
+        ``rate`` and its growth the one this step made (the parameters hold the step's result, not yet projected).
+        A non-finite norm leaves the target (the projection reports it); the floor is DRIFT_FLOOR of the norm taken."""
+        for _, params, _, _, base, targets in self._drift_stacks():
+            reached_sq = tensor_norms_fp32(params).float() ** 2
+            held_sq = targets * targets
+            quartic = (1.0 - rate) * held_sq * held_sq + 2.0 * (reached_sq - held_sq) * held_sq
+            floor = base * self.DRIFT_FLOOR
+            moved = quartic.clamp_min(0.0) ** 0.25
+            targets.copy_(torch.where(torch.isfinite(quartic), torch.maximum(moved, floor), targets))
 
     def apply_(self, step: int, flags: DeviceFlags) -> None:
         if self.drift_steps is not None and step > self._drift_start():

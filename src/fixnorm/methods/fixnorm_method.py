@@ -42,6 +42,8 @@ class FixNormSettings:
     norm_drift: int | str | None = "auto"  # held norms drift with the gradient scale over N steps; "auto": 500
                                            # steps where the norms come from a free phase per tensor; None: off
     drift_follows_lr: bool | str = "auto"  # the drift follows weight decay's norm dynamics in the lr too
+    drift_signal: str = "gradient"        # what moves the norms then: "gradient" (the uncorrelated-gradient law) or
+                                          # "growth" (weight decay's norm equation on the growth each step makes)
     equilibrium_wd: float | str | None = "auto"  # no drifting norm above SGD + weight decay's equilibrium for this
                                                  # wd; "auto": 5e-4 with an SGD base and drifting norms; None: off
     nonfinite: str = "raise"              # a NaN gradient or zero norm: "raise" (the run stops, naming the parameter)
@@ -64,8 +66,9 @@ def build_fixnorm(model: nn.Module, cfg: TrainConfig, example: torch.Tensor) -> 
                         fc_granularity=s.fc_granularity, others=s.others, others_weight_decay=s.others_weight_decay,
                         free_steps=s.free_steps, fc_scale=s.fc_scale, norm_scale=s.norm_scale, lr_power=s.lr_power,
                         angular_update=s.angular_update, angle_power=s.angle_power, norm_drift=s.norm_drift,
-                        drift_follows_lr=s.drift_follows_lr, equilibrium_wd=s.equilibrium_wd,
-                        fc_free_steps=s.fc_free_steps, warmup_count=s.warmup_count, nonfinite=s.nonfinite, **kwargs)
+                        drift_follows_lr=s.drift_follows_lr, drift_signal=s.drift_signal,
+                        equilibrium_wd=s.equilibrium_wd, fc_free_steps=s.fc_free_steps, warmup_count=s.warmup_count,
+                        nonfinite=s.nonfinite, **kwargs)
     if s.norm_replay is not None:  # "{seed}" in the path: each seed replays its own reference run
         replay_norms(optimizer, model, s.norm_replay.replace("{seed}", str(cfg.seed)), s.norm_replay_roles)
     return optimizer

@@ -287,7 +287,8 @@ def _deep_merge(base: Any, update: Any) -> Any:
 METHOD_SETTING_SHORTCUTS: dict[str, str] = {key: "fixnorm" for key in (
     "fc_norm", "fc_scale", "granularity", "target_norm", "fc_granularity", "others", "others_weight_decay",
     "free_steps", "angular_update", "lr_power", "angle_power", "norm_scale", "norm_drift", "equilibrium_wd",
-    "drift_follows_lr", "norm_replay", "norm_replay_roles", "fc_free_steps", "warmup_count", "nonfinite")}
+    "drift_follows_lr", "drift_signal", "norm_replay", "norm_replay_roles", "fc_free_steps", "warmup_count",
+    "nonfinite")}
 
 # Settings added after runs already existed, with the value that reproduces how those runs trained: a config saved
 # without the key is read with this value, not with today's default (resuming an old run must not change it).
