@@ -7,9 +7,9 @@ gradients uncorrelated; ``|g~| = |g| * |w|``, the gradient at unit norm): ``|w|*
 recipe's own settings) for ``--steps`` steps, records every scale-invariant weight's norm and unit gradient at every
 step, and prints per layer, at a few steps:
 
-- ``actual / rule``: SGD + WD's ``|w|**4`` over what ``drift_follows_lr``'s law predicts from the same gradients,
-  anchored at SGD + WD's own norm at step ``--anchor`` (1.00 there; below 1 later: the law grows the norm more than
-  weight decay does);
+- ``actual / drift law``: SGD + WD's ``|w|**4`` over what ``drift_follows_lr``'s law predicts from the same gradients,
+  anchored at SGD + WD's own norm at step ``--anchor`` (1.00 there; below 1 later where the law grows the norm more
+  than weight decay does, above 1 where less);
 - ``actual / K*lr*|g~|^2``: SGD + WD's ``|w|**4`` over the uncorrelated-gradient equilibrium ``K * lr/lr0 *
   mean|g~|**2`` (``K = lr0 / (2 wd (1 - m))``, the ceiling's constant), the same running mean;
 - the mean of ``|g~|**2`` over windows of steps.
