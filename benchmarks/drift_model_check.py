@@ -31,7 +31,9 @@ import torch  # noqa: E402
 
 from fixnorm.errors import FixNormError  # noqa: E402
 from fixnorm.hooks import Hook, RunState  # noqa: E402
+from fixnorm.optim import weight_decay_relaxation_steps  # noqa: E402
 from fixnorm.roles import analyze  # noqa: E402
+from fixnorm.rules import equilibrium_constant_of  # noqa: E402
 from fixnorm.train.config import load_recipe, make_config, parse_overrides  # noqa: E402
 from fixnorm.train.engine import Trainer  # noqa: E402
 
@@ -68,9 +70,10 @@ class NormRecorder(Hook):
 
 def compare(rows: list[tuple[int, float, list[float], list[float]]], lr0: float, wd: float, momentum: float,
             anchor: int, report: list[int]) -> list[tuple[int, list[float], list[float]]]:
-    """Per reported step: per layer actual |w|^4 over the drift law's prediction, and over K * lr * mean|g~|^2."""
-    relax = (1.0 - momentum) / (4.0 * lr0 * wd)
-    constant = lr0 / (2.0 * wd * (1.0 - momentum))
+    """Per reported step: per layer actual |w|^4 over the drift law's prediction, and over K * lr * mean|g~|^2
+    (the relaxation time and K as FixNorm computes them)."""
+    relax = weight_decay_relaxation_steps(wd, True, torch.optim.SGD, {"lr": lr0, "momentum": momentum})
+    constant = equilibrium_constant_of(lr0, wd, momentum)
     layers = len(rows[0][2])
     mean, weight = [0.0] * layers, 0.0
     start = anchor // 2  # the rule's running mean starts in the middle of the free phase
