@@ -1218,3 +1218,80 @@ def test_every_fixnorm_option_is_a_setting_of_the_fixnorm_method():
     engine_supplies = {"roles", "total_steps", "warmup_steps"}
     settings = {f.name for f in dataclasses.fields(FixNormSettings)} - {"norm_replay", "norm_replay_roles"}
     assert options - engine_supplies - {"target"} == settings - {"target_norm"}
+
+
+@pytest.mark.parametrize("base, kwargs", [(torch.optim.SGD, {"lr": 20.0, "momentum": 0.9, "nesterov": True}),
+                                          (torch.optim.Adam, {"lr": 2.0})], ids=["sgd", "adam"])
+def test_fc_max_step_shortens_a_classifier_step_to_that_multiple_of_its_norm_and_touches_nothing_else(base, kwargs):
+    """With fc_max_step=tau a step that would move the classifier by more than tau x its norm moves it along the same
+    direction by exactly tau x its norm: w = b + (u - b) tau |b| / |u - b|, u the step without the cap. Every other
+    parameter and the momentum buffers are the uncapped run's, bit for bit."""
+    x, y = batches(1)[0]
+    runs = {}
+    for cap in (None, 0.2):
+        model = small_net()
+        opt = _FixNorm(model, x, base=base, free_steps=3, fc_max_step=cap, **kwargs)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        before = model[8].weight.detach().clone()
+        opt.step()
+        runs[cap] = (model, opt, before)
+    (plain, plain_opt, before), (capped, capped_opt, _) = runs[None], runs[0.2]
+    change = plain[8].weight.detach() - before
+    assert float(change.norm()) > 0.2 * float(before.norm())  # the step this test needs: one the cap shortens
+    expected = before + change * (0.2 * before.norm() / change.norm())
+    assert torch.allclose(capped[8].weight.detach(), expected, rtol=1e-6, atol=1e-7)
+    assert float((capped[8].weight.detach() - before).norm()) == pytest.approx(0.2 * float(before.norm()), rel=1e-5)
+    for (name, a), b in zip(plain.named_parameters(), capped.parameters()):
+        if name != "8.weight":
+            assert torch.equal(a, b), name
+    for a, b in zip(plain.parameters(), capped.parameters()):
+        for key, value in plain_opt.state[a].items():
+            if torch.is_tensor(value):
+                assert torch.equal(value, capped_opt.state[b][key]), key
+    assert capped_opt.capped_steps == 1 and plain_opt.capped_steps == 0
+
+
+def test_fc_max_step_leaves_steps_it_does_not_shorten_bit_for_bit_and_holds_the_classifier_after_its_free_phase():
+    data = batches(8)
+    models, opts = {}, {}
+    for cap in (None, 0.2):
+        models[cap] = small_net()
+        opts[cap] = _FixNorm(models[cap], data[0][0], free_steps=3, fc_max_step=cap, lr=0.05, momentum=0.9)
+        train(models[cap], opts[cap], data)
+    assert opts[0.2].capped_steps == 0
+    for a, b in zip(models[None].parameters(), models[0.2].parameters()):
+        assert torch.equal(a, b)
+    # a large lr: the cap shortens steps after the classifier is held too, and the projection still holds its norm
+    model = small_net()
+    opt = _FixNorm(model, data[0][0], free_steps=3, fc_max_step=0.05, lr=2.0, momentum=0.9)
+    norms = []
+    for x, y in data:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        b = model[8].weight.detach().clone()
+        opt.step()
+        assert float((model[8].weight.detach() - b).norm()) <= 0.05 * float(b.norm()) * (1 + 1e-5) + 1e-6
+        norms.append(float(model[8].weight.detach().norm()))
+    assert norms[3:] == pytest.approx([norms[2]] * 5, rel=1e-5)
+    assert opt.capped_steps >= 3
+
+
+@pytest.mark.parametrize("value", [0, -0.1, True, float("nan"), float("inf"), "0.2"])
+def test_fc_max_step_errors(value):
+    with pytest.raises(FixNormError, match="fc_max_step must be a positive number"):
+        _FixNorm(small_net(), batches(1)[0][0], fc_max_step=value, lr=0.1)
+
+
+def test_fc_max_step_reaches_the_optimizer_from_a_run_config_and_a_config_saved_before_it_reads_none():
+    from fixnorm.methods.fixnorm_method import build_fixnorm
+    from fixnorm.train.config import load_recipe, make_config, parse_overrides, saved_config
+
+    cfg = make_config(load_recipe("fmnist-smoke"), {"method": "fixnorm"}, parse_overrides(["fc_max_step=0.3"]))
+    x = batches(1)[0][0]
+    opt = build_fixnorm(small_net(), cfg, x)
+    assert [g.get("max_step") for g in opt.param_groups if g["role"] == "classifier"] == [0.3]
+    assert all("max_step" not in g for g in opt.param_groups if g["role"] != "classifier")
+    old = cfg.to_dict()
+    del old["method_kwargs"]["fixnorm"]["fc_max_step"]
+    assert saved_config(old).method_kwargs["fixnorm"]["fc_max_step"] is None

@@ -51,6 +51,8 @@ DEFAULT_EQUILIBRIUM_WD = 5e-4
 # WD's on the 24-epoch speedrun) but gives up the default's small edge on 3-epoch runs; within noise both ways, and
 # the rule fixed before the runs asked for more, so it is off by default.
 DEFAULT_DRIFT_FOLLOWS_LR = False
+# the classifier's largest step, as a multiple of its norm (``fc_max_step``; docs/fixnorm.md, "The fifth fix")
+DEFAULT_FC_MAX_STEP: float | None = None
 
 
 def equilibrium_constant(equilibrium_wd: float | str | None, norm_drift: int | None,
@@ -219,6 +221,13 @@ class FixNorm(torch.optim.Optimizer):
             classifier by about lr per coordinate whatever its gradient, so a free phase counted in steps
             leaves it far below the norm its own training reaches (over Adam at lr 1e-3: 2.7 after 100
             steps, 4.3 after 700) and holds the logits too cold; measured in docs/fixnorm.md.
+        fc_max_step: no step moves the classifier's weight matrix by more than this multiple of its norm
+            before the step (the step's direction is kept, its length shortened; the momentum buffer is left as
+            the base wrote it). At a large lr the first steps from a small initial classifier overwrite it
+            (ResNet-20 at lr 0.8: 1.9x its norm in step 1, its norm 1.85 -> 12 in ten steps) and the run
+            never recovers what they cost, under SGD + weight decay as under FixNorm; at the recipes' lr 0.1
+            the classifier moves at most 0.24x its norm (step 1), then under 0.15x. Default
+            ``DEFAULT_FC_MAX_STEP`` (see docs/fixnorm.md, "The fifth fix"); None: no cap.
         free_steps: the weights whose target is "initial" train freely (plain base steps,
             no projection) for this many steps and are then held at the norms they have
             reached: training, not the initialisation, chooses each layer's norm and so
@@ -266,6 +275,7 @@ class FixNorm(torch.optim.Optimizer):
         drift_signal: str = "gradient",
         equilibrium_wd: float | str | None = "auto",
         fc_free_steps: int | str | None = "auto",
+        fc_max_step: float | None = DEFAULT_FC_MAX_STEP,
         total_steps: int | None = None,
         warmup_steps: float = 0,
         warmup_count: bool | str = "auto",
@@ -289,6 +299,10 @@ class FixNorm(torch.optim.Optimizer):
         if isinstance(fc_scale, bool) or not isinstance(fc_scale, (int, float)) or not (
                 math.isfinite(fc_scale) and fc_scale > 0):
             raise FixNormError(f"fc_scale must be a positive number, got {fc_scale!r}")
+        if fc_max_step is not None and (isinstance(fc_max_step, bool) or not isinstance(fc_max_step, (int, float))
+                                        or not (math.isfinite(fc_max_step) and fc_max_step > 0)):
+            raise FixNormError(f"fc_max_step must be a positive number (a multiple of the classifier's norm) or "
+                               f"None, got {fc_max_step!r}")
         if isinstance(norm_scale, bool) or not isinstance(norm_scale, (int, float)) or not (
                 math.isfinite(norm_scale) and norm_scale > 0):
             raise FixNormError(f"norm_scale must be a positive number, got {norm_scale!r}")
@@ -367,6 +381,7 @@ class FixNorm(torch.optim.Optimizer):
         self._grad_params: dict[bool | None, list[list[torch.Tensor]]] | None = None
         self.free_steps = free_steps
         self._free_phases: dict[str, int] = {}  # role -> its free phase in full-lr steps (before a warm-up)
+        self._capped_steps: torch.Tensor | None = None  # classifier steps fc_max_step shortened (a device count)
         self.warmup_steps: float = 0  # the warm-up given to count_warmup (counted only where warmup_count holds)
         self._layout: list[tuple[torch.device, torch.dtype]] = []  # parameters' (device, dtype) of the cache
         # the rules, by constraint: weights held from the first step (explicit targets, or free_steps=0) and
@@ -412,6 +427,8 @@ class FixNorm(torch.optim.Optimizer):
                 group["weight_decay"] = others_weight_decay
             if lr_power != 1 and role == "scale_invariant":
                 group["lr_power"] = float(lr_power)
+            if fc_max_step is not None and role == "classifier":
+                group["max_step"] = float(fc_max_step)
             if angular_update is not None and role == "scale_invariant":
                 group["angular_update"] = angular_update
                 group["angle_power"] = float(angle_power)
@@ -433,7 +450,7 @@ class FixNorm(torch.optim.Optimizer):
                                "options are fc_norm, roles, granularity, target, fc_granularity, others, "
                                "others_weight_decay, nonfinite, angular_update, angle_power, free_steps, fc_scale, "
                                "norm_scale, lr_power, norm_drift, drift_follows_lr, drift_signal, equilibrium_wd, "
-                               "fc_free_steps, total_steps, warmup_steps, warmup_count") from exc
+                               "fc_free_steps, fc_max_step, total_steps, warmup_steps, warmup_count") from exc
         for g in self.base.param_groups:
             if ("angular_update" in g or "lr_power" in g) and g["lr_ref"] is None:
                 g["lr_ref"] = g["lr"]
@@ -534,6 +551,7 @@ class FixNorm(torch.optim.Optimizer):
         if closure is None and self.nonfinite == "skip":  # (the rules' own pre-hook did the constrained ones)
             self._check_gradients(self._grad_buckets(constrained=False))  # zero bad gradients before the step
         before = self._save_for_rotation()
+        before_cap = self._save_for_cap()
         scheduled = self._bend_lr()
         try:
             if closure is not None:
@@ -545,6 +563,7 @@ class FixNorm(torch.optim.Optimizer):
             for g, lr in scheduled:
                 g["lr"] = lr
         free_phase = self._in_free_phase()
+        self._cap_steps(before_cap)
         self._rotate(before)  # the projection follows, as this optimizer's first step post-hook (fixnorm.rules)
         if self.nonfinite == "raise":
             # constrained weights were checked by the projection's norms (a NaN gradient spoils them);
@@ -740,6 +759,37 @@ class FixNorm(torch.optim.Optimizer):
                 changed.append((g, g["lr"]))
                 g["lr"] = lr
         return changed
+
+    # -- the classifier's step cap (fc_max_step) -------------------------------------------------
+    def _save_for_cap(self) -> list[tuple[float, list[torch.Tensor], list[torch.Tensor]]]:
+        saved = []
+        for g in self.param_groups:
+            if g.get("max_step") is not None:
+                params = [p for p in g["params"] if p.grad is not None and p.ndim >= 2]
+                if params:
+                    saved.append((g["max_step"], params, [p.detach().clone() for p in params]))
+        return saved
+
+    @torch.no_grad()
+    def _cap_steps(self, saved: list[tuple[float, list[torch.Tensor], list[torch.Tensor]]]) -> None:
+        """Shorten each saved weight's change to at most ``max_step`` times its norm before the step, on the
+        device and without a host sync (the count of capped steps stays a device tensor)."""
+        for max_step, params, before in saved:
+            for p, b in zip(params, before):
+                change = p.detach() - b
+                change_norm = torch.linalg.vector_norm(change, dtype=torch.float32)
+                limit = max_step * torch.linalg.vector_norm(b, dtype=torch.float32)
+                factor = torch.clamp(limit / change_norm.clamp_min(torch.finfo(torch.float32).tiny), max=1.0)
+                capped = factor < 1  # False for a NaN change: left for the non-finite check to name
+                # an uncapped step is left bit for bit as the base wrote it (b + (p - b) need not round to p)
+                p.copy_(torch.where(capped, b + change * factor.to(change.dtype), p))
+                count = capped.to(torch.int64)
+                self._capped_steps = count if self._capped_steps is None else self._capped_steps + count
+
+    @property
+    def capped_steps(self) -> int:
+        """How many times ``fc_max_step`` has shortened a classifier step in this process (reads a device value)."""
+        return 0 if self._capped_steps is None else int(self._capped_steps)
 
     # -- angular-update mode -----------------------------------------------------------------
     def _save_for_rotation(self) -> list[tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor]]]:

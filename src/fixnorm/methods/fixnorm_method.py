@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import FixNormError
-from ..optim import DEFAULT_FREE_STEPS, FixNorm
+from ..optim import DEFAULT_FC_MAX_STEP, DEFAULT_FREE_STEPS, FixNorm
 from ..rules import FollowNorms, attach
 from . import Method, method_settings, register_method
 from .baselines import base_optimizer
@@ -34,6 +34,7 @@ class FixNormSettings:
     free_steps: int = DEFAULT_FREE_STEPS  # steps of free training before the chosen norms are taken
     fc_free_steps: int | str | None = "auto"  # the classifier's own free phase; None: never held; "auto": free_steps
                                               # over SGD, None over other bases; "free_steps": free_steps
+    fc_max_step: float | None = DEFAULT_FC_MAX_STEP  # no step moves the classifier by more than this x its norm
     warmup_count: bool | str = "auto"     # free phases counted in full-lr steps through a warm-up; "auto": over SGD
     angular_update: float | None = None   # rotational mode: radians per step for scale-invariant weights
     lr_power: float | str = "auto"        # scale-invariant weights step with lr0 * (lr / lr0) ** lr_power; "auto": 1
@@ -68,6 +69,7 @@ def build_fixnorm(model: nn.Module, cfg: TrainConfig, example: torch.Tensor) -> 
                         angular_update=s.angular_update, angle_power=s.angle_power, norm_drift=s.norm_drift,
                         drift_follows_lr=s.drift_follows_lr, drift_signal=s.drift_signal,
                         equilibrium_wd=s.equilibrium_wd, fc_free_steps=s.fc_free_steps, warmup_count=s.warmup_count,
+                        fc_max_step=s.fc_max_step,
                         nonfinite=s.nonfinite, **kwargs)
     if s.norm_replay is not None:  # "{seed}" in the path: each seed replays its own reference run
         replay_norms(optimizer, model, s.norm_replay.replace("{seed}", str(cfg.seed)), s.norm_replay_roles)
