@@ -24,7 +24,10 @@ next to the reference arms; each run's final accuracy is printed, and its metric
 from __future__ import annotations
 
 import argparse
+import glob
+import json
 import shutil
+import statistics
 import sys
 from pathlib import Path
 
@@ -102,12 +105,54 @@ class CappedStep(Hook):
         record["probe/capped_steps"] = self.capped
 
 
+def probe_table(out: Path, arms: list[str], seeds: list[int], name: str | None) -> str:
+    """Every probe folder of ``arms`` under ``out``, paired with the plain arm's run of the same seed."""
+    def final(run_dir: Path) -> float | None:
+        path = run_dir / "summary.json"
+        return 100 * json.loads(path.read_text())["final_test_acc"] if path.exists() else None
+
+    lines = ["| arm | change | seeds | final acc (%) | plain arm, same seeds | Δ (paired) | 95% CI |",
+             "|---|---|---|---|---|---|---|"]
+    for arm in arms:
+        suffixes = sorted({d.name.split("+", 1)[1] for seed in seeds
+                           for d in out.glob(f"{glob.escape(fixnorm_vs_wd.run_dir_name(arm, seed))}+*")})
+        plain = {s: final(out / fixnorm_vs_wd.run_dir_name(arm, s)) for s in seeds}
+        lines.append(f"| {arm} | none | {sum(v is not None for v in plain.values())} | "
+                     f"{statistics.mean(v for v in plain.values() if v is not None):.2f} ± "
+                     f"{statistics.stdev(v for v in plain.values() if v is not None):.2f} | | | |")
+        for suffix in suffixes:
+            runs = {s: final(out / f"{fixnorm_vs_wd.run_dir_name(arm, s)}+{suffix}") for s in seeds}
+            paired = [s for s in seeds if runs[s] is not None and plain[s] is not None]
+            if not paired:
+                continue
+            accs = [runs[s] for s in paired]
+            spread = f" ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
+            row = (f"| {arm} | {suffix} | {len(paired)} ({', '.join(map(str, paired))}) | "
+                   f"{statistics.mean(accs):.2f}{spread} | {statistics.mean(plain[s] for s in paired):.2f} | ")
+            if len(paired) >= 2:
+                stats = fixnorm_vs_wd.paired_stats([runs[s] - plain[s] for s in paired])
+                row += f"{stats['diff']:+.2f} ± {stats['se']:.2f} | [{stats['ci'][0]:+.2f}, {stats['ci'][1]:+.2f}] |"
+            else:
+                row += f"{accs[0] - plain[paired[0]]:+.2f} (one seed) | - |"
+            lines.append(row)
+    command = "python benchmarks/lr_role_probe.py " + " ".join(sys.argv[1:])
+    text = "\n".join(lines) + f"\n\nΔ: the mean paired difference to the plain arm ± its standard error.\n\n" \
+                              f"Command: `{command}`\n"
+    print(text)
+    if name:
+        _common.atomic_write_text(str(Path(_common.RESULTS_DIR) / f"{name}.md"), f"# {name}\n\n{text}")
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", default="fmnist-resnet20")
     parser.add_argument("--set", nargs="*", default=[], help="recipe overrides (key=value)")
-    parser.add_argument("--arm", required=True, help="an arm of fixnorm_vs_wd.py, e.g. sgd or 'fixnorm:x=y'")
-    parser.add_argument("--kind", choices=KINDS, required=True, help="which parameters: " + ", ".join(KINDS))
+    parser.add_argument("--arm", nargs="+", required=True,
+                        help="an arm of fixnorm_vs_wd.py, e.g. sgd or 'fixnorm:x=y' (several with --table)")
+    parser.add_argument("--table", action="store_true", help="only tabulate the probe runs found in --out")
+    parser.add_argument("--name", default=None, help="with --table: write benchmarks/results/<name>.md")
+    parser.add_argument("--kind", choices=KINDS, help="which parameters: " + ", ".join(KINDS))
     parser.add_argument("--factor", type=float, default=None, help="train them at this multiple of the lr")
     parser.add_argument("--cap", type=float, default=None,
                         help="instead: cap their change per step at this multiple of their norm")
@@ -118,6 +163,12 @@ def main() -> None:
     parser.add_argument("--shard", default="0/1")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    if args.table:
+        probe_table(Path(args.out), args.arm, fixnorm_vs_wd.parse_seeds(args.seeds), args.name)
+        return
+    if len(args.arm) != 1 or args.kind is None:
+        raise SystemExit("training takes one --arm and a --kind")
+    args.arm = args.arm[0]
     if (args.factor is None) == (args.cap is None):
         raise SystemExit("give one of --factor and --cap")
     if not (args.factor or args.cap) > 0:

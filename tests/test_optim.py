@@ -602,7 +602,7 @@ def test_a_free_phase_is_counted_in_full_lr_steps_through_a_linear_warmup():
     reference = copy.deepcopy(model)
     warmup = 10  # 6 full-lr steps: 10 warm-up steps add up to 5.5, the 11th (at the full lr) completes them
     opt = _FixNorm(model, data[0][0], lr=0.5, momentum=0.9, free_steps=6, warmup_steps=warmup,
-                   lr_power=1)  # the schedule unbent, so that the free steps are plain SGD's
+                   lr_power=1, fc_max_step=None)  # the schedule unbent, no cap: the free steps are plain SGD's
     plain = torch.optim.SGD(reference.parameters(), lr=0.5, momentum=0.9)
     schedules = [torch.optim.lr_scheduler.LambdaLR(o, lambda t: min(1.0, (t + 1) / warmup)) for o in (opt, plain)]
     train(model, opt, data[:10], schedules[0])
