@@ -41,7 +41,7 @@ import fixnorm_vs_wd  # noqa: E402
 from fixnorm.hooks import Hook, RunState  # noqa: E402
 from fixnorm.run_folder import RunFolder  # noqa: E402
 from fixnorm.train.config import load_recipe, parse_overrides  # noqa: E402
-from fixnorm.train.engine import Trainer  # noqa: E402
+from fixnorm.train.engine import Trainer, check_same_run  # noqa: E402
 
 KINDS = ("norm_affine", "classifier")
 
@@ -117,9 +117,11 @@ def probe_table(out: Path, arms: list[str], seeds: list[int], name: str | None) 
         suffixes = sorted({d.name.split("+", 1)[1] for seed in seeds
                            for d in out.glob(f"{glob.escape(fixnorm_vs_wd.run_dir_name(arm, seed))}+*")})
         plain = {s: final(out / fixnorm_vs_wd.run_dir_name(arm, s)) for s in seeds}
-        lines.append(f"| {arm} | none | {sum(v is not None for v in plain.values())} | "
-                     f"{statistics.mean(v for v in plain.values() if v is not None):.2f} ± "
-                     f"{statistics.stdev(v for v in plain.values() if v is not None):.2f} | | | |")
+        found = [v for v in plain.values() if v is not None]
+        if not found:
+            raise SystemExit(f"no finished run of the plain arm {arm!r} in {out} for seeds {seeds}")
+        spread = f" ± {statistics.stdev(found):.2f}" if len(found) > 1 else ""
+        lines.append(f"| {arm} | none | {len(found)} | {statistics.mean(found):.2f}{spread} | | | |")
         for suffix in suffixes:
             runs = {s: final(out / f"{fixnorm_vs_wd.run_dir_name(arm, s)}+{suffix}") for s in seeds}
             paired = [s for s in seeds if runs[s] is not None and plain[s] is not None]
@@ -177,6 +179,8 @@ def main() -> None:
     steps = None
     if args.steps:
         start, _, stop = args.steps.partition("-")
+        if not start.isdigit() or not (stop.isdigit() or stop == ""):
+            raise SystemExit(f"--steps takes A-B or A- (optimizer steps, 0-based), got {args.steps!r}")
         steps = range(int(start), int(stop) if stop else 2 ** 62)
     recipe, overrides = load_recipe(args.recipe), parse_overrides(args.set)
     shard, shards = _common.parse_shard(args.shard)
@@ -188,12 +192,13 @@ def main() -> None:
         if args.steps:
             name += f"_steps{args.steps}"
         run_dir = Path(args.out) / name
+        cfg = fixnorm_vs_wd.arm_config(args.arm, seed, recipe, overrides, args.threads)
         if RunFolder(run_dir).finished:
+            check_same_run(run_dir, cfg)  # a folder trained with other settings is not this run
             print(f"{name}: done already", flush=True)
             continue
         if run_dir.exists():  # the hook is added after the model is built, so a killed run starts over
             shutil.rmtree(run_dir)
-        cfg = fixnorm_vs_wd.arm_config(args.arm, seed, recipe, overrides, args.threads)
         trainer = Trainer(cfg, run_dir)
         # first: the diagnostics hook (last) must see the gradients the step uses
         params = chosen_parameters(trainer.model, args.kind)
