@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402,F401  (puts src/ on the path when run from a checkout)
 import fixnorm_vs_wd  # noqa: E402
 
+from fixnorm.constraints import shorten_step_  # noqa: E402
 from fixnorm.hooks import Hook, RunState  # noqa: E402
 from fixnorm.run_folder import RunFolder  # noqa: E402
 from fixnorm.train.config import load_recipe, parse_overrides  # noqa: E402
@@ -95,11 +96,7 @@ class CappedStep(Hook):
     @torch.no_grad()
     def after_step(self, run: RunState) -> None:
         for p, old in zip(self.params, self.before):
-            change = p.detach() - old
-            limit = self.cap * old.norm()
-            if change.norm() > limit:
-                p.copy_(old + change * (limit / change.norm()))
-                self.capped += 1
+            self.capped += int(shorten_step_(p, old, self.cap))  # FixNorm's own kernel, here after any projection
 
     def on_epoch_end(self, run: RunState, record: dict) -> None:
         record["probe/capped_steps"] = self.capped

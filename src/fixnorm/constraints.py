@@ -64,6 +64,23 @@ def fix_filter_norms_(params: Sequence[torch.Tensor], targets: Sequence[torch.Te
     return torch.stack(bad)
 
 
+def shorten_step_(p: torch.Tensor, before: torch.Tensor, max_step: float) -> torch.Tensor:
+    """Shorten the step ``p - before`` to at most ``max_step`` times ``|before|``, along its own direction.
+
+    The classifier's step cap (FixNorm's ``fc_max_step``). No host sync; a step it does not shorten is left bit for
+    bit (``before + (p - before)`` need not round to ``p``), and so is a NaN step, for the non-finite check to name.
+    Returns whether it shortened the step, as a 0-dim bool device tensor.
+    """
+    change = p.detach() - before
+    dtype = _accumulation_dtype([p])
+    change_norm = torch.linalg.vector_norm(change, dtype=dtype)
+    limit = max_step * torch.linalg.vector_norm(before, dtype=dtype)
+    factor = torch.clamp(limit / change_norm.clamp_min(torch.finfo(dtype).tiny), max=1.0)
+    capped = factor < 1  # False for a NaN change
+    p.copy_(torch.where(capped, before + change * factor.to(change.dtype), p))
+    return capped
+
+
 def rotate_by_angle_(p: torch.Tensor, before: torch.Tensor, angle: torch.Tensor | float, per_filter: bool) -> None:
     """Replace the step ``p - before`` by its tangential part, rescaled so it turns ``before`` by ``angle``.
 

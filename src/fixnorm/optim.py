@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .constraints import (Plan, build_plan, filter_norms, fix_filter_norms_, fix_tensor_norms_, initial_targets,
-                          rotate_by_angle_, tensor_norms_fp32)
+                          rotate_by_angle_, shorten_step_, tensor_norms_fp32)
 from .checks import warn_if_base_normalizes
 from .errors import FixNormError, NonFiniteError
 from .roles import Roles, analyze
@@ -776,19 +776,10 @@ class FixNorm(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _cap_steps(self, saved: list[tuple[float, list[torch.Tensor], list[torch.Tensor]]]) -> None:
-        """Shorten each saved weight's change to at most ``max_step`` times its norm before the step, on the
-        device and without a host sync (the count of capped steps stays a device tensor)."""
+        """:func:`shorten_step_` on each saved weight; the count of capped steps stays a device tensor (no sync)."""
         for max_step, params, before in saved:
             for p, b in zip(params, before):
-                change = p.detach() - b
-                accumulate = torch.promote_types(p.dtype, torch.float32)  # fp32 at least, fp64 stays fp64
-                change_norm = torch.linalg.vector_norm(change, dtype=accumulate)
-                limit = max_step * torch.linalg.vector_norm(b, dtype=accumulate)
-                factor = torch.clamp(limit / change_norm.clamp_min(torch.finfo(accumulate).tiny), max=1.0)
-                capped = factor < 1  # False for a NaN change: left for the non-finite check to name
-                # an uncapped step is left bit for bit as the base wrote it (b + (p - b) need not round to p)
-                p.copy_(torch.where(capped, b + change * factor.to(change.dtype), p))
-                count = capped.to(torch.int64)
+                count = shorten_step_(p, b, max_step).to(torch.int64)
                 self._capped_steps = count if self._capped_steps is None else self._capped_steps + count
 
     @property
