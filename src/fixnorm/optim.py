@@ -86,9 +86,14 @@ def equilibrium_constant(equilibrium_wd: float | str | None, norm_drift: int | N
     return equilibrium_constant_of(float(base_kwargs["lr"]), wd, float(base_kwargs.get("momentum", 0.0)))
 
 
+def _is_positive_number(value: Any) -> bool:
+    """A finite number > 0, not a bool (True would pass as 1): the check every numeric option of FixNorm makes."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
 def _positive_weight_decay(value: Any, given: Any) -> float:
     """``value`` as a float, or the error naming ``given``, what the user passed as ``equilibrium_wd``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+    if not _is_positive_number(value):
         raise FixNormError(f"equilibrium_wd must be 'auto', None or a positive weight decay, got {given!r}")
     return float(value)
 
@@ -294,21 +299,16 @@ class FixNorm(torch.optim.Optimizer):
             raise FixNormError(f"unknown nonfinite policy {nonfinite!r}; choose one of {NONFINITE_POLICIES}")
         if angular_update is not None and not (0 < angular_update < math.pi / 2):
             raise FixNormError(f"angular_update must be in (0, pi/2) radians, got {angular_update!r}")
-        if not (isinstance(angle_power, (int, float)) and not isinstance(angle_power, bool) and angle_power > 0
-                and math.isfinite(angle_power)):
+        if not _is_positive_number(angle_power):
             raise FixNormError(f"angle_power must be a positive number, got {angle_power!r}")
-        if lr_power != "auto" and (isinstance(lr_power, bool) or not isinstance(lr_power, (int, float)) or not (
-                math.isfinite(lr_power) and lr_power > 0)):
+        if lr_power != "auto" and not _is_positive_number(lr_power):
             raise FixNormError(f"lr_power must be 'auto' or a positive number, got {lr_power!r}")
-        if isinstance(fc_scale, bool) or not isinstance(fc_scale, (int, float)) or not (
-                math.isfinite(fc_scale) and fc_scale > 0):
+        if not _is_positive_number(fc_scale):
             raise FixNormError(f"fc_scale must be a positive number, got {fc_scale!r}")
-        if fc_max_step is not None and (isinstance(fc_max_step, bool) or not isinstance(fc_max_step, (int, float))
-                                        or not (math.isfinite(fc_max_step) and fc_max_step > 0)):
+        if fc_max_step is not None and not _is_positive_number(fc_max_step):
             raise FixNormError(f"fc_max_step must be a positive number (a multiple of the classifier's norm) or "
                                f"None, got {fc_max_step!r}")
-        if isinstance(norm_scale, bool) or not isinstance(norm_scale, (int, float)) or not (
-                math.isfinite(norm_scale) and norm_scale > 0):
+        if not _is_positive_number(norm_scale):
             raise FixNormError(f"norm_scale must be a positive number, got {norm_scale!r}")
         if norm_scale != 1 and target != "initial":
             raise FixNormError("norm_scale scales the norms training chose; with a numeric target there is nothing "
