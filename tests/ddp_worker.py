@@ -8,7 +8,7 @@ from fixnorm.train import Trainer, load_recipe, make_config
 
 out = Path(sys.argv[1])
 # 8 steps: a 3-step free phase ends inside the run, so the ranks must agree on it and on the norms it took
-cfg = make_config(load_recipe("fmnist-smoke"), {"train_subset": 800, "epochs": 2, "threads": 1, "free_steps": 3})
+cfg = make_config(load_recipe("fmnist-smoke"), {"train_subset": 800, "holdout": 500, "epochs": 2, "threads": 1, "free_steps": 3})
 trainer = Trainer(cfg, out / "run")
 rank = trainer.dist.rank
 if rank == 0:

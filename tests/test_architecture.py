@@ -144,7 +144,7 @@ def test_the_method_example_in_docs_architecture_trains(tmp_path):
 
     from fixnorm.train import load_checkpoint
 
-    tiny = dict(load_recipe("fmnist-smoke"), epochs=1, train_subset=1000, threads=1)
+    tiny = dict(load_recipe("fmnist-smoke"), epochs=1, train_subset=1000, holdout=500, threads=1)
     runs = {}
     for name, settings in {"sgd": {"method": "sgd"},
                            "level0": {"method": "flooding", "method_kwargs": {"flooding": {"level": 0.0}}},

@@ -14,7 +14,7 @@ from helpers import train_until
 
 needs_fmnist = pytest.mark.skipif(not DEFAULT_FASHION_MNIST_DIR.exists(),
                                   reason="apt-get install dataset-fashion-mnist")
-TINY = dict(load_recipe("fmnist-smoke"), train_subset=600, epochs=2, threads=1, diagnostics=True,
+TINY = dict(load_recipe("fmnist-smoke"), train_subset=600, holdout=500, epochs=2, threads=1, diagnostics=True,
             diagnostics_every=1, probe_size=300)
 
 

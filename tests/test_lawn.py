@@ -294,7 +294,7 @@ def test_errors():
 
 
 # -- the engine method ---------------------------------------------------------------------------------
-TINY = dict(load_recipe("fmnist-smoke"), train_subset=1000, epochs=3, threads=1, method="lawn", base="adam",
+TINY = dict(load_recipe("fmnist-smoke"), train_subset=1000, holdout=500, epochs=3, threads=1, method="lawn", base="adam",
             lr=0.003, weight_decay=5e-4, method_kwargs={"lawn": {"warmup_epochs": 1}})
 
 

@@ -103,7 +103,7 @@ def test_the_rule_projects_the_incoming_weights_and_thresholds_the_outgoing_ones
 
 @needs_fmnist
 def test_method_trains_and_resumes_bit_for_bit(tmp_path):
-    cfg = make_config(load_recipe("fmnist-smoke"), {"method": "pathprox", "train_subset": 600, "threads": 1,
+    cfg = make_config(load_recipe("fmnist-smoke"), {"method": "pathprox", "train_subset": 600, "holdout": 500, "threads": 1,
                                                     "method_kwargs": {"pathprox": {"strength": 1e-2}}})
     straight = train(cfg, tmp_path / "straight")
     train_until(cfg, tmp_path / "resumed", epoch=1)

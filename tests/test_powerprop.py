@@ -228,7 +228,7 @@ def test_analyze_sees_the_reparametrised_weights():
 
 @needs_fmnist
 def test_engine_run_trains_and_resumes_bit_for_bit(tmp_path):
-    cfg = make_config(load_recipe("fmnist-smoke"), {"method": "powerprop", "epochs": 2, "threads": 1,
+    cfg = make_config(load_recipe("fmnist-smoke"), {"method": "powerprop", "epochs": 2, "threads": 1, "holdout": 1000,
                                                     "method_kwargs": {"powerprop": {"alpha": 2}}})
     summary = train(cfg, tmp_path / "straight")
     assert summary["final_test_acc"] > 0.2  # chance is 0.1
@@ -245,7 +245,7 @@ def test_engine_run_trains_and_resumes_bit_for_bit(tmp_path):
 
 @needs_fmnist
 def test_engine_alpha_one_equals_the_sgd_baseline(tmp_path):
-    common = dict(load_recipe("fmnist-smoke"), train_subset=500, epochs=1, threads=1)
+    common = dict(load_recipe("fmnist-smoke"), train_subset=500, holdout=500, epochs=1, threads=1)
     sgd = train(make_config(common, {"method": "sgd"}), tmp_path / "sgd")
     pp = train(make_config(common, {"method": "powerprop", "method_kwargs": {"powerprop": {"alpha": 1}}}),
                tmp_path / "pp")

@@ -71,7 +71,7 @@ def test_violations_shrink_over_training_on_a_toy_problem():
 
 @needs_fmnist
 def test_method_trains_records_and_resumes_bit_for_bit(tmp_path):
-    cfg = make_config(load_recipe("fmnist-smoke"), {"method": "sal", "train_subset": 600, "threads": 1})
+    cfg = make_config(load_recipe("fmnist-smoke"), {"method": "sal", "train_subset": 600, "holdout": 500, "threads": 1})
     straight = train(cfg, tmp_path / "straight")
     train_until(cfg, tmp_path / "resumed", epoch=1)
     assert Trainer(None, tmp_path / "resumed", resume=True).fit()["final_test_acc"] == straight["final_test_acc"]

@@ -98,7 +98,7 @@ def test_curvature_of_a_scale_invariant_layer_scales_as_one_over_its_squared_nor
 
 @needs_fmnist
 def test_hooks_write_rank_and_curvature_columns_and_leave_training_alone(tmp_path):
-    base = dict(load_recipe("fmnist-smoke"), train_subset=600, epochs=2, threads=1, method="fixnorm")
+    base = dict(load_recipe("fmnist-smoke"), train_subset=600, holdout=500, epochs=2, threads=1, method="fixnorm")
     plain = train(make_config(base), tmp_path / "plain")
     cfg = make_config(base, {"rank_every": 1, "curvature_every": 2, "curvature_probe": 64})
     measured = train(cfg, tmp_path / "measured")

@@ -74,7 +74,9 @@ class TrainConfig:
     curvature_every: int = 0         # top Hessian eigenvalue per weight on a probe batch (20 HVPs per weight)
     curvature_probe: int = 256       # images in the curvature probe
     # speed and reproducibility
-    precision: str = "fp32"          # fp32, bf16, fp16 (fp16 needs a GPU)
+    # fp32, bf16, fp16 (fp16 needs a GPU), or auto: bf16 where the device computes it natively, fp32 elsewhere,
+    # decided when the config is made (native_precision), so config.yaml records the precision the run trained in
+    precision: str = "fp32"
     channels_last: bool = False
     compile: bool = False
     device: str = "auto"             # auto, cpu, cuda
@@ -105,7 +107,7 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         choices = {"schedule": ("cosine", "step", "exponential", "constant"), "augment": ("none", "crop", "crop_flip"),
-                   "precision": ("fp32", "bf16", "fp16"), "device": ("auto", "cpu", "cuda"),
+                   "precision": ("fp32", "bf16", "fp16", "auto"), "device": ("auto", "cpu", "cuda"),
                    "base": ("sgd", "adam", "adamw", "rmsprop")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -162,20 +164,20 @@ _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 # Built-in recipes: the README's default, and GPU recipes with the settings of the published baselines.
 RECIPES: dict[str, dict[str, Any]] = {
-    # a few minutes on 2 CPU cores: ResNet-20, bf16 autocast, channels_last
+    # a few minutes on 2 CPU cores: ResNet-20, bf16 autocast where the CPU has it (else fp32), channels_last
     "fmnist-resnet20": dict(model="resnet20", dataset="fashion_mnist", epochs=3, batch_size=128, lr=0.1,
                             weight_decay=5e-4, schedule="cosine", augment="crop", crop_padding=2,
-                            precision="bf16", channels_last=True),
+                            precision="auto", channels_last=True),
     # time to 94% test accuracy on 2 CPU cores (benchmarks/time_to_accuracy.py): the README job's ResNet-20 for 15
     # epochs with flips in training and at test time and label smoothing; about 8 minutes
     "fmnist-speedrun": dict(model="resnet20", dataset="fashion_mnist", epochs=15, batch_size=128, lr=0.1,
                             weight_decay=5e-4, schedule="cosine", augment="crop_flip", crop_padding=2,
-                            label_smoothing=0.1, eval_flip=True, precision="bf16", channels_last=True),
+                            label_smoothing=0.1, eval_flip=True, precision="auto", channels_last=True),
     # the same recipe on fast_cnn (three conv-pool-conv blocks, half ResNet-20's epoch time): 24 epochs, chosen on a
     # seed-0 probe where both methods reached 94.0% only at epoch 20 (docs/fixnorm.md, "Time to 94%")
     "fmnist-speedrun-fast": dict(model="fast_cnn", dataset="fashion_mnist", epochs=24, batch_size=128, lr=0.1,
                                  weight_decay=5e-4, schedule="cosine", augment="crop_flip", crop_padding=2,
-                                 label_smoothing=0.1, eval_flip=True, precision="bf16", channels_last=True),
+                                 label_smoothing=0.1, eval_flip=True, precision="auto", channels_last=True),
     # one epoch of the small CNN, under a minute: the defaults ablation (benchmarks/defaults_ablation.py)
     "fmnist-small-cnn": dict(model="small_cnn", dataset="fashion_mnist", epochs=1, batch_size=128, lr=0.2,
                              weight_decay=5e-4, schedule="cosine", augment="crop", crop_padding=2),
@@ -183,7 +185,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     # holdout of 5000 training images (the test set stays unseen); benchmarks/tuning_efficiency.py
     "fmnist-tune": dict(model="small_cnn", dataset="fashion_mnist", train_subset=15000, holdout=5000, epochs=3,
                         batch_size=64, lr=0.1, weight_decay=5e-4, schedule="cosine", augment="crop", crop_padding=2,
-                        precision="bf16", channels_last=True, checkpoint_every=1),
+                        precision="auto", channels_last=True, checkpoint_every=1),
     # LAWN's setting: Adam at a large batch; held classifier norm after a 1-epoch free warm-up (docs/lawn.md)
     "fmnist-lawn-adam": dict(model="small_cnn", dataset="fashion_mnist", epochs=3, batch_size=1024, method="lawn",
                              base="adam", lr=3e-3, weight_decay=0.0, warmup_epochs=0.5, schedule="cosine",
@@ -214,7 +216,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     # Zagoruyko & Komodakis 2016: WRN-28-10 on CIFAR-100, SGD Nesterov 0.1, wd 5e-4, /5 at 60, 120, 160 of 200
     "cifar100-wrn28-10": dict(model="wrn28_10", dataset="cifar100", epochs=200, batch_size=128, lr=0.1,
                               weight_decay=5e-4, schedule="step", milestones=[60, 120, 160], gamma=0.2,
-                              augment="crop_flip", precision="bf16", channels_last=True),
+                              augment="crop_flip", precision="auto", channels_last=True),
     # Tan & Le 2019: EfficientNet-B0, RMSprop (decay 0.9, momentum 0.9, eps 1e-3), lr 0.016 per 256 images,
     # 5 warm-up epochs, x0.97 every 2.4 epochs, wd 1e-5, BN momentum 0.99 (0.01 here), dropout 0.2,
     # stochastic depth 0.2, EMA 0.9999, label smoothing 0.1, 350 epochs
@@ -222,12 +224,12 @@ RECIPES: dict[str, dict[str, Any]] = {
                                      dataset="imagenet", epochs=350, batch_size=256, method="rmsprop", base="rmsprop",
                                      lr=0.016, momentum=0.9, alpha=0.9, eps=1e-3, weight_decay=1e-5,
                                      schedule="exponential", gamma=0.97, decay_epochs=2.4, warmup_epochs=5,
-                                     label_smoothing=0.1, ema_decay=0.9999, precision="bf16", channels_last=True),
+                                     label_smoothing=0.1, ema_decay=0.9999, precision="auto", channels_last=True),
     # Sandler et al. 2018: MobileNetV2, RMSprop (decay 0.9, momentum 0.9), lr 0.045 x0.98 per epoch, wd 4e-5
     "imagenet-mobilenetv2": dict(model="mobilenetv2", dataset="imagenet", epochs=300, batch_size=256,
                                  method="rmsprop", base="rmsprop", lr=0.045, momentum=0.9, alpha=0.9, eps=1e-3,
                                  weight_decay=4e-5, schedule="exponential", gamma=0.98, decay_epochs=1.0,
-                                 label_smoothing=0.1, precision="bf16", channels_last=True),
+                                 label_smoothing=0.1, precision="auto", channels_last=True),
 }
 
 
@@ -365,7 +367,28 @@ def make_config(*layers: Mapping[str, Any]) -> TrainConfig:
             merged[key] = _deep_merge(merged[key], value) if key in merged else value
     for key, value in list(merged.items()):
         merged[key] = _coerce(key, value)
-    return TrainConfig(**merged).validate()
+    cfg = TrainConfig(**merged).validate()
+    if cfg.precision == "auto":
+        cfg = dataclasses.replace(cfg, precision=native_precision(cfg.device))
+    return cfg
+
+
+def native_precision(device: str) -> str:
+    """``"bf16"`` where ``device`` (auto, cpu, cuda) computes bfloat16 natively, else ``"fp32"``: precision auto.
+
+    On a CPU whose oneDNN has no bf16 kernels (AVX2 without AVX-512) autocast to bf16 is emulated: a training
+    step of fast_cnn, small_cnn and ResNet-20 measured 11-12x slower than in fp32 on such a machine
+    (benchmarks/precision_speed.py), so a bf16 recipe would take hours there; fp32 trains fastest on it.
+    """
+    import torch
+
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    try:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN: no bf16 kernels either
+        native = False
+    return "bf16" if native else "fp32"
 
 
 def _coerce(key: str, value: Any) -> Any:

@@ -15,6 +15,7 @@ import os
 import platform
 import socket
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from ..models import create_model
 from ..run_folder import RunFolder
 from .checkpoint import (load_checkpoint, remove_stale_temp_files, save_checkpoint, write_json_atomic,
                          write_text_atomic)
-from .config import TrainConfig, saved_config, settings_that_differ
+from .config import TrainConfig, native_precision, saved_config, settings_that_differ
 from .data_source import make_data
 from .distributed import DistInfo, all_reduce_sum, broadcast_buffers, init_distributed, shutdown
 from .hooks import EmaHook, Hook
@@ -91,6 +92,11 @@ class Trainer:
             raise FixNormError("device 'cuda' was asked for but torch sees no GPU")
         if cfg.precision == "fp16" and kind != "cuda":
             raise FixNormError("precision fp16 needs a GPU (GradScaler); use bf16 on the CPU")
+        if cfg.precision == "bf16" and native_precision(kind) != "bf16":
+            found = torch.backends.cpu.get_cpu_capability() if kind == "cpu" else torch.cuda.get_device_name()
+            warnings.warn(f"precision bf16 on a {kind} without native bfloat16 kernels ({found}): autocast "
+                          f"emulates it, many times slower than fp32 (benchmarks/precision_speed.py); set precision=fp32, or precision=auto to get "
+                          f"the fastest precision of each machine", stacklevel=2)
         self.dist: DistInfo = init_distributed(kind)
         self.device = torch.device(f"cuda:{self.dist.local_rank}" if kind == "cuda" else "cpu")
         if kind == "cuda":
