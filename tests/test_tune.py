@@ -177,6 +177,19 @@ def test_tuner_on_sqlite_matches_the_pure_search_and_refuses_other_settings(tmp_
               settings={"lr_power": 0.5})
     with pytest.raises(FixNormError, match="pruning needs a sampler"):
         Tuner(SPACE, tabular, tuner="coordinate", n_trials=10, out_dir=tmp_path / "b", pruner="median")
+    # precision auto is recorded as this machine decides it: a machine that decides otherwise cannot join
+    from fixnorm.train.config import native_precision
+    here = native_precision("auto")
+    Tuner(SPACE, tabular, tuner="coordinate", n_trials=10, out_dir=tmp_path / "p", steps=(2, 1),
+          settings={"precision": here})
+    Tuner(SPACE, tabular, tuner="coordinate", n_trials=10, out_dir=tmp_path / "p", steps=(2, 1),
+          settings={"precision": "auto"})  # the same trials: auto trains in `here` on this machine
+    other = "fp32" if here == "bf16" else "bf16"
+    Tuner(SPACE, tabular, tuner="coordinate", n_trials=10, out_dir=tmp_path / "q", steps=(2, 1),
+          settings={"precision": other})  # as a machine that decides the other precision would create it
+    with pytest.raises(FixNormError, match=f"settings.precision: '{other}' -> '{here}'"):
+        Tuner(SPACE, tabular, tuner="coordinate", n_trials=10, out_dir=tmp_path / "q", steps=(2, 1),
+              settings={"precision": "auto"})
 
 
 LINE = SearchSpace((Axis("lr", 0.1, 2.0 ** 0.5, -8, 8),))

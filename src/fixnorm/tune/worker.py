@@ -25,6 +25,17 @@ class _Unset:
         return "(unset)"
 
 
+
+def _as_trained(settings: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The settings as this machine trains them: precision auto is decided here (bf16 where native, else fp32),
+    so that a worker on a machine without native bf16 cannot join a study whose trials trained in bf16."""
+    from ..train.config import native_precision  # late: the tuner does not need the engine to import
+
+    out = dict(settings or {})
+    if out.get("precision") == "auto":
+        out["precision"] = native_precision(str(out.get("device", "auto")))
+    return out
+
 def _identity_changes(stored: Mapping[str, Any], now: Mapping[str, Any], limit: int = 6) -> str:
     """``key: stored -> now`` for each setting that differs (dotted paths), e.g. after a new version's defaults."""
     changes: list[str] = []
@@ -146,7 +157,7 @@ class Tuner:
                                              pruner=pruners[pruner]())
             # as the storage holds it (a JSON round trip: tuples become lists), so that it compares with what is stored
             identity = json.loads(json.dumps({"tuner": tuner, "space": space.to_dict(),
-                                              "settings": dict(settings or {}), "steps": list(self.steps)}))
+                                              "settings": _as_trained(settings), "steps": list(self.steps)}))
             stored = self.study.user_attrs.get("identity")
             if stored is None:
                 self.study.set_user_attr("identity", identity)
