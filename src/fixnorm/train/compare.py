@@ -28,6 +28,8 @@ def run_comparison(settings: Mapping[str, Any], methods: Sequence[str], seeds: S
             summary = train_or_reuse(make_config(settings, {"method": method, "seed": seed}), run_dir, **callbacks)
             runs.append({"method": method, "seed": seed, "run_dir": str(run_dir), **summary})
     rows = [_aggregate(method, [r for r in runs if r["method"] == method]) for method in methods]
+    if settings.get("precision") == "auto":  # say what this machine trained in, as each run's config.yaml does
+        settings = {**settings, "precision": f"auto ({make_config(settings).precision})"}
     result = {"settings": dict(settings), "methods": list(methods), "seeds": list(seeds), "rows": rows, "runs": runs}
     write_json_atomic(out / "compare.json", result)
     write_text_atomic(out / "compare.md", comparison_table(rows, settings) + "\n")
