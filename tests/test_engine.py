@@ -1,5 +1,6 @@
 """The training engine, for real: runs on Fashion-MNIST files, resume bit for bit, SIGKILL, torchrun with 2 ranks."""
 import csv
+import dataclasses
 import json
 import os
 import pickle
@@ -130,6 +131,10 @@ def test_precision_auto_is_decided_when_the_config_is_made_and_recorded_as_decid
     assert saved_config({"precision": other}).precision == other
     with pytest.raises(FixNormError, match="precision='fp8' is not one of"):
         make_config({"precision": "fp8"})
+    # a TrainConfig built by hand is decided by the Trainer, before anything is written
+    by_hand = dataclasses.replace(make_config(TINY, {"device": "cpu"}), precision="auto")
+    assert Trainer(by_hand, tmp_path / "by_hand").cfg.precision == here
+    assert yaml.safe_load((tmp_path / "by_hand" / "config.yaml").read_text())["precision"] == here
 
 
 @needs_fmnist

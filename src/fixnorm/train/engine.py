@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
 import math
 import os
@@ -86,8 +87,10 @@ class Trainer:
             raise FixNormError(f"{self.run_dir} already holds a run (last.pt); resume it with --resume "
                                "or choose another run directory")
         cfg = with_method_settings(cfg)  # the method's settings in full: config.yaml says how the run trained
-        self.cfg, self.on_step, self.on_epoch = cfg, on_step, on_epoch
         kind = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+        if cfg.precision == "auto":  # a TrainConfig built by hand: make_config would have decided it already
+            cfg = dataclasses.replace(cfg, precision=native_precision(kind))
+        self.cfg, self.on_step, self.on_epoch = cfg, on_step, on_epoch
         if kind == "cuda" and not torch.cuda.is_available():
             raise FixNormError("device 'cuda' was asked for but torch sees no GPU")
         if cfg.precision == "fp16" and kind != "cuda":
