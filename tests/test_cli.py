@@ -27,10 +27,11 @@ def test_train_and_compare_from_the_command_line(tmp_path):
     accuracy = float(re.search(r"final test accuracy: ([0-9.]+)", proc.stdout).group(1))
     assert accuracy > 0.2  # chance is 0.1
     proc = run_cli("compare", "--recipe", "fmnist-smoke", "--set", "train_subset=500", "--set", "free_steps=1",
-                   "--epochs", "1",
+                   "--epochs", "1", "--set", "precision=auto",
                    "--methods", "sgd", "fixnorm", "--out", str(tmp_path / "cmp"), "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert "| sgd | 1 |" in proc.stdout and "| fixnorm | 1 |" in proc.stdout
+    assert re.search(r"precision=auto \((fp32|bf16)\)", proc.stdout)  # the table printed says what trained
 
 
 def test_missing_data_and_bad_settings_say_what_to_do(tmp_path):

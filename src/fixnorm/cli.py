@@ -99,7 +99,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         return {"on_step": _Progress(sys.stderr.isatty(), label).step, "on_epoch": _epoch_line(epochs, label)}
 
     result = run_comparison(settings, args.methods, args.seeds, out, make_callbacks=callbacks)
-    print(comparison_table(result["rows"], settings))
+    print(comparison_table(result["rows"], result["settings"]))
     if not args.quiet:
         print(f"written: {out / 'compare.md'}, {out / 'compare.json'}")
     return 0
