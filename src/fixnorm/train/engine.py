@@ -98,8 +98,9 @@ class Trainer:
         if cfg.precision == "bf16" and native_precision(kind) != "bf16":
             found = torch.backends.cpu.get_cpu_capability() if kind == "cpu" else torch.cuda.get_device_name()
             warnings.warn(f"precision bf16 on a {kind} without native bfloat16 kernels ({found}): autocast "
-                          f"emulates it, many times slower than fp32 (benchmarks/precision_speed.py); set precision=fp32, or precision=auto to get "
-                          f"the fastest precision of each machine", stacklevel=2)
+                          f"emulates it, many times slower than fp32 (benchmarks/precision_speed.py); set "
+                          f"precision=fp32, or precision=auto to get the fastest precision of each machine",
+                          stacklevel=2)
         self.dist: DistInfo = init_distributed(kind)
         self.device = torch.device(f"cuda:{self.dist.local_rank}" if kind == "cuda" else "cpu")
         if kind == "cuda":

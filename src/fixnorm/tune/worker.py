@@ -25,7 +25,6 @@ class _Unset:
         return "(unset)"
 
 
-
 def _as_trained(settings: Mapping[str, Any] | None) -> dict[str, Any]:
     """The settings as this machine trains them: precision auto is decided here (bf16 where native, else fp32),
     so that a worker on a machine without native bf16 cannot join a study whose trials trained in bf16."""
