@@ -368,9 +368,15 @@ def make_config(*layers: Mapping[str, Any]) -> TrainConfig:
     for key, value in list(merged.items()):
         merged[key] = _coerce(key, value)
     cfg = TrainConfig(**merged).validate()
-    if cfg.precision == "auto":
-        cfg = dataclasses.replace(cfg, precision=native_precision(cfg.device))
-    return cfg
+    return dataclasses.replace(cfg, precision=decided_precision(cfg.precision, cfg.device))
+
+
+def decided_precision(precision: str, device: str = "auto") -> str:
+    """The precision a run trains in: ``auto`` becomes :func:`native_precision` of ``device``, any other is kept.
+
+    The one place ``auto`` is decided: the config (so config.yaml records it), the Trainer (a hand-built config),
+    the tuner's study identity and the comparison's label all ask here."""
+    return native_precision(device) if precision == "auto" else precision
 
 
 def native_precision(device: str) -> str:

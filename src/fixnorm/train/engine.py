@@ -34,7 +34,7 @@ from ..models import create_model
 from ..run_folder import RunFolder
 from .checkpoint import (load_checkpoint, remove_stale_temp_files, save_checkpoint, write_json_atomic,
                          write_text_atomic)
-from .config import TrainConfig, native_precision, saved_config, settings_that_differ
+from .config import TrainConfig, decided_precision, native_precision, saved_config, settings_that_differ
 from .data_source import make_data
 from .distributed import DistInfo, all_reduce_sum, broadcast_buffers, init_distributed, shutdown
 from .hooks import EmaHook, Hook
@@ -88,8 +88,8 @@ class Trainer:
                                "or choose another run directory")
         cfg = with_method_settings(cfg)  # the method's settings in full: config.yaml says how the run trained
         kind = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
-        if cfg.precision == "auto":  # a TrainConfig built by hand: make_config would have decided it already
-            cfg = dataclasses.replace(cfg, precision=native_precision(kind))
+        # a TrainConfig built by hand may still say auto: make_config would have decided it already
+        cfg = dataclasses.replace(cfg, precision=decided_precision(cfg.precision, kind))
         self.cfg, self.on_step, self.on_epoch = cfg, on_step, on_epoch
         if kind == "cuda" and not torch.cuda.is_available():
             raise FixNormError("device 'cuda' was asked for but torch sees no GPU")

@@ -28,11 +28,11 @@ class _Unset:
 def _as_trained(settings: Mapping[str, Any] | None) -> dict[str, Any]:
     """The settings as this machine trains them: precision auto is decided here (bf16 where native, else fp32),
     so that a worker on a machine without native bf16 cannot join a study whose trials trained in bf16."""
-    from ..train.config import native_precision  # late: the tuner does not need the engine to import
+    from ..train.config import decided_precision  # late: the tuner does not need the engine to import
 
     out = dict(settings or {})
-    if out.get("precision") == "auto":
-        out["precision"] = native_precision(str(out.get("device", "auto")))
+    if "precision" in out:
+        out["precision"] = decided_precision(str(out["precision"]), str(out.get("device", "auto")))
     return out
 
 def _identity_changes(stored: Mapping[str, Any], now: Mapping[str, Any], limit: int = 6) -> str:
