@@ -38,6 +38,9 @@ def test_resnet110_depth():
 def test_parameter_counts():
     assert 260_000 <= _n_params(create_model("resnet20")) <= 280_000
     assert 25_000_000 <= _n_params(create_model("resnet50", num_classes=1000)) <= 26_000_000
+    # any WRN-d-k by model_kwargs: WRN-16-1 is the paper's 0.175M, WRN-16-4 the registered one
+    assert 170_000 <= _n_params(create_model("wrn", depth=16, widen_factor=1)) <= 180_000
+    assert _n_params(create_model("wrn", depth=16, widen_factor=4)) == _n_params(create_model("wrn16_4"))
 
 
 def test_convs_have_no_bias_and_are_followed_by_bn():

@@ -1295,3 +1295,75 @@ def test_fc_max_step_reaches_the_optimizer_from_a_run_config_and_a_config_saved_
     old = cfg.to_dict()
     del old["method_kwargs"]["fixnorm"]["fc_max_step"]
     assert saved_config(old).method_kwargs["fixnorm"]["fc_max_step"] is None
+
+
+def tiny_preact(seed=0):
+    from test_roles import TinyPreAct  # the two-stage pre-activation net whose joint groups test_roles checks
+
+    torch.manual_seed(seed)
+    return TinyPreAct()
+
+
+def joint_norm(model, names):
+    params = dict(model.named_parameters())
+    return float(sum(params[n].detach().double().norm() ** 2 for n in names) ** 0.5)
+
+
+GROUPS = [["stem.weight", "conv2.weight"], ["conv4.weight", "short.weight"]]
+
+
+def test_joint_hold_holds_each_groups_joint_norm_and_leaves_its_members_free():
+    data = batches(10)
+    model = tiny_preact()
+    opt = _FixNorm(model, data[0][0], free_steps=3, norm_drift=None, lr=0.5, momentum=0.9, joint="hold")
+    assert [e.role for e in opt.plan.entries if e.name in GROUPS[0] + GROUPS[1]] == ["joint-invariant"] * 4
+    assert opt.roles.joint == GROUPS
+    train(model, opt, data[:3])  # the free phase: nothing held yet
+    taken = [joint_norm(model, g) for g in GROUPS]
+    members = {n: float(dict(model.named_parameters())[n].detach().norm()) for g in GROUPS for n in g}
+    train(model, opt, data[3:])
+    for group, norm in zip(GROUPS, taken):
+        assert joint_norm(model, group) == pytest.approx(norm, rel=1e-6), group
+    moved = [abs(float(dict(model.named_parameters())[n].detach().norm()) / v - 1) for n, v in members.items()]
+    assert max(moved) > 1e-3  # the members' shares of the joint norm still train
+    assert opt.param_groups[[g["role"] for g in opt.param_groups].index("joint_invariant")]["lr_power"] == 0.5
+    # free (the default): the same groups drift off their norms under the same steps
+    free_model = tiny_preact()
+    free_opt = _FixNorm(free_model, data[0][0], free_steps=3, norm_drift=None, lr=0.5, momentum=0.9)
+    train(free_model, free_opt, data)
+    assert all(abs(joint_norm(free_model, g) / n - 1) > 1e-3 for g, n in zip(GROUPS, taken))
+
+
+@pytest.mark.parametrize("drift", [None, "auto"], ids=["fixed", "drifting"])
+def test_joint_norms_resume_bit_identically_inside_and_after_the_free_phase(drift):
+    data = batches(8)
+    settings = {"free_steps": 4, "norm_drift": drift, "lr": 0.5, "momentum": 0.9, "joint": "hold"}
+    for stop in (2, 6):
+        model = tiny_preact(seed=0)
+        opt = _FixNorm(model, data[0][0], **settings)
+        train(model, opt, data[:stop])
+        checkpoint = save_and_load({"model": model.state_dict(), "opt": opt.state_dict()})
+        resumed = tiny_preact(seed=7)
+        opt2 = _FixNorm(resumed, data[0][0], **settings)
+        resumed.load_state_dict(checkpoint["model"])
+        opt2.load_state_dict(checkpoint["opt"])
+        train(model, opt, data[stop:])
+        train(resumed, opt2, data[stop:])
+        for (name, a), (_, b) in zip(model.state_dict().items(), resumed.state_dict().items()):
+            assert torch.equal(a, b), (stop, name)
+    # a state saved with the groups free cannot silently resume as held
+    free = tiny_preact()
+    free_opt = _FixNorm(free, data[0][0], free_steps=4, lr=0.5, momentum=0.9)
+    train(free, free_opt, data[:6])
+    held_opt = _FixNorm(tiny_preact(), data[0][0], **settings)
+    with pytest.raises(FixNormError, match="joint"):
+        held_opt.load_state_dict(save_and_load(free_opt.state_dict()))
+
+
+def test_joint_hold_refuses_what_it_cannot_combine_with():
+    x = torch.randn(4, 1, 8, 8)
+    with pytest.raises(FixNormError, match="unknown joint policy 'fixed'"):
+        _FixNorm(tiny_preact(), x, lr=0.1, joint="fixed")
+    for bad in ({"angular_update": 0.01}, {"target": 1.0}, {"drift_follows_lr": True}):
+        with pytest.raises(FixNormError, match="joint='hold'"):
+            _FixNorm(tiny_preact(), x, lr=0.1, joint="hold", **bad)

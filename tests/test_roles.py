@@ -491,3 +491,76 @@ def test_module_groups_gather_one_module_across_depths():
     assert _module_groups(names) == [["features.1.se.reduce.weight", "features.2.se.reduce.weight"],
                                      ["features.1.dw.weight"], ["0.weight", "3.weight"],
                                      ["blocks.0.1.attn.q.weight", "blocks.1.0.attn.q.weight"], ["fc.weight"]]
+
+
+class TinyPreAct(nn.Module):
+    """Two pre-activation stages: the stem and conv2 write the first residual stream, the shortcut and conv4 the
+    second; each stream is read only through a BatchNorm (bn1/bn3, bn3/final), so each pair is scale-invariant
+    together and neither weight alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1, bias=False)
+        self.bn1, self.conv1 = nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn3, self.conv3 = nn.BatchNorm2d(8), nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False)
+        self.bn4, self.conv4 = nn.BatchNorm2d(16), nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.short = nn.Conv2d(8, 16, 1, stride=2, bias=False)
+        self.final, self.fc = nn.BatchNorm2d(16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.conv2(F.relu(self.bn2(self.conv1(F.relu(self.bn1(x))))))
+        h = F.relu(self.bn3(x))
+        x = self.short(h) + self.conv4(F.relu(self.bn4(self.conv3(h))))
+        return self.fc(F.relu(self.final(x)).mean((2, 3)))
+
+
+def joint_output_change(model, inputs, names, factor):
+    """Relative output change when every weight of ``names`` is scaled by one ``factor`` (float64, tiny eps)."""
+    work = copy.deepcopy(model).double().train()
+    for m in work.modules():
+        if isinstance(getattr(m, "eps", None), float):
+            m.eps = 1e-14
+    x = inputs.double()
+    with torch.no_grad():
+        ref = work(x)
+        params = dict(work.named_parameters())
+        for n in names:
+            params[n].mul_(factor)
+        return float((work(x) - ref).abs().max() / ref.abs().max())
+
+
+def test_weights_scale_invariant_only_together_are_found_as_groups_and_match_the_definition():
+    torch.manual_seed(0)
+    model, x = TinyPreAct(), torch.randn(8, 1, 8, 8)
+    roles = analyze(model, x, joint=True)
+    assert roles.joint == [["stem.weight", "conv2.weight"], ["conv4.weight", "short.weight"]]
+    assert roles.scale_invariant == {"conv1.weight": "filter", "conv3.weight": "filter"}
+    assert roles.classifier == ["fc.weight"]
+    for group in roles.joint:
+        assert joint_output_change(model, x, group, 2.7) < 1e-9  # the definition: one factor on the group
+        for name in group:  # and no member alone
+            assert joint_output_change(model, x, [name], 2.7) > 1e-3, name
+            assert roles.role(name) == "other" and "jointly scale-invariant" in roles.reasons[name]
+    assert joint_output_change(model, x, ["stem.weight", "short.weight"], 2.7) > 1e-3  # across groups: not
+    assert "jointly scale-invariant groups: 1: stem.weight, conv2.weight" in roles.table()
+    # asked for only: the test costs a backward pass per weight left over
+    assert analyze(model, x).joint == []
+    # kept through to_dict (roles saved before the field existed read as none), lost when an override breaks one
+    assert fixnorm.roles.Roles.from_dict(roles.to_dict()).joint == roles.joint
+    old = {k: v for k, v in roles.to_dict().items() if k != "joint"}
+    assert fixnorm.roles.Roles.from_dict(old).joint == []
+    assert analyze(model, x, joint=True, overrides={"conv2.weight": "other"}).joint == [["conv4.weight",
+                                                                                        "short.weight"]]
+
+
+def test_a_wide_resnet_has_one_joint_group_per_stage_and_a_post_activation_resnet_none():
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 12, 12)
+    roles = analyze(create_model("wrn", in_channels=1, depth=10, widen_factor=1), x, joint=True)
+    # WRN-10-1: 16 channels in the stem and the first stage, so the stem writes the first stream (no shortcut conv)
+    assert roles.joint == [["stem.weight", "layers.0.conv2.weight"],
+                           ["layers.1.conv2.weight", "layers.1.shortcut.weight"],
+                           ["layers.2.conv2.weight", "layers.2.shortcut.weight"]]
+    assert analyze(create_model("resnet20", in_channels=1), x, joint=True).joint == []

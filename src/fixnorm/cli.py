@@ -232,7 +232,7 @@ def cmd_roles(args: argparse.Namespace) -> int:
 
     model = create_model(args.model, num_classes=args.num_classes, in_channels=args.in_channels)
     x = torch.randn(args.batch, args.in_channels, args.size, args.size)
-    opt = FixNorm(model, x, lr=0.1, granularity=args.granularity, fc_norm=args.fc_norm)
+    opt = FixNorm(model, x, lr=0.1, granularity=args.granularity, fc_norm=args.fc_norm, joint=args.joint)
     print(opt.roles.table() if args.why else opt.plan.table())
     return 0
 
@@ -329,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     roles.add_argument("--granularity", default="tensor", choices=["tensor", "filter"])
     roles.add_argument("--fc-norm", type=float, default=None)
     roles.add_argument("--why", action="store_true", help="show the measured role and reason per parameter")
+    roles.add_argument("--joint", default="free", choices=["free", "hold"],
+                       help="hold the joint norms of weights scale-invariant only together (and find them)")
     roles.set_defaults(func=cmd_roles)
 
     report = sub.add_parser("report", help="plots and a Markdown summary from run directories (overlaid)")

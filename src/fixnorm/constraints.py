@@ -18,6 +18,8 @@ from .roles import ROLE_CLASSIFIER, ROLE_OTHER, Roles
 
 GRANULARITIES = ("tensor", "filter")
 OTHERS_POLICIES = ("free", "fixed", "decay")
+JOINT_POLICIES = ("free", "hold")  # the jointly scale-invariant groups (Roles.joint): left free, or joint norms held
+ROLE_JOINT = "joint-invariant"
 
 
 def _accumulation_dtype(params: Sequence[torch.Tensor]) -> torch.dtype:
@@ -140,6 +142,7 @@ def build_plan(
     others: str = "free",
     others_weight_decay: float = 0.0,
     fc_free: bool = False,
+    joint: str = "free",
 ) -> Plan:
     """Turn measured roles and FixNorm's options into one rule per parameter (``fc_free``: the classifier is not
     held, the base optimizer moves it as it moves the free parameters)."""
@@ -157,6 +160,9 @@ def build_plan(
     if fc_norm is not None and not roles.classifier:
         raise FixNormError("fc_norm was given but the analysis found no classifier weight (a final layer that "
                            "is not scale-invariant); name it with overrides={'<pattern>': 'classifier'}")
+    if joint not in JOINT_POLICIES:
+        raise FixNormError(f"unknown joint policy {joint!r}; choose one of {JOINT_POLICIES}")
+    group_of = {name: k for k, group in enumerate(roles.joint) for name in group} if joint == "hold" else {}
     if others_weight_decay and others != "decay":
         raise FixNormError("others_weight_decay is only used with others='decay'")
 
@@ -176,6 +182,8 @@ def build_plan(
             constraint = "filter" if fc_granularity == "class" else "tensor"
             entries.append(PlanEntry(name, shape, "classifier", constraint,
                                      "initial" if fc_norm is None else f"fc_norm={fc_norm:g}"))
+        elif name in group_of:
+            entries.append(PlanEntry(name, shape, ROLE_JOINT, "joint", f"initial (joint, group {group_of[name] + 1})"))
         elif others == "fixed" and len(shape) >= 2:
             entries.append(PlanEntry(name, shape, ROLE_OTHER, "tensor", "initial"))
         elif others == "decay":

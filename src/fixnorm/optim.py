@@ -22,12 +22,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .constraints import (Plan, build_plan, filter_norms, fix_filter_norms_, fix_tensor_norms_, initial_targets,
-                          rotate_by_angle_, shorten_step_, tensor_norms_fp32)
+from .constraints import (JOINT_POLICIES, Plan, build_plan, filter_norms, fix_filter_norms_, fix_tensor_norms_,
+                          initial_targets, rotate_by_angle_, shorten_step_, tensor_norms_fp32)
 from .checks import warn_if_base_normalizes
 from .errors import FixNormError, NonFiniteError
 from .roles import Roles, analyze
-from .rules import DRIFT_SIGNALS, NONFINITE_POLICIES, Attachment, HoldNorms, equilibrium_constant_of
+from .rules import DRIFT_SIGNALS, NONFINITE_POLICIES, Attachment, HoldJointNorms, HoldNorms, equilibrium_constant_of
 
 # Steps of free training before "initial" targets are taken: training, not the initialisation, picks each
 # layer's norm (the classifier's above all). Measured in docs/fixnorm.md ("Why the first reconstruction trailed").
@@ -57,6 +57,9 @@ DEFAULT_DRIFT_FOLLOWS_LR = False
 # 0.15x, so 0.2 binds at most on the first step there. Measured in docs/fixnorm.md ("The sixth fix"): +2.80 +- 0.65
 # points at lr 0.8 on ResNet-20 (5 seeds), +0.09 +- 0.10 at lr 0.1, bit for bit the same runs on the small CNN.
 DEFAULT_FC_MAX_STEP: float | None = 0.2
+# weights scale-invariant only together (Roles.joint: the convs writing a pre-activation ResNet's residual stream):
+# "free" leaves them to the base optimizer, as before the option existed; "hold" holds each group's joint norm.
+DEFAULT_JOINT = "free"
 
 
 def equilibrium_constant(equilibrium_wd: float | str | None, norm_drift: int | None,
@@ -256,6 +259,12 @@ class FixNorm(torch.optim.Optimizer):
             bases (an adaptive step grows the norms by about as much at any lr, so a longer phase only takes
             larger norms: over Adam the count cost 0.15 ± 0.02 points on 16 seeds, docs/fixnorm.md); True over
             any base; False never (a warm-up is then ignored and each phase is ``free_steps`` steps).
+        joint: the weights that are scale-invariant only together (``Roles.joint``; in a pre-activation ResNet the
+            convs that write one stage's residual stream, found by ``analyze(..., joint=True)``). "free" (default):
+            the base optimizer moves them, nothing holds or decays them. "hold": each group's joint norm is held
+            (taken after the free phase, times ``norm_scale``, drifting and capped as the scale-invariant weights'
+            norms are), the members' norms relative to each other left free; they step with the scale-invariant
+            weights' ``lr_power``. See docs/fixnorm.md, "Pre-activation networks".
         **base_kwargs: passed to ``base`` (lr, momentum, betas, ...).
     """
 
@@ -288,6 +297,7 @@ class FixNorm(torch.optim.Optimizer):
         total_steps: int | None = None,
         warmup_steps: float = 0,
         warmup_count: bool | str = "auto",
+        joint: str = DEFAULT_JOINT,
         **base_kwargs: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -359,6 +369,12 @@ class FixNorm(torch.optim.Optimizer):
                                    "needs free_steps >= 1, target='initial', granularity='tensor' and no "
                                    "angular_update")
         ceiling = equilibrium_constant(equilibrium_wd, norm_drift, base, base_kwargs)
+        if joint not in JOINT_POLICIES:
+            raise FixNormError(f"unknown joint policy {joint!r}; choose one of {JOINT_POLICIES}")
+        if joint == "hold" and (target != "initial" or angular_update is not None or drift_follows_lr):
+            raise FixNormError("joint='hold' holds the joint norms training chose, with the default drift: it does "
+                               "not combine with a numeric target, angular_update or drift_follows_lr (per-tensor "
+                               "laws); use joint='free' with those")
         if base_kwargs.get("weight_decay"):
             raise FixNormError(
                 f"weight_decay={base_kwargs['weight_decay']} would act on the constrained weights, where the "
@@ -368,7 +384,7 @@ class FixNorm(torch.optim.Optimizer):
             if example_inputs is None:
                 raise FixNormError("FixNorm needs example_inputs (a batch for model(*example_inputs)) to find "
                                    "the parameter roles, or roles= from fixnorm.analyze()")
-            roles = analyze(model, example_inputs)
+            roles = analyze(model, example_inputs, joint=joint == "hold")
         named = dict(model.named_parameters())
         if set(roles.shapes) != set(named):
             missing = sorted(set(named) ^ set(roles.shapes))[:5]
@@ -378,7 +394,8 @@ class FixNorm(torch.optim.Optimizer):
         self.roles = roles
         self.plan: Plan = build_plan(roles, granularity=granularity, target=target, fc_norm=fc_norm,
                                      fc_granularity=fc_granularity, others=others,
-                                     others_weight_decay=others_weight_decay, fc_free=fc_free_steps is None)
+                                     others_weight_decay=others_weight_decay, fc_free=fc_free_steps is None,
+                                     joint=joint)
         self.fc_free_steps = fc_free_steps
         self.nonfinite = nonfinite
         self._names: dict[torch.Tensor, str] = {p: n for n, p in named.items()}
@@ -404,7 +421,9 @@ class FixNorm(torch.optim.Optimizer):
             group = groups.setdefault((role, entry.constraint), {"params": [], "role": role,
                                                                  "constraint": entry.constraint})
             group["params"].append(p)
-            if entry.constraint is not None:
+            if entry.constraint == "joint":  # held by HoldJointNorms below, one norm per group
+                pass
+            elif entry.constraint is not None:
                 value = None
                 if entry.role == "classifier" and fc_norm is not None:
                     value = float(fc_norm)
@@ -429,7 +448,7 @@ class FixNorm(torch.optim.Optimizer):
                 names.append(entry.name)
             if role == "other" and others == "decay":
                 group["weight_decay"] = others_weight_decay
-            if lr_power != 1 and role == "scale_invariant":
+            if lr_power != 1 and role in ("scale_invariant", "joint_invariant"):
                 group["lr_power"] = float(lr_power)
             if fc_max_step is not None and role == "classifier":
                 group["max_step"] = float(fc_max_step)
@@ -465,13 +484,25 @@ class FixNorm(torch.optim.Optimizer):
         warn_if_base_normalizes(self.base, stacklevel=3)
         rules: list[HoldNorms] = [HoldNorms(ps, names=ns, per=c, targets=ts) for c, (ps, ns, ts) in held.items()]
         # the rules that wait for a free phase, with its length in full-lr steps (count_warmup stretches them)
-        self._waiting: list[tuple[HoldNorms, int]] = [
+        self._waiting: list[tuple[HoldNorms | HoldJointNorms, int]] = [
             (HoldNorms(ps, names=ns, per=c, from_step=k, scale=sc, drift_steps=norm_drift if d else None,
                        ceiling=ceiling if d else None,
                        drift_lr=self._lr_ratio_of("scale_invariant", c, float(base_kwargs["lr"]))
                        if d and drift_follows_lr else None,
                        drift_signal=drift_signal if d and drift_follows_lr else "gradient"), k)
             for (c, d, k), (ps, ns, sc) in later.items()]
+        # a group with a frozen weight is no longer scale-invariant in what trains: it stays free
+        joint_groups = [[named[n] for n in g] for g in self.roles.joint
+                        if joint == "hold" and all(named[n].requires_grad for n in g)]
+        if joint_groups:  # scale-invariant together: their joint norms, taken with the scale-invariant weights'
+            joint_rule = HoldJointNorms(joint_groups, names=[[self._names[p] for p in g] for g in joint_groups],
+                                        from_step=free_steps, scale=norm_scale, drift_steps=norm_drift,
+                                        ceiling=ceiling if norm_drift is not None else None)
+            if free_steps > 0:
+                self._waiting.append((joint_rule, free_steps))
+                self._free_phases.setdefault("scale-invariant", free_steps)
+            else:
+                rules.append(joint_rule)
         rules += [rule for rule, _ in self._waiting]
         # attached to this optimizer itself: the projection runs as its first step post-hook, and the targets and
         # the step count are "fixnorm_target" / "fixnorm_held" / "fixnorm_steps" entries of its state dict
@@ -578,7 +609,7 @@ class FixNorm(torch.optim.Optimizer):
         return loss
 
     def _in_free_phase(self) -> bool:
-        return any(not rule.holding for rule in self._hold_rules())
+        return any(not rule.holding for rule in self._rules.rules if isinstance(rule, (HoldNorms, HoldJointNorms)))
 
     def _hold_rules(self) -> list[HoldNorms]:
         return [rule for rule in self._rules.rules if isinstance(rule, HoldNorms)]
@@ -829,7 +860,13 @@ class FixNorm(torch.optim.Optimizer):
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        self.base.load_state_dict(state_dict)
+        try:
+            self.base.load_state_dict(state_dict)
+        except ValueError as exc:  # torch's "different number of parameter groups" / "parameter group ... size"
+            roles = [g.get("role") for g in self.param_groups]
+            raise FixNormError(f"the saved optimizer state does not fit this FixNorm ({exc}); its parameter groups "
+                               f"are one per role, here {roles}: was it saved with other settings (joint, "
+                               "fc_free_steps, others, another model)?") from exc
         self._grad_params = None
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)

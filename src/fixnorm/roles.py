@@ -67,6 +67,10 @@ class Roles:
     ``reasons`` says why for every parameter, and ``table()`` prints it all.
     ``final_homogeneous`` lists the weights (ndim >= 2) of the final homogeneous
     sub-network, the ones LAWN holds at fixed norms (empty when there is none).
+    ``joint`` lists groups of weights that are not scale-invariant alone but jointly: scaling
+    all of a group by one factor leaves the output unchanged (in a pre-activation ResNet, the
+    convs that write a stage's residual stream, which the next BatchNorm reads). Their role
+    stays "other"; FixNorm's ``joint`` option holds each group's joint norm.
     """
 
     scale_invariant: dict[str, str]
@@ -75,6 +79,7 @@ class Roles:
     reasons: dict[str, str]
     final_layer: list[str] = field(default_factory=list)
     final_homogeneous: list[str] = field(default_factory=list)
+    joint: list[list[str]] = field(default_factory=list)
 
     def role(self, name: str) -> str:
         if name in self.scale_invariant:
@@ -94,6 +99,8 @@ class Roles:
             if i == 0:
                 lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 3)
         lines.append("final homogeneous sub-network: " + (", ".join(self.final_homogeneous) or "none"))
+        lines.append("jointly scale-invariant groups: " + ("; ".join(
+            f"{i + 1}: " + ", ".join(group) for i, group in enumerate(self.joint)) or "none"))
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -102,14 +109,16 @@ class Roles:
     def to_dict(self) -> dict[str, Any]:
         return {"scale_invariant": dict(self.scale_invariant), "classifier": list(self.classifier),
                 "final_layer": list(self.final_layer), "final_homogeneous": list(self.final_homogeneous),
-                "shapes": {k: list(v) for k, v in self.shapes.items()}, "reasons": dict(self.reasons)}
+                "joint": [list(g) for g in self.joint], "shapes": {k: list(v) for k, v in self.shapes.items()},
+                "reasons": dict(self.reasons)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Roles:
         return cls(scale_invariant=dict(data["scale_invariant"]), classifier=list(data["classifier"]),
                    shapes={k: tuple(v) for k, v in data["shapes"].items()},
                    reasons=dict(data["reasons"]), final_layer=list(data.get("final_layer", [])),
-                   final_homogeneous=list(data.get("final_homogeneous", [])))
+                   final_homogeneous=list(data.get("final_homogeneous", [])),
+                   joint=[list(g) for g in data.get("joint", [])])  # roles saved before joint groups: none
 
 
 def analyze(
@@ -119,6 +128,7 @@ def analyze(
     overrides: Mapping[str, str] | None = None,
     rtol: float = 1e-4,
     seed: int = 0,
+    joint: bool = False,
 ) -> Roles:
     """Measure the role of every parameter of ``model`` on ``model(*example_inputs)``.
 
@@ -127,6 +137,9 @@ def analyze(
     measurement; a pattern that matches nothing is an error. ``rtol`` is the relative
     output change (float64, eps shrunk) under which a scaling counts as invariant.
     The model itself is not modified: the analysis runs on a float64 copy.
+    ``joint=True`` also finds the groups of weights that are scale-invariant only together
+    (``Roles.joint``); it costs one backward pass per weight left over plus four, so it is asked for
+    by FixNorm's ``joint="hold"`` only (and ``fixnorm roles --joint``).
 
     Wrappers (DDP, DataParallel, Lightning Fabric's module, ``torch.compile``) are looked through to the
     module that computes; the names in the result are still the ones ``model.named_parameters()`` gives.
@@ -226,12 +239,20 @@ def analyze(
         elif name in final:
             reasons[name] = "final layer, " + reasons[name]
 
+    joint_groups: list[list[str]] = []
+    if joint and probe.inputs is inputs64:  # the null-space test needs float64 derivatives
+        loose = [n for n in candidates if n not in invariant and n not in classifier]
+        for number, (group, dev) in enumerate(_joint_groups(probe, tester, work_params, loose), start=1):
+            joint_groups.append(group)
+            for name in group:
+                reasons[name] += (f"; jointly scale-invariant with the {len(group) - 1} other weight(s) of group "
+                                  f"{number} (all scaled by one factor: rel. change {dev:.1e})")
     if note:
         for name in candidates:
             reasons[name] += note
     roles = Roles(scale_invariant=invariant, classifier=classifier, shapes=shapes, reasons=reasons,
                   final_layer=[n for n in candidates if n in final],
-                  final_homogeneous=[n for n in named if n in probe.final_homogeneous])
+                  final_homogeneous=[n for n in named if n in probe.final_homogeneous], joint=joint_groups)
     if target is not model:
         roles = _renamed(roles, target, model)
     return apply_overrides(roles, overrides)
@@ -347,6 +368,8 @@ def apply_overrides(roles: Roles, overrides: Mapping[str, str]) -> Roles:
             elif role == ROLE_CLASSIFIER:
                 roles.classifier.append(name)
             roles.reasons[name] = f"override {pattern!r} -> {role} (measured: {roles.reasons[name]})"
+        # a group is jointly invariant only as a whole: an override on any member leaves the rest alone
+        roles.joint = [group for group in roles.joint if not set(group) & set(matched)]
     return roles
 
 
@@ -464,6 +487,27 @@ class _Probe:
             per_filter = (p.detach() * g).double().reshape(p.shape[0], -1).sum(1)
             result[name] = (float(per_filter.abs().max()) / norm, float(per_filter.sum().abs()) / norm)
         return result
+
+    def signed_radial_derivatives(self, params: dict[str, torch.Tensor], names: list[str],
+                                  probes: int) -> torch.Tensor:
+        """``(len(names), probes)``: ``<w, d(r_k . y)/dw>`` for random projections ``r_k``, one backward each.
+
+        By Euler's theorem the rows of a set of weights whose common scaling leaves the output unchanged sum to
+        zero for every ``r_k``; relative to ``max|y|`` like :meth:`radial_derivatives`."""
+        gen = torch.Generator().manual_seed(self.seed + 4)
+        tensors = [params[n] for n in names]
+        out = torch.zeros(len(names), probes, dtype=torch.float64)
+        with torch.enable_grad():
+            vector = torch.cat([o.reshape(-1).double() for o in _flatten_outputs(self.run())])
+            if not vector.requires_grad:
+                return out
+            for k in range(probes):
+                r = torch.randn(vector.shape, generator=gen, dtype=torch.float64).to(vector.device)
+                grads = torch.autograd.grad((vector * r).sum(), tensors, allow_unused=True, retain_graph=True)
+                for i, (p, g) in enumerate(zip(tensors, grads)):
+                    if g is not None:
+                        out[i, k] = float((p.detach() * g).double().sum()) / (float(r.norm()) * self.scale)
+        return out
 
     def trace_graph(self, params: dict[str, torch.Tensor]) -> tuple[set[str], set[str]]:
         """Names of parameters the output depends on, and of the final-layer weights."""
@@ -710,6 +754,44 @@ def _final_homogeneous(roots: list[Any], params: dict[str, torch.Tensor]) -> set
     return {names[i] for i in range(len(names)) if weights >> i & 1 and params[names[i]].ndim >= 2}
 
 
+def _joint_groups(probe: _Probe, tester: _GroupTester, params: dict[str, torch.Tensor],
+                  names: list[str]) -> list[tuple[list[str], float]]:
+    """The smallest groups of ``names`` (weights not scale-invariant alone) that are jointly scale-invariant.
+
+    The radial derivatives of a jointly invariant group sum to zero for every output projection, so the
+    groups' indicator vectors span the left null space of the derivative matrix (one column per random
+    projection, a few more columns than weights). Weights of one minimal group have equal rows in any basis of
+    that space, weights of none have zero rows: the groups are read off the rows, and each is then checked by
+    scaling it by one common factor. A weight whose derivative also ties it to weights outside a group
+    (two linear maps in a row) blurs the rows; that group then fails the check and stays free.
+    """
+    if len(names) < 2:
+        return []
+    derivatives = probe.signed_radial_derivatives(params, names, probes=len(names) + 4)
+    if not bool(torch.isfinite(derivatives).all()) or float(derivatives.abs().max()) == 0:
+        return []
+    left, singular, _ = torch.linalg.svd(derivatives, full_matrices=True)
+    small = torch.ones(len(names), dtype=torch.bool)  # rows past the rank have singular value 0
+    small[: len(singular)] = singular <= 1e-8 * singular[0]
+    basis = left[:, small]
+    if basis.shape[1] == 0:
+        return []
+    rows = basis / basis.norm(dim=1).max()
+    members = [i for i in range(len(names)) if float(rows[i].norm()) > 1e-6]
+    found: list[tuple[list[str], float]] = []
+    while members:
+        first = members[0]
+        same = [i for i in members if float((rows[i] - rows[first]).norm()) <= 1e-6]
+        members = [i for i in members if i not in same]
+        group = [names[i] for i in same]
+        if len(group) < 2:
+            continue
+        dev = tester.joint_deviation(group)
+        if dev <= tester.rtol:
+            found.append((group, dev))
+    return found
+
+
 def _module_groups(names: list[str]) -> list[list[str]]:
     """Names grouped by their path with every index replaced: ``features.3.se.reduce.weight`` -> ``features.*.se...``."""
     groups: dict[str, list[str]] = {}
@@ -736,6 +818,22 @@ class _GroupTester:
                     log_f = (torch.rand(shape, generator=self.gen, dtype=torch.float64) * 2 - 1) * math.log(4)
                     p.mul_(log_f.exp().to(p.device))
             return self.probe.deviation()
+        finally:
+            with torch.no_grad():
+                for n in names:
+                    self.params[n].copy_(saved[n])
+
+    def joint_deviation(self, names: list[str]) -> float:
+        """The output change when every weight of ``names`` is scaled by one common factor (worst of 1/3 and 3)."""
+        saved = {n: self.params[n].detach().clone() for n in names}
+        worst = 0.0
+        try:
+            for factor in (1 / 3, 3.0):
+                with torch.no_grad():
+                    for n in names:
+                        self.params[n].copy_(saved[n] * factor)
+                worst = max(worst, self.probe.deviation())
+            return worst
         finally:
             with torch.no_grad():
                 for n in names:

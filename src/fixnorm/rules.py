@@ -543,6 +543,198 @@ class HoldNorms(Rule):
             self.on_hold(self)
 
 
+class HoldJointNorms(Rule):
+    """Hold the joint L2 norm of each group of weights, ``sqrt(sum of their squared norms)``, at a target.
+
+    For weights that are scale-invariant only together (``Roles.joint``: in a pre-activation ResNet the convs that
+    write one stage's residual stream, which the next BatchNorm reads): one factor on the whole group leaves the
+    output unchanged, so the joint norm sets the group's effective learning rate as a single weight's norm sets
+    its own, while the members' norms relative to each other are part of the function and stay free. The targets
+    are taken after step ``from_step`` (0: at construction), times ``scale``; ``drift_steps`` and ``ceiling`` are
+    :class:`HoldNorms`'s law with the group's joint gradient and norm (weight decay's equilibrium holds for the
+    joint vector as it does for one weight: ``|w|**4 = K * |g~|**2``, ``|g~| = |g| * |w|`` over the group).
+    Each member's state entry carries its group's target.
+    """
+
+    state_fields: tuple[str, ...] = ("joint_target", "held")
+    DRIFT_FIELDS = ("joint_grad_sq", "joint_grad_sq_ref", "joint_base_target")
+
+    def __init__(self, groups: Sequence[Sequence[torch.Tensor]], *, names: Sequence[Sequence[str]] | None = None,
+                 from_step: int | None = 0, scale: float = 1.0, drift_steps: int | None = None,
+                 ceiling: float | None = None) -> None:
+        self.groups = [list(g) for g in groups]
+        if not self.groups or any(len(g) < 2 for g in self.groups):
+            raise FixNormError("HoldJointNorms needs groups of at least two weights (one weight alone: HoldNorms)")
+        self.params = [p for g in self.groups for p in g]
+        if len({id(p) for p in self.params}) != len(self.params):
+            raise FixNormError("a weight is in two joint groups: the groups must not overlap")
+        names = [list(g) for g in names] if names is not None else [
+            [f"group{k}.param{i}" for i in range(len(g))] for k, g in enumerate(self.groups)]
+        if [len(g) for g in names] != [len(g) for g in self.groups]:
+            raise FixNormError("HoldJointNorms got names that do not match its groups")
+        self.group_names = names
+        self.names = [n for g in names for n in g]
+        self.unit = torch.tensor([k for k, g in enumerate(self.groups) for _ in g])  # each param's group
+        if drift_steps is not None and (isinstance(drift_steps, bool) or not isinstance(drift_steps, int)
+                                        or drift_steps < 1 or not from_step):
+            raise FixNormError("drifting joint norms need drift_steps >= 1 and norms taken after a free phase "
+                               f"(from_step >= 1), got drift_steps={drift_steps!r}, from_step={from_step!r}")
+        if ceiling is not None and drift_steps is None:
+            raise FixNormError("ceiling needs drift_steps: only drifting norms measure the gradient scale")
+        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+            raise FixNormError(f"scale must be a positive number, got {scale!r}")
+        self.scale, self.drift_steps, self.ceiling = float(scale), drift_steps, ceiling
+        if drift_steps is not None:
+            self.state_fields = HoldJointNorms.state_fields + self.DRIFT_FIELDS
+        self._grad_sq = torch.zeros(len(self.groups), dtype=torch.float32)
+        self._grad_sq_ref: torch.Tensor | None = None
+        self._base: torch.Tensor | None = None
+        self.targets: torch.Tensor | None = None  # one fp32 joint norm per group
+        self._from_step: int | None = None
+        self.from_step = from_step
+        if from_step == 0:
+            self.take_targets()
+
+    from_step = HoldNorms.from_step  # the same checks: a whole number, fixed once the norms are taken
+
+    @property
+    def holding(self) -> bool:
+        return self.targets is not None
+
+    def _device(self) -> torch.device:
+        devices = {p.device for p in self.params}
+        if len(devices) > 1:
+            raise FixNormError(f"the weights of a joint group are on several devices {sorted(map(str, devices))}; "
+                               "hold their joint norms on one device")
+        return next(iter(devices))
+
+    @torch.no_grad()
+    def _member_sq(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Each tensor's squared norm (fp32 accumulation), one vector on the group's device."""
+        out = torch.empty(len(tensors), dtype=torch.float32, device=self._device())
+        for bucket in _bucket_by_layout(tensors):
+            out[bucket] = tensor_norms_fp32([tensors[i] for i in bucket]).float().to(out.device) ** 2
+        return out
+
+    def joint_norms(self) -> torch.Tensor:
+        """Each group's joint norm now (fp32, on the weights' device, no host sync)."""
+        sq = self._member_sq(self.params)
+        return torch.zeros(len(self.groups), device=sq.device).index_add_(0, self.unit.to(sq.device), sq).sqrt()
+
+    def _unit_grad_sq(self, weight_norms: torch.Tensor) -> torch.Tensor:
+        """``(|g| * |w|)**2`` per group: the squared gradient at unit joint norm."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        gsq = self._member_sq(grads)
+        joint_gsq = torch.zeros(len(self.groups), device=gsq.device).index_add_(0, self.unit.to(gsq.device), gsq)
+        return joint_gsq * weight_norms ** 2
+
+    def _correction(self, step: int) -> float:
+        assert self.drift_steps is not None
+        return 1.0 - (1.0 - 1.0 / self.drift_steps) ** max(step - (self._from_step or 0) // 2, 1)
+
+    @torch.no_grad()
+    def take_targets(self, step: int = 0) -> None:
+        norms = self.joint_norms()
+        bad = [n for k, n in enumerate(self.group_names) if not bool(torch.isfinite(norms[k]) & (norms[k] > 0))]
+        if bad:
+            raise FixNormError(f"joint group(s) {bad[:3]} have a zero or non-finite norm when their norms are taken "
+                               f"(after step {self._from_step}): a zero weight has no direction to hold")
+        if self.drift_steps is not None:
+            self._grad_sq_ref = self._grad_sq.to(norms.device) / self._correction(step)
+            if self.ceiling is not None:
+                norms = torch.minimum(norms, equilibrium_norms([self._grad_sq_ref], self.ceiling, like=[norms])[0])
+        self.targets = norms * self.scale
+        if self.drift_steps is not None:
+            self._base = self.targets.clone()
+
+    @torch.no_grad()
+    def project_(self, flags: DeviceFlags) -> None:
+        assert self.targets is not None
+        sq = self._member_sq(self.params)
+        unit = self.unit.to(sq.device)
+        joint = torch.zeros(len(self.groups), device=sq.device).index_add_(0, unit, sq).sqrt()
+        ok = torch.isfinite(joint) & (joint > 0)
+        self.targets = self.targets.to(joint.device)
+        factor = torch.where(ok, self.targets / joint, torch.ones_like(joint))[unit]
+        for bucket in _bucket_by_layout(self.params):
+            torch._foreach_mul_([self.params[i] for i in bucket], list(factor[bucket].unbind(0)))
+        flags.flag(~ok[unit], self.params, "has a zero or non-finite joint norm after the step (a NaN/inf gradient?)")
+
+    @torch.no_grad()
+    def apply_(self, step: int, flags: DeviceFlags) -> None:
+        if self.drift_steps is not None and step > (self._from_step or 0) // 2:
+            beta = 1.0 - 1.0 / self.drift_steps
+            # the gradients were taken at the held norms once they are held, at the current ones before
+            value = self._unit_grad_sq(self.targets if self.targets is not None else self.joint_norms())
+            self._grad_sq = self._grad_sq.to(value.device)
+            self._grad_sq = torch.where(torch.isfinite(value), beta * self._grad_sq + (1 - beta) * value,
+                                        self._grad_sq)
+            if self.targets is not None:
+                assert self._base is not None and self._grad_sq_ref is not None
+                ref = self._grad_sq_ref.to(value.device)
+                tiny = torch.finfo(torch.float32).tiny
+                ratio = self._grad_sq / self._correction(step) / ref.clamp_min(tiny)
+                factor = torch.where(ref > 0, ratio ** 0.25, torch.ones_like(ref))
+                self.targets = self._base.to(value.device) * factor.clamp_min(HoldNorms.DRIFT_FLOOR)
+        if self.targets is None:
+            if self._from_step is None:
+                raise FixNormError("HoldJointNorms.from_step is not set: set it before the first optimizer step")
+            if step >= self._from_step:
+                self.take_targets(step)
+                if self.scale != 1 or self.ceiling is not None:
+                    self.project_(flags)
+            return
+        self.project_(flags)
+
+    def param_state(self) -> dict[int, dict[str, torch.Tensor]]:
+        held = torch.tensor(int(self.targets is not None), dtype=torch.int64)
+        out: dict[int, dict[str, torch.Tensor]] = {}
+        for i, k in enumerate(self.unit.tolist()):
+            out[i] = {"joint_target": (self.targets[k].detach().clone() if self.targets is not None
+                                       else torch.ones((), dtype=torch.float32)), "held": held.clone()}
+            if self.drift_steps is not None:
+                holding = self._base is not None and self._grad_sq_ref is not None
+                out[i]["joint_grad_sq"] = self._grad_sq[k].detach().clone()
+                out[i]["joint_grad_sq_ref"] = (self._grad_sq_ref[k].detach().clone() if holding
+                                               else torch.ones((), dtype=torch.float32))
+                out[i]["joint_base_target"] = (self._base[k].detach().clone() if holding
+                                               else torch.ones((), dtype=torch.float32))
+        return out
+
+    def load_param_state(self, entries: dict[int, dict[str, torch.Tensor]], step: int) -> None:
+        fields = self.state_fields
+        if set(entries) != set(range(len(self.params))) or not all(
+                all(f in e for f in fields) for e in entries.values()):
+            raise FixNormError("the saved joint norm state does not match these joint groups (another plan, another "
+                               "model, or saved with other joint or norm_drift settings)")
+        held = {int(e["held"]) for e in entries.values()}
+        if held not in ({0}, {1}):
+            raise FixNormError(f"the saved 'held' flags {sorted(held)} are not all 0 or all 1")
+
+        def per_group(field: str) -> torch.Tensor:
+            values = [[float(entries[i][field]) for i, u in enumerate(self.unit.tolist()) if u == k]
+                      for k in range(len(self.groups))]
+            if any(max(v) != min(v) for v in values):
+                raise FixNormError(f"the saved {field} differs between the weights of one joint group: the groups "
+                                   "were not these")
+            return torch.tensor([v[0] for v in values], dtype=torch.float32)
+
+        if self.drift_steps is not None:
+            self._grad_sq = per_group("joint_grad_sq")
+            self._grad_sq_ref, self._base = ((per_group("joint_grad_sq_ref"), per_group("joint_base_target"))
+                                             if held == {1} else (None, None))
+        if held == {0}:
+            if self._from_step is not None and 0 < self._from_step <= step:
+                raise FixNormError(f"the saved state is at step {step}, past from_step {self._from_step}, but its "
+                                   "joint norms were not taken")
+            self.targets = None
+            return
+        targets = per_group("joint_target")
+        if not bool((torch.isfinite(targets) & (targets > 0)).all()):
+            raise FixNormError("a saved joint norm target is not positive and finite")
+        self.targets = targets
+
+
 class FollowNorms(Rule):
     """Set each parameter's norm after step ``t`` to a recorded trajectory's value at ``t`` (the replay diagnostic).
 

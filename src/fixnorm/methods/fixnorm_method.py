@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import FixNormError
-from ..optim import DEFAULT_FC_MAX_STEP, DEFAULT_FREE_STEPS, FixNorm
+from ..optim import DEFAULT_FC_MAX_STEP, DEFAULT_FREE_STEPS, DEFAULT_JOINT, FixNorm
 from ..rules import FollowNorms, attach
 from . import Method, method_settings, register_method
 from .baselines import base_optimizer
@@ -47,6 +47,8 @@ class FixNormSettings:
                                           # "growth" (weight decay's norm equation on the growth each step makes)
     equilibrium_wd: float | str | None = "auto"  # no drifting norm above SGD + weight decay's equilibrium for this
                                                  # wd; "auto": 5e-4 with an SGD base and drifting norms; None: off
+    joint: str = DEFAULT_JOINT            # weights scale-invariant only together (a pre-activation net's residual
+                                          # writers): "free" or "hold" (each group's joint norm held)
     nonfinite: str = "raise"              # a NaN gradient or zero norm: "raise" (the run stops, naming the parameter)
                                           # or "skip" (that tensor's step is skipped and counted)
     norm_replay: str | None = None        # the replay diagnostic: a run folder (or its norm_trace.pt) recorded with
@@ -69,7 +71,7 @@ def build_fixnorm(model: nn.Module, cfg: TrainConfig, example: torch.Tensor) -> 
                         angular_update=s.angular_update, angle_power=s.angle_power, norm_drift=s.norm_drift,
                         drift_follows_lr=s.drift_follows_lr, drift_signal=s.drift_signal,
                         equilibrium_wd=s.equilibrium_wd, fc_free_steps=s.fc_free_steps, warmup_count=s.warmup_count,
-                        fc_max_step=s.fc_max_step,
+                        fc_max_step=s.fc_max_step, joint=s.joint,
                         nonfinite=s.nonfinite, **kwargs)
     if s.norm_replay is not None:  # "{seed}" in the path: each seed replays its own reference run
         replay_norms(optimizer, model, s.norm_replay.replace("{seed}", str(cfg.seed)), s.norm_replay_roles)

@@ -15,7 +15,7 @@ from fixnorm.models.mobilenetv2 import MobileNetV2, mobilenetv2, mobilenetv2_cif
 from fixnorm.models.preact_resnet import PreActResNet, preact_resnet18
 from fixnorm.models.resnet import ResNet, resnet50
 from fixnorm.models.small_cnn import SmallCNN
-from fixnorm.models.wide_resnet import wide_resnet, wrn16_4, wrn28_10
+from fixnorm.models.wide_resnet import wide_resnet, wrn, wrn16_4, wrn28_10
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 F = TypeVar("F", bound=Callable[..., nn.Module])
@@ -54,6 +54,7 @@ for _name, _factory in {
     "resnet110": resnet110,
     "resnet50": resnet50,
     "preact_resnet18": preact_resnet18,
+    "wrn": wrn,
     "wrn16_4": wrn16_4,
     "wrn28_10": wrn28_10,
     "mobilenetv2": mobilenetv2,
@@ -85,6 +86,7 @@ __all__ = [
     "resnet110",
     "resnet50",
     "wide_resnet",
+    "wrn",
     "wrn16_4",
     "wrn28_10",
 ]

@@ -23,6 +23,12 @@ def wide_resnet(
     return PreActResNet((n, n, n), widths, num_classes, in_channels, drop_rate, stem_width=16)
 
 
+def wrn(num_classes: int = 10, in_channels: int = 3, depth: int = 16, widen_factor: int = 1,
+        drop_rate: float = 0.0) -> PreActResNet:
+    """Any WRN-depth-widen_factor by name (``model=wrn``, ``model_kwargs={depth: 16, widen_factor: 2}``)."""
+    return wide_resnet(depth, widen_factor, num_classes, in_channels, drop_rate)
+
+
 def wrn16_4(num_classes: int = 10, in_channels: int = 3, drop_rate: float = 0.0) -> PreActResNet:
     """WRN-16-4, about 2.75M parameters at 10 classes."""
     return wide_resnet(16, 4, num_classes, in_channels, drop_rate)

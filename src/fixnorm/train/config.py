@@ -290,7 +290,7 @@ METHOD_SETTING_SHORTCUTS: dict[str, str] = {key: "fixnorm" for key in (
     "fc_norm", "fc_scale", "granularity", "target_norm", "fc_granularity", "others", "others_weight_decay",
     "free_steps", "angular_update", "lr_power", "angle_power", "norm_scale", "norm_drift", "equilibrium_wd",
     "drift_follows_lr", "drift_signal", "norm_replay", "norm_replay_roles", "fc_free_steps", "warmup_count",
-    "nonfinite", "fc_max_step")}
+    "nonfinite", "fc_max_step", "joint")}
 
 # Settings added after runs already existed, with the value that reproduces how those runs trained: a config saved
 # without the key is read with this value, not with today's default (resuming an old run must not change it).
@@ -303,6 +303,7 @@ SETTINGS_BEFORE_THEY_EXISTED: dict[str, dict[str, Any]] = {
         "equilibrium_wd": None,  # before the equilibrium ceiling, the norms taken after the free phase were not capped
         "fc_free_steps": "free_steps",  # before the classifier's own free phase, it was held from free_steps on
         "fc_max_step": None,  # before the classifier's step cap, its steps were the base optimizer's
+        "joint": "free",  # before joint groups were measured, the weights scale-invariant only together were free
         "warmup_count": True,  # before "auto", the free phases were counted through a warm-up over any base (and
                                # before that not at all: a run saved inside its free phase then, resumed, counts it)
     },
