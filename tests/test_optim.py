@@ -1367,3 +1367,45 @@ def test_joint_hold_refuses_what_it_cannot_combine_with():
     for bad in ({"angular_update": 0.01}, {"target": 1.0}, {"drift_follows_lr": True}):
         with pytest.raises(FixNormError, match="joint='hold'"):
             _FixNorm(tiny_preact(), x, lr=0.1, joint="hold", **bad)
+
+
+class SplitConv(nn.Module):
+    """A conv whose weight is two parameters along its input channels: a conv of each input channel, summed."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.a, self.b = nn.Parameter(weight[:, :1].clone()), nn.Parameter(weight[:, 1:].clone())
+
+    def forward(self, x):
+        return F.conv2d(x[:, :1], self.a, padding=1) + F.conv2d(x[:, 1:], self.b, padding=1)
+
+
+def split_conv_net(whole: nn.Sequential) -> nn.Sequential:
+    """``whole`` with its first conv cut in two (then BatchNorm): ``0.a`` and ``0.b`` are scale-invariant only
+    together, and together they are the one weight of ``whole``."""
+    return nn.Sequential(SplitConv(whole[0].weight.detach()), *copy.deepcopy(whole[1:]))
+
+
+def test_a_split_weight_held_jointly_trains_as_the_whole_weight_held_per_tensor():
+    """The definition of the joint rule: the joint norm and the joint unit-norm gradient of a tensor cut in two are
+    the whole tensor's, so the free phase, the norm taken, its drift and the equilibrium cap must give the same run."""
+    torch.manual_seed(0)
+    whole = nn.Sequential(nn.Conv2d(2, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    split = split_conv_net(whole)
+    g = torch.Generator().manual_seed(3)
+    data = [(torch.randn(16, 2, 8, 8, generator=g), torch.randint(0, 4, (16,), generator=g)) for _ in range(12)]
+    settings = {"free_steps": 4, "norm_drift": 3, "equilibrium_wd": 5e-3, "lr": 0.5, "momentum": 0.9}
+    opt_whole = _FixNorm(whole, data[0][0], **settings)
+    opt_split = _FixNorm(split, data[0][0], joint="hold", **settings)
+    assert opt_split.roles.joint == [["0.a", "0.b"]]
+    assert {e.name: e.role for e in opt_whole.plan.entries}["0.weight"] == "scale-invariant"
+    for x, y in data:
+        for model, opt in ((whole, opt_whole), (split, opt_split)):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        assert torch.allclose(torch.cat([split[0].a, split[0].b], 1), whole[0].weight, rtol=1e-5, atol=1e-6)
+    held = opt_whole.norm_targets()["0.weight"]
+    assert float(held) != pytest.approx(float(opt_whole._hold_rules()[0]._base[0]))  # the drift moved it
+    assert float(torch.cat([split[0].a, split[0].b], 1).detach().norm()) == pytest.approx(float(held), rel=1e-5)
