@@ -564,3 +564,34 @@ def test_a_wide_resnet_has_one_joint_group_per_stage_and_a_post_activation_resne
                            ["layers.1.conv2.weight", "layers.1.shortcut.weight"],
                            ["layers.2.conv2.weight", "layers.2.shortcut.weight"]]
     assert analyze(create_model("resnet20", in_channels=1), x, joint=True).joint == []
+
+
+class TinyViT(nn.Module):
+    """A ViT's shape: the model itself owns the class token and position embedding (as timm's do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Linear(16, 32)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, 32) * 0.02)
+        self.pos_embed = nn.Parameter(torch.randn(1, 5, 32) * 0.02)
+        self.norm1, self.norm2 = nn.LayerNorm(32), nn.LayerNorm(32)
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):  # x: (batch, 4 patches, 16)
+        t = torch.cat([self.cls_token.expand(len(x), -1, -1), self.patch(x)], 1) + self.pos_embed
+        h = self.norm1(t)
+        t = t + self.attn(h, h, h, need_weights=False)[0]
+        return self.head(self.norm2(t)[:, 0])
+
+
+def test_parameters_the_model_itself_owns_are_not_taken_for_its_final_layer():
+    """The model's output is its head's; a cls_token or pos_embed on the root module is consumed at the input, so
+    it is neither a final-layer weight nor a classifier FixNorm would hold (and cap) as one."""
+    torch.manual_seed(0)
+    model = TinyViT()
+    roles = analyze(model, torch.randn(8, 4, 16))
+    assert roles.classifier == ["head.weight"] and roles.final_layer == ["head.weight"]
+    for name in ("cls_token", "pos_embed"):
+        assert roles.role(name) == "other" and "final layer" not in roles.reasons[name], roles.reasons[name]
+    check_against_definition(model, (torch.randn(8, 4, 16),), roles)

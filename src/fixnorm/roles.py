@@ -523,6 +523,11 @@ class _Probe:
 
         handles = []
         for mname, module in self.model.named_modules():
+            # a layer's output stands for its weights only where nothing else computes it: a module with children
+            # (the model itself with a cls_token or pos_embed, a block with a bias table) returns what its children
+            # computed, so its own weights are found where an op consumes them (_consumed_weights), not at its output
+            if next(module.children(), None) is not None:
+                continue
             if any(v is not None and v.ndim >= 2 for v in module._parameters.values()):
                 handles.append(module.register_forward_hook(
                     lambda m, i, o, prefix=mname: hook(m, i, o, prefix)))
