@@ -507,17 +507,23 @@ def test_free_phase_holds_explicit_targets_from_the_first_step():
     ("auto", 5e-3, {"drift_signal": "growth"})],
     ids=["fixed", "drifting", "ceiling", "adam-free-classifier", "classifier-later", "weight-decay", "growth"])
 def test_resume_inside_and_after_the_free_phase_is_bit_identical(drift, ceiling, extra):
+    settings = {"free_steps": 4, "norm_drift": drift, "equilibrium_wd": ceiling, "lr": 0.5, "momentum": 0.9}
+    if extra.get("base") is torch.optim.Adam:
+        del settings["momentum"]
+    settings.update(extra)
+    assert_resumes_bit_identically(small_net, settings)
+
+
+def assert_resumes_bit_identically(make_model, settings, stops=(2, 6)):
+    """Train 8 steps; stopped after each of ``stops`` (inside the 4-step free phase and after it), saved and resumed
+    into a model initialised otherwise, the run ends bit for bit where the uninterrupted one does."""
     data = batches(8)
-    for stop in (2, 6):  # inside the free phase (4 steps) and after it
-        model = small_net(seed=0)
-        settings = {"free_steps": 4, "norm_drift": drift, "equilibrium_wd": ceiling, "lr": 0.5, "momentum": 0.9}
-        if extra.get("base") is torch.optim.Adam:
-            del settings["momentum"]
-        settings.update(extra)
+    for stop in stops:
+        model = make_model(seed=0)
         opt = FixNorm(model, data[0][0], **settings)
         train(model, opt, data[:stop])
         checkpoint = save_and_load({"model": model.state_dict(), "opt": opt.state_dict()})
-        resumed = small_net(seed=7)
+        resumed = make_model(seed=7)
         opt2 = FixNorm(resumed, data[0][0], **settings)
         resumed.load_state_dict(checkpoint["model"])
         opt2.load_state_dict(checkpoint["opt"])
@@ -1336,21 +1342,9 @@ def test_joint_hold_holds_each_groups_joint_norm_and_leaves_its_members_free():
 
 @pytest.mark.parametrize("drift", [None, "auto"], ids=["fixed", "drifting"])
 def test_joint_norms_resume_bit_identically_inside_and_after_the_free_phase(drift):
-    data = batches(8)
     settings = {"free_steps": 4, "norm_drift": drift, "lr": 0.5, "momentum": 0.9, "joint": "hold"}
-    for stop in (2, 6):
-        model = tiny_preact(seed=0)
-        opt = _FixNorm(model, data[0][0], **settings)
-        train(model, opt, data[:stop])
-        checkpoint = save_and_load({"model": model.state_dict(), "opt": opt.state_dict()})
-        resumed = tiny_preact(seed=7)
-        opt2 = _FixNorm(resumed, data[0][0], **settings)
-        resumed.load_state_dict(checkpoint["model"])
-        opt2.load_state_dict(checkpoint["opt"])
-        train(model, opt, data[stop:])
-        train(resumed, opt2, data[stop:])
-        for (name, a), (_, b) in zip(model.state_dict().items(), resumed.state_dict().items()):
-            assert torch.equal(a, b), (stop, name)
+    assert_resumes_bit_identically(tiny_preact, settings)
+    data = batches(8)
     # a state saved with the groups free cannot silently resume as held
     free = tiny_preact()
     free_opt = _FixNorm(free, data[0][0], free_steps=4, lr=0.5, momentum=0.9)
