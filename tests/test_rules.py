@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fixnorm.errors import FixNormError, NonFiniteError
-from fixnorm.rules import CentreFilters, HoldNorms, Mask, Project, attach
+from fixnorm.rules import CentreFilters, HoldJointNorms, HoldNorms, Mask, Project, attach
 
 
 def net(seed: int = 0) -> nn.Sequential:
@@ -345,3 +345,29 @@ def test_a_replayed_run_resumes_bit_identically_and_bad_traces_fail_loudly(tmp_p
         replay_norms(optimizer, model, str(tmp_path / "cut.pt"))
     with pytest.raises(FixNormError, match="no norm trace"):
         replay_norms(optimizer, model, str(tmp_path / "nowhere"))
+
+
+def test_hold_joint_norms_over_weights_of_several_dtypes_holds_each_groups_joint_norm():
+    """Members in several (device, dtype) buckets are measured in their own order; the projection puts each group's
+    joint norm back and keeps the members' proportions; a zero group is flagged, never divided by."""
+    g = torch.Generator().manual_seed(0)
+    a, c = torch.randn(3, 4, generator=g), torch.randn(2, 2, generator=g)
+    b, d = torch.randn(5, 2, generator=g).double(), torch.randn(4, 4, generator=g).double()
+    rule = HoldJointNorms([[a, b], [c, d]], names=[["a", "b"], ["c", "d"]], from_step=0)
+    expected = [float((x.double().norm() ** 2 + y.double().norm() ** 2).sqrt()) for x, y in ((a, b), (c, d))]
+    assert rule.targets.tolist() == pytest.approx(expected, rel=1e-6)
+    before = [t.clone() for t in (a, b, c, d)]
+    for t, f in zip((a, b, c, d), (3.0, 0.5, 1.0, 2.0)):
+        t.mul_(f)
+    opt = torch.optim.SGD([a, b, c, d], lr=0.0)
+    attach(opt, [rule], name="joint")
+    for t in (a, b, c, d):
+        t.grad = torch.zeros_like(t)
+    opt.step()
+    assert [float((x.double().norm() ** 2 + y.double().norm() ** 2).sqrt()) for x, y in ((a, b), (c, d))] == \
+        pytest.approx(expected, rel=1e-6)
+    scale = expected[0] / float(((3 * before[0]).double().norm() ** 2 + (0.5 * before[1]).norm() ** 2).sqrt())
+    assert torch.allclose(a.double(), 3 * scale * before[0].double(), rtol=1e-6)
+    c.zero_(), d.zero_()
+    with pytest.raises(NonFiniteError, match="zero or non-finite joint norm"):
+        opt.step()

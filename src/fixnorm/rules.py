@@ -575,6 +575,7 @@ class HoldJointNorms(Rule):
         self.group_names = names
         self.names = [n for g in names for n in g]
         self.unit = torch.tensor([k for k, g in enumerate(self.groups) for _ in g])  # each param's group
+        self._indices: dict[tuple[Any, ...], torch.Tensor] = {}  # index tensors on the weights' device, made once
         if drift_steps is not None and (isinstance(drift_steps, bool) or not isinstance(drift_steps, int)
                                         or drift_steps < 1 or not from_step):
             raise FixNormError("drifting joint norms need drift_steps >= 1 and norms taken after a free phase "
@@ -608,25 +609,37 @@ class HoldJointNorms(Rule):
                                "hold their joint norms on one device")
         return next(iter(devices))
 
+    def _index(self, key: tuple[Any, ...], values: Callable[[], list[int]], device: torch.device) -> torch.Tensor:
+        """An index tensor on ``device``, copied there once (a copy every step would stall a GPU)."""
+        full = (*key, device)
+        if full not in self._indices:
+            self._indices[full] = torch.tensor(values(), dtype=torch.long).to(device)
+        return self._indices[full]
+
     @torch.no_grad()
     def _member_sq(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Each tensor's squared norm (fp32 accumulation), one vector on the group's device."""
-        out = torch.empty(len(tensors), dtype=torch.float32, device=self._device())
-        for bucket in _bucket_by_layout(tensors):
-            out[bucket] = tensor_norms_fp32([tensors[i] for i in bucket]).float().to(out.device) ** 2
-        return out
+        """Each tensor's squared norm (fp32 accumulation), one vector on the group's device, in ``params`` order."""
+        device = self._device()
+        buckets = _bucket_by_layout(tensors)
+        sq = torch.cat([tensor_norms_fp32([tensors[i] for i in b]).float().to(device) for b in buckets]) ** 2
+        if len(buckets) == 1:
+            return sq
+        order = self._index(("order", tuple(map(tuple, buckets))), lambda: torch.tensor(
+            [i for b in buckets for i in b]).argsort().tolist(), device)
+        return sq[order]
+
+    def _group_sums(self, values: torch.Tensor) -> torch.Tensor:
+        unit = self._index(("unit",), self.unit.tolist, values.device)
+        return torch.zeros(len(self.groups), dtype=values.dtype, device=values.device).index_add_(0, unit, values)
 
     def joint_norms(self) -> torch.Tensor:
         """Each group's joint norm now (fp32, on the weights' device, no host sync)."""
-        sq = self._member_sq(self.params)
-        return torch.zeros(len(self.groups), device=sq.device).index_add_(0, self.unit.to(sq.device), sq).sqrt()
+        return self._group_sums(self._member_sq(self.params)).sqrt()
 
     def _unit_grad_sq(self, weight_norms: torch.Tensor) -> torch.Tensor:
         """``(|g| * |w|)**2`` per group: the squared gradient at unit joint norm."""
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        gsq = self._member_sq(grads)
-        joint_gsq = torch.zeros(len(self.groups), device=gsq.device).index_add_(0, self.unit.to(gsq.device), gsq)
-        return joint_gsq * weight_norms ** 2
+        return self._group_sums(self._member_sq(grads)) * weight_norms ** 2
 
     def _correction(self, step: int) -> float:
         assert self.drift_steps is not None
@@ -650,14 +663,13 @@ class HoldJointNorms(Rule):
     @torch.no_grad()
     def project_(self, flags: DeviceFlags) -> None:
         assert self.targets is not None
-        sq = self._member_sq(self.params)
-        unit = self.unit.to(sq.device)
-        joint = torch.zeros(len(self.groups), device=sq.device).index_add_(0, unit, sq).sqrt()
+        joint = self.joint_norms()
+        unit = self._index(("unit",), self.unit.tolist, joint.device)
         ok = torch.isfinite(joint) & (joint > 0)
         self.targets = self.targets.to(joint.device)
-        factor = torch.where(ok, self.targets / joint, torch.ones_like(joint))[unit]
+        factors = torch.where(ok, self.targets / joint, torch.ones_like(joint))[unit].unbind(0)
         for bucket in _bucket_by_layout(self.params):
-            torch._foreach_mul_([self.params[i] for i in bucket], list(factor[bucket].unbind(0)))
+            torch._foreach_mul_([self.params[i] for i in bucket], [factors[i] for i in bucket])
         flags.flag(~ok[unit], self.params, "has a zero or non-finite joint norm after the step (a NaN/inf gradient?)")
 
     @torch.no_grad()
