@@ -389,6 +389,29 @@ def test_step_never_synchronises_with_the_host_on_cuda():
     opt.check()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_joint_hold_step_never_synchronises_with_the_host_on_cuda():
+    """The joint rule's index tensors are copied once; its projection and drift then stay on the device."""
+    from test_roles import TinyPreAct
+
+    torch.manual_seed(0)
+    model = TinyPreAct().cuda()
+    x, y = (t.cuda() for t in batches(1)[0])
+    opt = _FixNorm(model, x, lr=0.1, momentum=0.9, free_steps=1, joint="hold")
+    for _ in range(2):  # momentum buffers, the norms taken (a sync, once), the first drift step
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    opt.check()
+
+
 def test_from_weight_decay_matches_the_equilibrium_of_sgd_with_weight_decay():
     """Train SGD+WD to equilibrium, measure its angular update, and compare with the formula and FixNorm."""
     lr, wd, momentum = 0.5, 0.02, 0.9
