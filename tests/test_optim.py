@@ -1384,6 +1384,15 @@ def test_joint_hold_refuses_what_it_cannot_combine_with():
     for bad in ({"angular_update": 0.01}, {"target": 1.0}, {"drift_follows_lr": True}):
         with pytest.raises(FixNormError, match="joint='hold'"):
             _FixNorm(tiny_preact(), x, lr=0.1, joint="hold", **bad)
+    partly_frozen = tiny_preact()
+    roles = fixnorm.analyze(partly_frozen, x, joint=True)  # (measured on a frozen model, a frozen weight is unused)
+    partly_frozen.stem.weight.requires_grad_(False)
+    with pytest.raises(FixNormError, match=r"\['stem.weight', 'conv2.weight'\] .* some of it is frozen"):
+        _FixNorm(partly_frozen, x, lr=0.1, joint="hold", roles=roles)
+    partly_frozen.conv2.weight.requires_grad_(False)  # the whole group frozen: nothing of it to hold
+    opt = _FixNorm(partly_frozen, x, lr=0.1, joint="hold", roles=roles)
+    assert [r.group_names for r in opt._rules.rules if isinstance(r, fixnorm.rules.HoldJointNorms)] == \
+        [[["conv4.weight", "short.weight"]]]
 
 
 class SplitConv(nn.Module):

@@ -482,7 +482,8 @@ class FixNorm(torch.optim.Optimizer):
                 g["weight_decay"] = others_weight_decay if g["role"] == "other" else 0.0
         self._init_hooks()
         warn_if_base_normalizes(self.base, stacklevel=3)
-        rules: list[HoldNorms] = [HoldNorms(ps, names=ns, per=c, targets=ts) for c, (ps, ns, ts) in held.items()]
+        rules: list[HoldNorms | HoldJointNorms] = [HoldNorms(ps, names=ns, per=c, targets=ts)
+                                                   for c, (ps, ns, ts) in held.items()]
         # the rules that wait for a free phase, with its length in full-lr steps (count_warmup stretches them)
         self._waiting: list[tuple[HoldNorms | HoldJointNorms, int]] = [
             (HoldNorms(ps, names=ns, per=c, from_step=k, scale=sc, drift_steps=norm_drift if d else None,
@@ -491,9 +492,14 @@ class FixNorm(torch.optim.Optimizer):
                        if d and drift_follows_lr else None,
                        drift_signal=drift_signal if d and drift_follows_lr else "gradient"), k)
             for (c, d, k), (ps, ns, sc) in later.items()]
-        # a group with a frozen weight is no longer scale-invariant in what trains: it stays free
-        joint_groups = [[named[n] for n in g] for g in self.roles.joint
-                        if joint == "hold" and all(named[n].requires_grad for n in g)]
+        joint_groups = [[named[n] for n in g] for g in self.roles.joint] if joint == "hold" else []
+        partly_frozen = [g for g in self.roles.joint if joint == "hold" and not all(named[n].requires_grad for n in g)
+                         and any(named[n].requires_grad for n in g)]
+        if partly_frozen:  # what trains of such a group is not scale-invariant: no joint norm to hold
+            raise FixNormError(f"joint='hold': the group {partly_frozen[0]} is scale-invariant only as a whole, and "
+                               "some of it is frozen (requires_grad=False); freeze all of it or none, or use "
+                               "joint='free'")
+        joint_groups = [g for g in joint_groups if all(p.requires_grad for p in g)]
         if joint_groups:  # scale-invariant together: their joint norms, taken with the scale-invariant weights'
             joint_rule = HoldJointNorms(joint_groups, names=[[self._names[p] for p in g] for g in joint_groups],
                                         from_step=free_steps, scale=norm_scale, drift_steps=norm_drift,
