@@ -378,14 +378,19 @@ def test_step_never_synchronises_with_the_host_on_cuda():
     model = small_net().cuda()
     x, y = (t.cuda() for t in batches(1)[0])
     opt = FixNorm(model, x, lr=0.1, momentum=0.9)
-    F.cross_entropy(model(x), y).backward()
-    opt.step()  # first step creates momentum buffers
-    F.cross_entropy(model(x), y).backward()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        opt.step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    assert_last_step_never_synchronises(model, opt, x, y, steps=2)  # the first creates the momentum buffers
+
+
+def assert_last_step_never_synchronises(model, opt, x, y, steps):
+    """Take ``steps`` steps, the last under ``torch.cuda.set_sync_debug_mode("error")``."""
+    for step in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        torch.cuda.set_sync_debug_mode("error" if step == steps - 1 else "default")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
     opt.check()
 
 
@@ -398,18 +403,8 @@ def test_joint_hold_step_never_synchronises_with_the_host_on_cuda():
     model = TinyPreAct().cuda()
     x, y = (t.cuda() for t in batches(1)[0])
     opt = _FixNorm(model, x, lr=0.1, momentum=0.9, free_steps=1, joint="hold")
-    for _ in range(2):  # momentum buffers, the norms taken (a sync, once), the first drift step
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    opt.zero_grad()
-    F.cross_entropy(model(x), y).backward()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        opt.step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    opt.check()
+    # momentum buffers, the norms taken (a sync, once), the first drift step; then one step under the check
+    assert_last_step_never_synchronises(model, opt, x, y, steps=3)
 
 
 def test_from_weight_decay_matches_the_equilibrium_of_sgd_with_weight_decay():
