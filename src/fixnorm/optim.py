@@ -369,7 +369,7 @@ class FixNorm(torch.optim.Optimizer):
                                    "needs free_steps >= 1, target='initial', granularity='tensor' and no "
                                    "angular_update")
         ceiling = equilibrium_constant(equilibrium_wd, norm_drift, base, base_kwargs)
-        if joint not in JOINT_POLICIES:
+        if joint not in JOINT_POLICIES:  # before the analysis, which "hold" makes longer (build_plan checks too)
             raise FixNormError(f"unknown joint policy {joint!r}; choose one of {JOINT_POLICIES}")
         if joint == "hold" and (target != "initial" or angular_update is not None or drift_follows_lr):
             raise FixNormError("joint='hold' holds the joint norms training chose, with the default drift: it does "

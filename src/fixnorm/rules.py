@@ -145,6 +145,26 @@ def equilibrium_norms(grad_sq: Sequence[torch.Tensor], constant: float,
 
 
 DRIFT_SIGNALS = ("gradient", "growth")
+DRIFT_FLOOR = 1e-3  # a drift factor never goes below this: a vanished gradient does not zero a weight
+
+
+def running_mean_step(mean: torch.Tensor, value: torch.Tensor, drift_steps: int) -> torch.Tensor:
+    """One step of the drift's running mean (time constant ``drift_steps``); a non-finite value leaves it."""
+    beta = 1.0 - 1.0 / drift_steps
+    return torch.where(torch.isfinite(value), beta * mean + (1.0 - beta) * value, mean)
+
+
+def running_mean_correction(drift_steps: int, step: int, start: int) -> float:
+    """What a running mean that started at zero after step ``start`` is divided by after ``step`` steps."""
+    return 1.0 - (1.0 - 1.0 / drift_steps) ** max(step - start, 1)
+
+
+def drifted_targets(base: torch.Tensor, mean: torch.Tensor, correction: float, ref: torch.Tensor) -> torch.Tensor:
+    """The drift law: the norms taken times ``(mean / ref) ** (1/4)`` (weight decay's equilibrium norm goes as the
+    square root of the unit-norm gradient), never below DRIFT_FLOOR of them; no reference, no drift."""
+    tiny = torch.finfo(torch.float32).tiny
+    factor = torch.where(ref > 0, (mean / correction / ref.clamp_min(tiny)) ** 0.25, torch.ones_like(ref))
+    return base * factor.clamp_min(DRIFT_FLOOR)
 
 
 class HoldNorms(Rule):
@@ -196,7 +216,7 @@ class HoldNorms(Rule):
     state_fields: tuple[str, ...] = ("target", "held")
     DRIFT_ONLY_FIELDS = ("grad_sq", "grad_sq_ref", "base_target")  # checkpointed too when the norms drift
     DRIFT_LR_FIELDS = ("grad_sq_weight",)  # and the running mean's weight when the drift follows the lr
-    DRIFT_FLOOR = 1e-3  # a drift factor never goes below this: a vanished gradient does not zero a weight
+    DRIFT_FLOOR = DRIFT_FLOOR
 
     def __init__(self, params: Sequence[torch.Tensor], *, names: Sequence[str] | None = None, per: str = "tensor",
                  targets: Sequence[torch.Tensor] | None = None, from_step: int | None = 0,
@@ -382,8 +402,7 @@ class HoldNorms(Rule):
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         value = (tensor_norms_fp32(grads).float() * weight_norms) ** 2
         if ratio is None:
-            beta = 1.0 - 1.0 / self.drift_steps
-            return torch.where(torch.isfinite(value), beta * mean + (1.0 - beta) * value, mean)
+            return running_mean_step(mean, value, self.drift_steps)
         rate = min(ratio / self.drift_steps, 1.0)
         return torch.where(torch.isfinite(value), (1.0 - rate) * mean + rate * ratio * value, mean)
 
@@ -395,7 +414,7 @@ class HoldNorms(Rule):
         """What the running means are divided by after ``step`` steps: they started at zero."""
         if self.drift_lr is not None:  # the sum of the weights so far (at least one tiny one: never a division by 0)
             return max(self._mean_weight, torch.finfo(torch.float32).tiny)
-        return 1.0 - (1.0 - 1.0 / self.drift_steps) ** max(step - self._drift_start(), 1)
+        return running_mean_correction(self.drift_steps, step, self._drift_start())
 
     def _grad_sq_mean(self, step: int) -> list[torch.Tensor]:
         """The running means after ``step`` steps, corrected for their start at zero."""
@@ -428,11 +447,9 @@ class HoldNorms(Rule):
             self._growth_step(min(ratio / self.drift_steps, 1.0))
             return
         correction = self._correction(step)
-        tiny = torch.finfo(torch.float32).tiny
         for _, params, mean, ref, base, targets in self._drift_stacks():
             mean.copy_(self._next_mean(mean, params, targets, ratio))  # targets: the norms the gradients were taken at
-            factor = torch.where(ref > 0, (mean / correction / ref.clamp_min(tiny)) ** 0.25, torch.ones_like(ref))
-            targets.copy_(base * factor.clamp_min(self.DRIFT_FLOOR))
+            targets.copy_(drifted_targets(base, mean, correction, ref))
 
     @torch.no_grad()
     def _growth_step(self, rate: float) -> None:
@@ -643,7 +660,7 @@ class HoldJointNorms(Rule):
 
     def _correction(self, step: int) -> float:
         assert self.drift_steps is not None
-        return 1.0 - (1.0 - 1.0 / self.drift_steps) ** max(step - (self._from_step or 0) // 2, 1)
+        return running_mean_correction(self.drift_steps, step, (self._from_step or 0) // 2)
 
     @torch.no_grad()
     def take_targets(self, step: int = 0) -> None:
@@ -675,19 +692,13 @@ class HoldJointNorms(Rule):
     @torch.no_grad()
     def apply_(self, step: int, flags: DeviceFlags) -> None:
         if self.drift_steps is not None and step > (self._from_step or 0) // 2:
-            beta = 1.0 - 1.0 / self.drift_steps
             # the gradients were taken at the held norms once they are held, at the current ones before
             value = self._unit_grad_sq(self.targets if self.targets is not None else self.joint_norms())
-            self._grad_sq = self._grad_sq.to(value.device)
-            self._grad_sq = torch.where(torch.isfinite(value), beta * self._grad_sq + (1 - beta) * value,
-                                        self._grad_sq)
+            self._grad_sq = running_mean_step(self._grad_sq.to(value.device), value, self.drift_steps)
             if self.targets is not None:
                 assert self._base is not None and self._grad_sq_ref is not None
-                ref = self._grad_sq_ref.to(value.device)
-                tiny = torch.finfo(torch.float32).tiny
-                ratio = self._grad_sq / self._correction(step) / ref.clamp_min(tiny)
-                factor = torch.where(ref > 0, ratio ** 0.25, torch.ones_like(ref))
-                self.targets = self._base.to(value.device) * factor.clamp_min(HoldNorms.DRIFT_FLOOR)
+                self.targets = drifted_targets(self._base.to(value.device), self._grad_sq, self._correction(step),
+                                               self._grad_sq_ref.to(value.device))
         if self.targets is None:
             if self._from_step is None:
                 raise FixNormError("HoldJointNorms.from_step is not set: set it before the first optimizer step")
