@@ -57,10 +57,12 @@ def test_roles_prints_the_plan_for_a_registered_model():
     assert "fc.weight" in proc.stdout and "classifier" in proc.stdout and "fix norm per tensor" in proc.stdout
     why = run_cli("roles", "--model", "resnet20", "--size", "16", "--why")
     assert "output unchanged when each filter is scaled" in why.stdout
-    joint = run_cli("roles", "--model", "wrn", "--size", "12", "--joint", "hold")
+    joint = run_cli("roles", "--model", "wrn", "--size", "12")  # the default, "auto", holds them
     assert joint.returncode == 0, joint.stderr
     assert re.search(r"layers\.2\.shortcut\.weight .* joint-invariant +fix norm per joint +initial \(joint, group 2\)",
                      joint.stdout), joint.stdout
+    free = run_cli("roles", "--model", "wrn", "--size", "12", "--joint", "free")
+    assert free.returncode == 0 and "joint-invariant" not in free.stdout, free.stderr
 
 
 def test_readme_has_the_two_setup_commands_that_ci_runs():

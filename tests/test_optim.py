@@ -1351,9 +1351,9 @@ def test_joint_hold_holds_each_groups_joint_norm_and_leaves_its_members_free():
     moved = [abs(float(dict(model.named_parameters())[n].detach().norm()) / v - 1) for n, v in members.items()]
     assert max(moved) > 1e-3  # the members' shares of the joint norm still train
     assert opt.param_groups[[g["role"] for g in opt.param_groups].index("joint_invariant")]["lr_power"] == 0.5
-    # free (the default): the same groups drift off their norms under the same steps
+    # free: the same groups drift off their norms under the same steps
     free_model = tiny_preact()
-    free_opt = _FixNorm(free_model, data[0][0], free_steps=3, norm_drift=None, lr=0.5, momentum=0.9)
+    free_opt = _FixNorm(free_model, data[0][0], free_steps=3, norm_drift=None, lr=0.5, momentum=0.9, joint="free")
     train(free_model, free_opt, data)
     assert all(abs(joint_norm(free_model, g) / n - 1) > 1e-3 for g, n in zip(GROUPS, taken))
 
@@ -1365,11 +1365,25 @@ def test_joint_norms_resume_bit_identically_inside_and_after_the_free_phase(drif
     data = batches(8)
     # a state saved with the groups free cannot silently resume as held
     free = tiny_preact()
-    free_opt = _FixNorm(free, data[0][0], free_steps=4, lr=0.5, momentum=0.9)
+    free_opt = _FixNorm(free, data[0][0], free_steps=4, lr=0.5, momentum=0.9, joint="free")
     train(free, free_opt, data[:6])
     held_opt = _FixNorm(tiny_preact(), data[0][0], **settings)
     with pytest.raises(FixNormError, match="joint"):
         held_opt.load_state_dict(save_and_load(free_opt.state_dict()))
+
+
+def test_joint_auto_holds_the_groups_where_the_joint_rule_applies_and_leaves_them_free_elsewhere():
+    x = torch.randn(4, 1, 8, 8)
+    default = _FixNorm(tiny_preact(), x, lr=0.1, momentum=0.9)  # the default is "auto"
+    assert default.joint_policy == "hold" and default.roles.joint == GROUPS
+    assert {e.role for e in default.plan.entries if e.name in GROUPS[0] + GROUPS[1]} == {"joint-invariant"}
+    adam = _FixNorm(tiny_preact(), x, base=torch.optim.Adam, lr=1e-3)  # any base: held, without the drift
+    assert adam.joint_policy == "hold"
+    assert any(isinstance(rule, fixnorm.rules.HoldJointNorms) for rule in adam._rules.rules)
+    for per_tensor_law in ({"angular_update": 0.01}, {"target": 1.0}, {"drift_follows_lr": True}):
+        opt = _FixNorm(tiny_preact(), x, lr=0.1, **per_tensor_law)
+        assert opt.joint_policy == "free", per_tensor_law
+        assert not {e.role for e in opt.plan.entries} & {"joint-invariant"}, per_tensor_law
 
 
 def test_joint_hold_refuses_what_it_cannot_combine_with():

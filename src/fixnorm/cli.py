@@ -329,8 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     roles.add_argument("--granularity", default="tensor", choices=["tensor", "filter"])
     roles.add_argument("--fc-norm", type=float, default=None)
     roles.add_argument("--why", action="store_true", help="show the measured role and reason per parameter")
-    roles.add_argument("--joint", default="free", choices=["free", "hold"],
-                       help="hold the joint norms of weights scale-invariant only together (and find them)")
+    roles.add_argument("--joint", default="auto", choices=["auto", "free", "hold"],
+                       help="the weights scale-invariant only together: hold their joint norms ('auto': where the "
+                            "joint rule applies) or leave them free")
     roles.set_defaults(func=cmd_roles)
 
     report = sub.add_parser("report", help="plots and a Markdown summary from run directories (overlaid)")

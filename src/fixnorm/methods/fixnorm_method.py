@@ -48,7 +48,7 @@ class FixNormSettings:
     equilibrium_wd: float | str | None = "auto"  # no drifting norm above SGD + weight decay's equilibrium for this
                                                  # wd; "auto": 5e-4 with an SGD base and drifting norms; None: off
     joint: str = DEFAULT_JOINT            # weights scale-invariant only together (a pre-activation net's residual
-                                          # writers): "free" or "hold" (each group's joint norm held)
+                                          # writers): "auto" (hold where it applies), "hold" or "free"
     nonfinite: str = "raise"              # a NaN gradient or zero norm: "raise" (the run stops, naming the parameter)
                                           # or "skip" (that tensor's step is skipped and counted)
     norm_replay: str | None = None        # the replay diagnostic: a run folder (or its norm_trace.pt) recorded with
