@@ -216,7 +216,6 @@ class HoldNorms(Rule):
     state_fields: tuple[str, ...] = ("target", "held")
     DRIFT_ONLY_FIELDS = ("grad_sq", "grad_sq_ref", "base_target")  # checkpointed too when the norms drift
     DRIFT_LR_FIELDS = ("grad_sq_weight",)  # and the running mean's weight when the drift follows the lr
-    DRIFT_FLOOR = DRIFT_FLOOR
 
     def __init__(self, params: Sequence[torch.Tensor], *, names: Sequence[str] | None = None, per: str = "tensor",
                  targets: Sequence[torch.Tensor] | None = None, from_step: int | None = 0,
@@ -460,7 +459,7 @@ class HoldNorms(Rule):
             reached_sq = tensor_norms_fp32(params).float() ** 2
             held_sq = targets * targets
             quartic = (1.0 - rate) * held_sq * held_sq + 2.0 * (reached_sq - held_sq) * held_sq
-            floor = base * self.DRIFT_FLOOR
+            floor = base * DRIFT_FLOOR
             moved = quartic.clamp_min(0.0) ** 0.25
             targets.copy_(torch.where(torch.isfinite(quartic), torch.maximum(moved, floor), targets))
 
