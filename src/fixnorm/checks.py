@@ -3,13 +3,24 @@
 A base optimizer that normalises weights itself (Nero projects every neuron to zero mean and unit
 norm after each step) makes FixNorm's norm rule a second normalisation of the same tensors: the
 run still trains, but neither rule's target is the norm the weights end with, and nothing says so.
+
+A model whose weights are mostly neither scale-invariant (alone or jointly) nor the classifier, such as
+a pre-LN transformer, where no normalisation follows a linear layer, gets almost nothing from FixNorm:
+those weights train as the base optimizer would without weight decay, and nothing says so either.
 """
 from __future__ import annotations
 
+import math
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from .constraints import Plan
+
+# above this share of the weights' elements left free (no norm held, no decay), FixNorm warns
+FREE_SHARE_WARNING = 0.5
 
 # optimizer class name -> (the group option that switches its normalisation, what it then does)
 NORMALIZING_OPTIMIZERS: dict[str, tuple[str | None, str]] = {
@@ -56,5 +67,39 @@ def warn_if_base_normalizes(optimizer: torch.optim.Optimizer | type[torch.optim.
     fix = f"pass {switch}=False to {name}" if switch else "use a base optimizer that leaves norms alone"
     warnings.warn(f"the base optimizer already normalises weights: {what}. FixNorm then fixes the same norms a "
                   f"second time and neither target holds; {fix}, or use {name} without FixNorm.",
+                  UserWarning, stacklevel=stacklevel)
+    return True
+
+
+def free_weights(plan: Plan, trainable: set[str]) -> tuple[float, list[str]]:
+    """The share of the trainable weights' elements (ndim >= 2) whose norm nothing controls, and their names.
+
+    Free means the plan gives a weight neither a held norm (alone, per filter or jointly) nor weight decay and it
+    is not the classifier (which FixNorm over an Adam-like base leaves to the base optimizer on purpose).
+    """
+    total, free, names = 0, 0, []
+    for entry in plan.entries:
+        if entry.name not in trainable or len(entry.shape) < 2:
+            continue
+        size = math.prod(entry.shape)
+        total += size
+        if entry.role == "other" and entry.constraint is None and not entry.note:
+            free += size
+            names.append(entry.name)
+    return (free / total if total else 0.0), names
+
+
+def warn_if_mostly_free(plan: Plan, trainable: set[str], base_name: str, *, stacklevel: int = 3) -> bool:
+    """Warn (UserWarning) when more than ``FREE_SHARE_WARNING`` of the weights are free; returns whether it warned."""
+    share, names = free_weights(plan, trainable)
+    if share <= FREE_SHARE_WARNING:
+        return False
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    warnings.warn(f"FixNorm controls no norm for {100 * share:.0f}% of this model's weight elements ({shown}): they "
+                  f"are neither scale-invariant, alone or jointly, nor the classifier, so they train as under "
+                  f"{base_name} without weight decay. A pre-LN transformer is like this (no normalization follows "
+                  f"its linear layers), and so is a pre-activation ResNet with joint='free' (joint='auto' holds "
+                  f"its residual-stream writers together). Pass others='decay' with others_weight_decay=<wd> to decay them, or use "
+                  f"weight decay without FixNorm on this model; print(opt.roles) says why each weight is free.",
                   UserWarning, stacklevel=stacklevel)
     return True

@@ -24,7 +24,7 @@ from torch import nn
 
 from .constraints import (JOINT_POLICIES, Plan, build_plan, filter_norms, fix_filter_norms_, fix_tensor_norms_,
                           initial_targets, rotate_by_angle_, shorten_step_, tensor_norms_fp32)
-from .checks import warn_if_base_normalizes
+from .checks import warn_if_base_normalizes, warn_if_mostly_free
 from .errors import FixNormError, NonFiniteError
 from .roles import Roles, analyze
 from .rules import DRIFT_SIGNALS, NONFINITE_POLICIES, Attachment, HoldJointNorms, HoldNorms, equilibrium_constant_of
@@ -495,6 +495,7 @@ class FixNorm(torch.optim.Optimizer):
                 g["weight_decay"] = others_weight_decay if g["role"] == "other" else 0.0
         self._init_hooks()
         warn_if_base_normalizes(self.base, stacklevel=3)
+        warn_if_mostly_free(self.plan, {n for n, p in named.items() if p.requires_grad}, base.__name__, stacklevel=3)
         rules: list[HoldNorms | HoldJointNorms] = [HoldNorms(ps, names=ns, per=c, targets=ts)
                                                    for c, (ps, ns, ts) in held.items()]
         # the rules that wait for a free phase, with its length in full-lr steps (count_warmup stretches them)
