@@ -94,7 +94,7 @@ def main() -> None:
             print(lines[-1], flush=True)
         if len(largest) > 1:
             lines.append(f"| {arm} | mean | | | {statistics.mean(largest):.2f} | |")
-    text = "\n".join(lines) + f"\n\nCommand: `python benchmarks/classifier_first_steps.py {' '.join(sys.argv[1:])}`\n"
+    text = "\n".join(lines) + f"\n\nCommand: `{_common.command_line()}`\n"
     print(text)
     if args.name:
         _common.atomic_write_text(str(Path(_common.RESULTS_DIR) / f"{args.name}.md"), f"# {args.name}\n\n{text}")
