@@ -26,7 +26,7 @@ import _common  # noqa: E402  (puts src/ on the path when run from a checkout)
 
 from fixnorm.errors import FixNormError  # noqa: E402
 from fixnorm.train.engine import Trainer  # noqa: E402
-from fixnorm.train.hooks import with_recomputed_bn  # noqa: E402
+from fixnorm.train.hooks import BN_CHECK_IMAGES, with_recomputed_bn  # noqa: E402
 
 
 def check(run_dir: Path, images: int, threads: int) -> dict[str, float]:
@@ -57,7 +57,8 @@ def check(run_dir: Path, images: int, threads: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run folders holding last.pt and config.yaml")
-    parser.add_argument("--images", type=int, default=2000, help="training images to re-estimate the statistics on")
+    parser.add_argument("--images", type=int, default=BN_CHECK_IMAGES,
+                        help="training images to re-estimate the statistics on (the EMA hook's count)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--name", default=None, help="also write benchmarks/results/<name>.md")
     args = parser.parse_args()
