@@ -6,8 +6,8 @@ batches). When the weights move fast, as at a large effective learning rate earl
 the weights and the evaluation can collapse although the weights are sound. This check loads each run's last
 checkpoint (``last.pt``, read with ``weights_only=True`` through the engine's resume path, in a temporary copy so the
 run folder is untouched) and evaluates it twice on the test set: as saved, and with every BatchNorm's statistics
-re-estimated on the first ``--images`` stored training images (``with_recomputed_bn``, the estimate the EMA hook's
-``ema_bn_check`` uses). A large difference says the lag, not the weights, made the reported number.
+re-estimated on the first ``--images`` stored training images (``recomputed_on_training_images``, the estimate the
+EMA hook's ``ema_bn_check`` uses). A large difference says the lag, not the weights, made the reported number.
 
     python benchmarks/bn_statistics_check.py runs/mbDiag/fixnorm_diagnosticstrue-s0 runs/mbDiag/sgd_diagnosticstrue-s0
 """
@@ -26,7 +26,7 @@ import _common  # noqa: E402  (puts src/ on the path when run from a checkout)
 
 from fixnorm.errors import FixNormError  # noqa: E402
 from fixnorm.train.engine import Trainer  # noqa: E402
-from fixnorm.train.hooks import BN_CHECK_IMAGES, with_recomputed_bn  # noqa: E402
+from fixnorm.train.hooks import BN_CHECK_IMAGES, recomputed_on_training_images  # noqa: E402
 
 
 def check(run_dir: Path, images: int, threads: int) -> dict[str, float]:
@@ -41,15 +41,11 @@ def check(run_dir: Path, images: int, threads: int) -> dict[str, float]:
         for name in ("last.pt", "config.yaml"):
             shutil.copy(run_dir / name, copy / name)
         trainer = Trainer(None, copy, resume=True)
-        stored = trainer.probe_images(images)
-        if stored is None:
-            raise FixNormError(f"{run_dir}: the dataset is streamed, so there are no stored training images to "
-                               "re-estimate the statistics on")
-        x, batch = stored[0], trainer.cfg.batch_size
-        batches = (trainer.prepare_batch(x[i:i + batch]) for i in range(0, len(x), batch))
         saved_loss, saved_acc = trainer.evaluate(trainer.model)
-        fresh_loss, fresh_acc = trainer.evaluate(with_recomputed_bn(trainer.model, batches,
-                                                                    autocast=trainer.autocast))
+        fresh_loss, fresh_acc = trainer.evaluate(recomputed_on_training_images(trainer, trainer.model, images))
+        stored = trainer.probe_images(images)
+        assert stored is not None  # recomputed_on_training_images raised otherwise
+        x = stored[0]
         return {"epoch": trainer.start_epoch, "saved_acc": saved_acc, "saved_loss": saved_loss,
                 "fresh_acc": fresh_acc, "fresh_loss": fresh_loss, "images": len(x)}
 

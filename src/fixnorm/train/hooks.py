@@ -11,12 +11,13 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import FixNormError
-from ..hooks import Hook
+from ..hooks import Hook, RunState
 
 if TYPE_CHECKING:
     from .engine import Trainer
 
-__all__ = ["BN_CHECK_IMAGES", "EmaHook", "Hook", "with_recomputed_bn", "with_student_buffers"]
+__all__ = ["BN_CHECK_IMAGES", "EmaHook", "Hook", "recomputed_on_training_images", "with_recomputed_bn",
+           "with_student_buffers"]
 
 # training images whose BatchNorm statistics the EMA model is re-estimated on (the issue's 2,000)
 BN_CHECK_IMAGES = 2000
@@ -53,12 +54,8 @@ class EmaHook(Hook):
         record["ema/test_acc_ema_buffers"] = record["ema_test_acc"]
         record["ema/test_acc_student_buffers"] = trainer.evaluate(with_student_buffers(self.ema.module,
                                                                                        trainer.model))[1]
-        images = trainer.probe_images(BN_CHECK_IMAGES)
-        assert images is not None  # checked in on_train_start
-        x, batch = images[0], trainer.cfg.batch_size
-        batches = (trainer.prepare_batch(x[i:i + batch]) for i in range(0, len(x), batch))
-        record["ema/test_acc_recomputed_bn"] = trainer.evaluate(
-            with_recomputed_bn(self.ema.module, batches, autocast=trainer.autocast))[1]
+        record["ema/test_acc_recomputed_bn"] = trainer.evaluate(recomputed_on_training_images(trainer,
+                                                                                             self.ema.module))[1]
 
     def state_dict(self) -> dict[str, Any]:
         return {"ema": self.ema.state_dict()}
@@ -78,6 +75,22 @@ def with_student_buffers(model: nn.Module, student: nn.Module) -> nn.Module:
     for name, buffer in mine.items():
         buffer.copy_(theirs[name])
     return copied
+
+
+def recomputed_on_training_images(run: RunState, model: nn.Module, count: int = BN_CHECK_IMAGES) -> nn.Module:
+    """A copy of ``model`` with BatchNorm statistics re-estimated on the run's first ``count`` stored training images.
+
+    The images are prepared as the run prepares a batch (normalisation, channels_last), un-augmented, in batches of
+    the run's batch size, under the run's autocast. What the EMA hook's ``ema_bn_check`` and
+    ``benchmarks/bn_statistics_check.py`` both evaluate; raises on a streamed dataset (no stored images).
+    """
+    stored = run.probe_images(count)
+    if stored is None:
+        raise FixNormError(f"re-estimating BatchNorm statistics needs stored training images; the dataset "
+                           f"{run.cfg.dataset!r} is streamed")
+    x, batch = stored[0], run.cfg.batch_size
+    batches = (run.prepare_batch(x[i:i + batch]) for i in range(0, len(x), batch))
+    return with_recomputed_bn(model, batches, autocast=run.autocast)
 
 
 @torch.no_grad()
