@@ -4,41 +4,42 @@
 A run trained with ``ema_decay`` evaluates two models every epoch from one training: the weights as trained
 (``test_acc``) and their exponential moving average (``ema_test_acc``). The EMA hook only reads the weights, so the
 first column is bit for bit the run without an EMA, and the EMA's effect is paired within each run. For each arm
-(folders ``<arm>-s<seed>``, ``benchmarks/fixnorm_vs_wd.py``'s layout) and seed this prints the first epoch each
+and seed (arms and run folders as ``benchmarks/fixnorm_vs_wd.py`` names them) this prints the first epoch each
 model reaches every ``--thresholds`` accuracy, the mean accuracy over ``--window`` epochs and the final, then the
 paired differences (EMA minus the trained weights within an arm; each arm minus the first, the reference, for
 either model) with their standard errors and 95% t-intervals::
 
-    python benchmarks/ema_crossing.py runs/spEma sgd fixnorm --thresholds 93.75 94.0 --window 16 22 --name ema
+    python benchmarks/ema_crossing.py runs/spEma sgd fixnorm --seeds 0-3 --thresholds 93.75 94.0 --window 16 22
 
 A run that never reaches a threshold counts as crossing one epoch after its last (stated in the table).
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import re
+import math
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import atomic_write_text, command_line, markdown_table, RESULTS_DIR  # noqa: E402
-from fixnorm_vs_wd import paired_stats  # noqa: E402
+from fixnorm_vs_wd import paired_stats, parse_seeds, run_dir_name  # noqa: E402
 from fixnorm.errors import FixNormError  # noqa: E402
+from fixnorm.report import read_run  # noqa: E402
 
 MODELS = {"trained": "test_acc", "EMA": "ema_test_acc"}
 
 
-def read_run(path: Path) -> dict[str, list[float]]:
-    """Per model, the test accuracy (%) of every epoch, in order."""
-    with open(path / "metrics.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or not rows[0].get("ema_test_acc"):
+def accuracies_by_model(path: Path) -> dict[str, list[float]]:
+    """Per model, the test accuracy (%) of every epoch of a finished run, in order."""
+    run = read_run(path)
+    if not run.summary:
+        raise FixNormError(f"{path} has not finished (no summary.json)")
+    if not run.rows or all(math.isnan(r.get("ema_test_acc", math.nan)) for r in run.rows):
         raise FixNormError(f"{path}/metrics.csv has no ema_test_acc column: train the run with --set ema_decay=...")
-    if [int(r["epoch"]) for r in rows] != list(range(1, len(rows) + 1)):
-        raise FixNormError(f"{path}/metrics.csv does not hold epochs 1..{len(rows)} once each")
-    return {model: [100 * float(r[column]) for r in rows] for model, column in MODELS.items()}
+    if [r["epoch"] for r in run.rows] != list(range(1, len(run.rows) + 1)):
+        raise FixNormError(f"{path}/metrics.csv does not hold epochs 1..{len(run.rows)} once each")
+    return {model: [100 * r[column] for r in run.rows] for model, column in MODELS.items()}
 
 
 def first_epoch(accs: list[float], threshold: float) -> int:
@@ -46,13 +47,8 @@ def first_epoch(accs: list[float], threshold: float) -> int:
     return next((i + 1 for i, a in enumerate(accs) if a >= threshold), len(accs) + 1)
 
 
-def arm_runs(runs_dir: Path, arm: str) -> dict[int, dict[str, list[float]]]:
-    pattern = re.compile(rf"^{re.escape(arm)}-s(\d+)$")
-    runs = {int(m.group(1)): read_run(p) for p in sorted(runs_dir.iterdir())
-            if (m := pattern.match(p.name)) and (p / "summary.json").is_file()}
-    if len(runs) < 2:
-        raise FixNormError(f"{runs_dir} holds {len(runs)} finished runs of arm {arm!r}; paired statistics need two")
-    return runs
+def arm_runs(runs_dir: Path, arm: str, seeds: list[int]) -> dict[int, dict[str, list[float]]]:
+    return {seed: accuracies_by_model(runs_dir / run_dir_name(arm, seed)) for seed in seeds}
 
 
 def summaries(run: dict[str, list[float]], thresholds: list[float], window: tuple[int, int]) -> dict[str, float]:
@@ -75,13 +71,17 @@ def _fmt(stats: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", type=Path)
-    parser.add_argument("arms", nargs="+", help="arm names; the first is the reference")
+    parser.add_argument("arms", nargs="+", help="arms as fixnorm_vs_wd.py --arms names them; the first is the reference")
+    parser.add_argument("--seeds", nargs="+", required=True, help="the paired seeds, e.g. 0-3")
     parser.add_argument("--thresholds", type=float, nargs="+", default=[94.0])
     parser.add_argument("--window", type=int, nargs=2, default=None, metavar=("FIRST", "LAST"),
                         help="epochs whose mean accuracy is reported (default: the last third)")
     parser.add_argument("--name", default=None, help="also write benchmarks/results/<name>.md")
     args = parser.parse_args(argv)
-    per_arm = {arm: arm_runs(args.runs, arm) for arm in args.arms}
+    seeds = parse_seeds(args.seeds)
+    if len(seeds) < 2:
+        raise FixNormError(f"paired statistics need two seeds, got {seeds}")
+    per_arm = {arm: arm_runs(args.runs, arm, seeds) for arm in args.arms}
     epochs = len(next(iter(next(iter(per_arm.values())).values()))["trained"])
     window = tuple(args.window) if args.window else (epochs - epochs // 3 + 1, epochs)
     if not 1 <= window[0] <= window[1]:
@@ -108,12 +108,9 @@ def main(argv: list[str] | None = None) -> None:
             d = [seeds[s][key] - seeds[s][twin] for s in sorted(seeds)]
             diff_rows.append([arm, "EMA − trained", key[len("EMA: "):], _fmt(paired_stats(d))])
     ref = args.arms[0]
-    for arm in args.arms[1:]:  # each arm against the reference, model by model
-        paired = sorted(set(stats[arm]) & set(stats[ref]))
-        if len(paired) < 2:
-            raise FixNormError(f"arms {arm!r} and {ref!r} share {len(paired)} seeds; pairing needs two")
+    for arm in args.arms[1:]:  # each arm against the reference, model by model, on the same seeds
         for key in keys:
-            d = [stats[arm][s][key] - stats[ref][s][key] for s in paired]
+            d = [stats[arm][s][key] - stats[ref][s][key] for s in seeds]
             diff_rows.append([arm, f"− {ref}", key, _fmt(paired_stats(d))])
     text += "\n\nPaired differences (mean ± standard error [95% t-interval]; epochs: later is positive):\n\n"
     text += markdown_table(["arm", "difference", "quantity", "paired Δ"], diff_rows)
