@@ -18,6 +18,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,10 +32,11 @@ from _common import (RESULTS_DIR, atomic_write_json, atomic_write_text, command_
                      machine_info, markdown_table, median, paired_ratios)
 
 
-def training_step(model_name: str, bf16: bool, batch: int = 128) -> Callable[[], None]:
+def training_step(model_name: str, bf16: bool, batch: int = 128, **model_kwargs: Any) -> Callable[[], None]:
     """One SGD step of a fresh model in fp32 or under bf16 autocast, on fixed random images."""
     torch.manual_seed(0)
-    model = create_model(model_name, num_classes=10, in_channels=1).to(memory_format=torch.channels_last)
+    model = create_model(model_name, num_classes=10, in_channels=1, **model_kwargs)
+    model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x = torch.randn(batch, 1, 28, 28).to(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,))

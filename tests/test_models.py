@@ -73,6 +73,27 @@ def test_fast_cnn_pools_early_and_every_conv_is_scale_invariant():
         create_model("fast_cnn", width=0)
 
 
+def test_fast_cnn_pool_first_pools_before_bn_and_stays_scale_invariant():
+    """``pool_first``: the same parameters as the default layout, each block's first BN sees the pooled map (a quarter
+    of the pixels), and every conv is still scale-invariant filter by filter (max-pooling is positively homogeneous)."""
+    import fixnorm
+
+    torch.manual_seed(0)
+    default, pooled = create_model("fast_cnn", in_channels=1), create_model("fast_cnn", in_channels=1, pool_first=True)
+    assert [p.shape for p in default.parameters()] == [p.shape for p in pooled.parameters()]
+    bn_sizes = []
+    hooks = [m.register_forward_hook(lambda m, i, o: bn_sizes.append(i[0].shape[-1]))
+             for m in pooled.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    pooled(torch.randn(2, 1, 28, 28))
+    for h in hooks:
+        h.remove()
+    assert bn_sizes == [14, 14, 7, 7, 3, 3]  # the default layout normalises at [28, 14, 14, 7, 7, 3]
+    roles = fixnorm.analyze(pooled, torch.randn(4, 1, 28, 28))
+    convs = {f"{n}.weight" for n, m in pooled.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    assert {n: roles.scale_invariant.get(n) for n in convs} == dict.fromkeys(convs, "filter"), roles.table()
+    assert roles.classifier == ["classifier.weight"]
+
+
 def test_zero_init_residual():
     model = create_model("resnet50", num_classes=10, zero_init_residual=True)
     assert all(bool((b.bn3.weight == 0).all()) for b in model.modules() if hasattr(b, "bn3"))
