@@ -2,8 +2,10 @@
 test accuracy reaches ``--target``, per arm and seed, on this machine.
 
 Arms are those of ``fixnorm_vs_wd.py`` (``sgd``, ``fixnorm``, ``name:key=value,...``). Runs go one after the
-other (never two at once: the clock is the measurement), each with ``--threads`` threads, and are reused when
-finished (the times are read from their records). The clock starts before the run is built (data, model, role
+other (never two at once: the clock is the measurement; the arms' order turns from seed to seed, so a machine whose
+speed drifts lands on every arm alike), each with ``--threads`` threads, and are reused when finished (the times
+are read from their records). The table also gives the epoch each run crosses the target, which a slow spell
+of the machine does not move, and each run's median seconds per epoch, which shows such a spell. The clock starts before the run is built (data, model, role
 analysis) and is read after each epoch's evaluation, so it counts everything but Python's start-up.
 
     python benchmarks/time_to_accuracy.py --recipe fmnist-resnet20 --set epochs=10 --arms sgd fixnorm \\
@@ -45,7 +47,7 @@ class WallClock(Hook):
 
 
 def curve(run_dir: Path) -> list[tuple[float, float]]:
-    """(wall seconds, test accuracy %) per epoch, from the run's records.
+    """(wall seconds, test accuracy %) per epoch (the first epoch is 1), from the run's records.
 
     A run with an EMA (``ema_decay``) is scored by its EMA model alone, the model such a recipe ships: taking the
     better of the two each epoch would choose between models on the test set."""
@@ -70,8 +72,11 @@ def main() -> None:
     seeds = parse_seeds(args.seeds)
     recipe, overrides = load_recipe(args.recipe), parse_overrides(args.set)
 
-    for seed in seeds:  # seed by seed, so that a stopped benchmark leaves pairs
-        for arm in args.arms:
+    for index, seed in enumerate(seeds):  # seed by seed, so that a stopped benchmark leaves pairs
+        # the arms' order turns with each seed: a machine that slows (or speeds up) through the benchmark then
+        # lands on every arm alike instead of always on the last one
+        shift = index % len(args.arms)
+        for arm in args.arms[shift:] + args.arms[:shift]:
             run_dir = Path(args.out) / run_dir_name(arm, seed)
             cfg = make_config(recipe, overrides, arm_settings(arm, {}), {"seed": seed, "threads": args.threads})
             if (run_dir / "summary.json").exists():
@@ -86,26 +91,32 @@ def main() -> None:
 
     rows, curves = [], {}
     for arm in args.arms:
-        hits, finals, totals = [], [], []
+        hits, epochs, finals, totals, per_epoch = [], [], [], [], []
         for seed in seeds:
             points = curve(Path(args.out) / run_dir_name(arm, seed))
             curves[f"{arm} s{seed}"] = points
-            hit = next((t for t, acc in points if acc >= args.target), None)
-            hits.append(hit)
+            epoch = next((e for e, (_, acc) in enumerate(points, 1) if acc >= args.target), None)
+            hits.append(None if epoch is None else points[epoch - 1][0])
+            epochs.append(epoch)
             finals.append(points[-1][1])
             totals.append(points[-1][0])
+            per_epoch.append(statistics.median(b - a for (a, _), (b, _) in zip(points, points[1:])))
         reached = [h for h in hits if h is not None]
-        rows.append({"arm": arm, "seeds": seeds, "seconds_to_target": hits,
+        rows.append({"arm": arm, "seeds": seeds, "seconds_to_target": hits, "epoch_reaching_target": epochs,
+                     "median_seconds_per_epoch": per_epoch,
                      "mean_seconds": statistics.mean(reached) if len(reached) == len(hits) else None,
                      "reached": len(reached), "final_mean": statistics.mean(finals),
                      "final_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
                      "total_seconds": statistics.mean(totals)})
-    lines = [f"| arm | seeds reaching {args.target:g}% | seconds to {args.target:g}% (mean; per seed) | final acc (%) "
-             "| seconds for the whole run |", "|---|---|---|---|---|"]
+    lines = [f"| arm | seeds reaching {args.target:g}% | seconds to {args.target:g}% (mean; per seed) | epoch it is "
+             "crossed | seconds per epoch (median, per seed) | final acc (%) | seconds for the whole run |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         per_seed = ", ".join("-" if h is None else f"{h:.0f}" for h in r["seconds_to_target"])
         mean = f"{r['mean_seconds']:.0f}" if r["mean_seconds"] is not None else "not every seed"
-        lines.append(f"| {r['arm']} | {r['reached']}/{len(r['seeds'])} | {mean} ({per_seed}) | "
+        crossed = ", ".join("-" if e is None else str(e) for e in r["epoch_reaching_target"])
+        speeds = ", ".join(f"{s:.1f}" for s in r["median_seconds_per_epoch"])
+        lines.append(f"| {r['arm']} | {r['reached']}/{len(r['seeds'])} | {mean} ({per_seed}) | {crossed} | {speeds} | "
                      f"{r['final_mean']:.2f} ± {r['final_std']:.2f} | {r['total_seconds']:.0f} |")
     command = "python benchmarks/time_to_accuracy.py " + " ".join(sys.argv[1:])
     machine = _common.machine_info(torch.device("cpu"))
