@@ -178,6 +178,13 @@ RECIPES: dict[str, dict[str, Any]] = {
     "fmnist-speedrun-fast": dict(model="fast_cnn", dataset="fashion_mnist", epochs=24, batch_size=128, lr=0.1,
                                  weight_decay=5e-4, schedule="cosine", augment="crop_flip", crop_padding=2,
                                  label_smoothing=0.1, eval_flip=True, precision="auto", channels_last=True),
+    # the fastest to 94% here (stop 46, both methods 6 of 6 timed seeds, about epoch 19-20 and 5-5.5 minutes on 2
+    # CPU cores): fmnist-speedrun-fast with each block's first conv pooled before its BN and ReLU (an epoch about
+    # 15% faster) and scored by an EMA of the weights (about a one-epoch horizon)
+    "fmnist-speedrun-pooled-ema": dict(model="fast_cnn", model_kwargs={"pool_first": True}, dataset="fashion_mnist",
+                                       epochs=24, batch_size=128, lr=0.1, weight_decay=5e-4, schedule="cosine",
+                                       augment="crop_flip", crop_padding=2, label_smoothing=0.1, eval_flip=True,
+                                       ema_decay=0.998, precision="auto", channels_last=True),
     # one epoch of the small CNN, under a minute: the defaults ablation (benchmarks/defaults_ablation.py)
     "fmnist-small-cnn": dict(model="small_cnn", dataset="fashion_mnist", epochs=1, batch_size=128, lr=0.2,
                              weight_decay=5e-4, schedule="cosine", augment="crop", crop_padding=2),
