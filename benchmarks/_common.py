@@ -5,6 +5,8 @@ Only the standard library and torch; every benchmark script puts this folder on
 """
 from __future__ import annotations
 
+import argparse
+
 import datetime as _dt
 import gc
 import math
@@ -130,6 +132,14 @@ def interleaved_rounds(variants: Mapping[str, Callable[[], Any]], rounds: int, r
         for name in names[k:] + names[:k]:
             samples[name].append(time_block(variants[name], repeat, device))
     return samples
+
+
+def add_timing_arguments(parser: argparse.ArgumentParser, rounds: int, repeat: int, threads: int = 2) -> None:
+    """The flags every side-by-side timing benchmark takes: rounds, calls per timed block, threads, --no-write."""
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--repeat", type=int, default=repeat, help="calls per timed block")
+    parser.add_argument("--threads", type=int, default=threads)
+    parser.add_argument("--no-write", action="store_true", help="print only; leave benchmarks/results alone")
 
 
 # -- statistics ----------------------------------------------------------------------------------

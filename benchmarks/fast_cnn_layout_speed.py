@@ -27,8 +27,8 @@ import torch  # noqa: E402
 from fixnorm.models import create_model  # noqa: E402
 from fixnorm.train.config import native_precision  # noqa: E402
 
-from _common import (RESULTS_DIR, atomic_write_json, atomic_write_text, command_line, interleaved_rounds,  # noqa: E402
-                     machine_info, markdown_table, median, paired_ratios)
+from _common import (RESULTS_DIR, add_timing_arguments, atomic_write_json, atomic_write_text,  # noqa: E402
+                     command_line, interleaved_rounds, machine_info, markdown_table, median, paired_ratios)
 from precision_speed import training_step  # noqa: E402
 
 
@@ -48,10 +48,7 @@ def flip_evaluation(bf16: bool, pool_first: bool, batch: int = 500) -> Callable[
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=8)
-    ap.add_argument("--repeat", type=int, default=5, help="calls per timed block")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--no-write", action="store_true")
+    add_timing_arguments(ap, rounds=8, repeat=5)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")

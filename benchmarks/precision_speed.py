@@ -28,8 +28,8 @@ import torch.nn.functional as F  # noqa: E402
 from fixnorm.models import create_model  # noqa: E402
 from fixnorm.train.config import native_precision  # noqa: E402
 
-from _common import (RESULTS_DIR, atomic_write_json, atomic_write_text, command_line, interleaved_rounds,  # noqa: E402
-                     machine_info, markdown_table, median, paired_ratios)
+from _common import (RESULTS_DIR, add_timing_arguments, atomic_write_json, atomic_write_text,  # noqa: E402
+                     command_line, interleaved_rounds, machine_info, markdown_table, median, paired_ratios)
 
 
 def training_step(model_name: str, bf16: bool, batch: int = 128, **model_kwargs: Any) -> Callable[[], None]:
@@ -54,10 +54,7 @@ def training_step(model_name: str, bf16: bool, batch: int = 128, **model_kwargs:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", default=["fast_cnn", "small_cnn", "resnet20"])
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--repeat", type=int, default=2, help="steps per timed block")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--no-write", action="store_true")
+    add_timing_arguments(ap, rounds=5, repeat=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
