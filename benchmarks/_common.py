@@ -6,7 +6,6 @@ Only the standard library and torch; every benchmark script puts this folder on
 from __future__ import annotations
 
 import argparse
-
 import datetime as _dt
 import gc
 import math

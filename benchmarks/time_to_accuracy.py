@@ -4,9 +4,10 @@ test accuracy reaches ``--target``, per arm and seed, on this machine.
 Arms are those of ``fixnorm_vs_wd.py`` (``sgd``, ``fixnorm``, ``name:key=value,...``). Runs go one after the
 other (never two at once: the clock is the measurement; the arms' order turns from seed to seed, so a machine whose
 speed drifts lands on every arm alike), each with ``--threads`` threads, and are reused when finished (the times
-are read from their records). The table also gives the epoch each run crosses the target, which a slow spell
-of the machine does not move, and each run's median seconds per epoch, which shows such a spell. The clock starts before the run is built (data, model, role
-analysis) and is read after each epoch's evaluation, so it counts everything but Python's start-up.
+are read from their records). The clock starts before the run is built (data, model, role analysis) and is read
+after each epoch's evaluation, so it counts everything but Python's start-up. The table also gives the epoch each
+run crosses the target, which a slow spell of the machine does not move, and each run's median seconds per epoch,
+which shows such a spell.
 
     python benchmarks/time_to_accuracy.py --recipe fmnist-resnet20 --set epochs=10 --arms sgd fixnorm \\
         --seeds 0 1 2 --target 94.0 --out runs/tta --name time_to_accuracy
