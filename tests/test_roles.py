@@ -229,6 +229,17 @@ def test_weight_used_twice_is_invariant_only_if_every_use_is():
     # tied embedding: normalised at the input, used raw as the output layer
     tokens = torch.randint(0, 11, (3, 6))
     assert_roles(TinyLM(tied=True), (tokens,), {"emb.weight": "classifier", "lin.weight": "other"}, ["emb.weight"])
+    # tied the Hugging Face way, one Parameter in two modules: named_parameters() lists it once, as emb.weight, and
+    # the output layer's module is found by the parameter itself, not by its path (head.weight)
+    aliased = TinyLM()
+    aliased.head.weight = aliased.emb.weight
+    assert_roles(aliased, (tokens,), {"emb.weight": "classifier", "lin.weight": "other"}, ["emb.weight"])
+    opt = fixnorm.FixNorm(aliased, (tokens,), base=torch.optim.SGD, lr=0.1, free_steps=1)
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(aliased(tokens).flatten(0, 1), tokens.flatten()).backward()
+        opt.step()
+    assert aliased.head.weight is aliased.emb.weight
 
     class TwiceNormalized(nn.Module):
         def __init__(self):

@@ -514,23 +514,24 @@ class _Probe:
         by_id = {id(p): n for n, p in params.items()}
         module_outputs: dict[Any, list[str]] = {}
 
-        def hook(module: nn.Module, _inp: Any, out: Any, prefix: str) -> None:
-            weights = [f"{prefix}{k}" if not prefix else f"{prefix}.{k}" for k, v in module._parameters.items()
-                       if v is not None and v.ndim >= 2]
+        def hook(module: nn.Module, _inp: Any, out: Any) -> None:
+            # by identity, not by the module's path: a tied weight (``head.weight = emb.weight``) has one name in
+            # named_parameters(), the first module's
+            weights = [by_id[id(v)] for v in module._parameters.values()
+                       if v is not None and v.ndim >= 2 and id(v) in by_id]
             for t in _flatten_outputs(out):
                 if t.grad_fn is not None:
                     module_outputs.setdefault(t.grad_fn, []).extend(weights)
 
         handles = []
-        for mname, module in self.model.named_modules():
+        for module in self.model.modules():
             # a layer's output stands for its weights only where nothing else computes it: a module with children
             # (the model itself with a cls_token or pos_embed, a block with a bias table) returns what its children
             # computed, so its own weights are found where an op consumes them (_consumed_weights), not at its output
             if next(module.children(), None) is not None:
                 continue
             if any(v is not None and v.ndim >= 2 for v in module._parameters.values()):
-                handles.append(module.register_forward_hook(
-                    lambda m, i, o, prefix=mname: hook(m, i, o, prefix)))
+                handles.append(module.register_forward_hook(hook))
         try:
             with torch.enable_grad():
                 outs = _flatten_outputs(self.run())
