@@ -225,6 +225,38 @@ def test_embedding_followed_by_layernorm():
                  ["head.weight"])
 
 
+class KeywordLM(TinyLM):
+    """Called the Hugging Face way: keyword inputs, a dict out with the loss when labels are given."""
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        logits = super().forward(input_ids) * attention_mask.unsqueeze(-1)
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        return out
+
+
+def test_keyword_inputs_as_a_mapping():
+    tokens = torch.randint(0, 11, (3, 6))
+    batch = {"input_ids": tokens, "attention_mask": torch.ones(3, 6), "labels": tokens}
+    model = KeywordLM()
+    roles = analyze(model, batch)  # the same roles as TinyLM's positional call, checked against the definition above
+    assert {n: roles.role(n) for n, p in model.named_parameters() if p.ndim >= 2} == \
+        {"emb.weight": "filter", "lin.weight": "other", "head.weight": "classifier"}, roles.table()
+    assert roles.classifier == ["head.weight"]
+    opt = fixnorm.FixNorm(model, batch, base=torch.optim.SGD, lr=0.1, free_steps=1, norm_drift=None)
+    norms, before = [], model.emb.weight.detach().clone()
+    for _ in range(3):
+        opt.zero_grad()
+        model(**batch)["loss"].backward()
+        opt.step()
+        norms.append(model.emb.weight.detach().norm(dim=1))
+    torch.testing.assert_close(norms[2], norms[0], rtol=1e-5, atol=0)  # held per row after the free step
+    assert (model.emb.weight.detach() - before).abs().max() > 1e-3  # and trained
+    with pytest.raises(FixNormError, match=r"model\(\*\*example_inputs\)"):
+        analyze(model, {"input_ids": "not a tensor"})
+
+
 def test_weight_used_twice_is_invariant_only_if_every_use_is():
     # tied embedding: normalised at the input, used raw as the output layer
     tokens = torch.randint(0, 11, (3, 6))

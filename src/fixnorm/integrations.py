@@ -12,7 +12,7 @@ Lightning and the Hugging Face Trainer need no helper: see docs/integrations.md.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -27,7 +27,7 @@ _FACTORY_DEFAULTS = ("momentum", "nesterov")
 
 
 def timm_optimizer(params: Iterable[Any], *, model: nn.Module | None = None,
-                   example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
+                   example_inputs: torch.Tensor | Sequence[torch.Tensor] | Mapping[str, Any] | None = None,
                    base: type[torch.optim.Optimizer] = torch.optim.SGD, weight_decay: float = 0.0,
                    **kwargs: Any) -> FixNorm:
     """FixNorm from the call timm's factory makes: ``opt_class(param_groups, **opt_args)``.

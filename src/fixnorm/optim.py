@@ -157,7 +157,8 @@ class FixNorm(torch.optim.Optimizer):
 
     Args:
         model: the model whose parameters are optimised.
-        example_inputs: a tensor or tuple for ``model(*example_inputs)``, used by
+        example_inputs: a tensor or tuple for ``model(*example_inputs)``, or a mapping for
+            ``model(**example_inputs)`` (a Hugging Face batch), used by
             :func:`fixnorm.analyze` to find the roles; not needed when ``roles`` is given.
         base: the optimizer class that computes the step (SGD, Adam, RMSprop, ...).
         fc_norm: norm of the classifier weight, held from the first step; None takes its norm at
@@ -280,7 +281,7 @@ class FixNorm(torch.optim.Optimizer):
     def __init__(
         self,
         model: nn.Module,
-        example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        example_inputs: torch.Tensor | Sequence[torch.Tensor] | Mapping[str, Any] | None = None,
         base: type[torch.optim.Optimizer] = torch.optim.SGD,
         fc_norm: float | None = None,
         *,

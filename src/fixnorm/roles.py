@@ -123,14 +123,15 @@ class Roles:
 
 def analyze(
     model: nn.Module,
-    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    example_inputs: torch.Tensor | Sequence[torch.Tensor] | Mapping[str, Any],
     *,
     overrides: Mapping[str, str] | None = None,
     rtol: float = 1e-4,
     seed: int = 0,
     joint: bool = False,
 ) -> Roles:
-    """Measure the role of every parameter of ``model`` on ``model(*example_inputs)``.
+    """Measure the role of every parameter of ``model`` on ``model(*example_inputs)``, or on
+    ``model(**example_inputs)`` for a mapping (a Hugging Face batch: ``input_ids``, ``attention_mask``, ...).
 
     ``overrides`` maps a glob pattern over parameter names (``"head.*"``) to a role
     (``"filter"``, ``"tensor"``, ``"classifier"`` or ``"other"``) and wins over the
@@ -148,7 +149,7 @@ def analyze(
     """
     if not isinstance(model, nn.Module):
         raise FixNormError(f"analyze() needs an nn.Module, got {type(model).__name__}")
-    inputs = _as_input_tuple(example_inputs)
+    inputs = ExampleInputs.of(example_inputs)
     target = unwrap(model)
     named = dict(target.named_parameters())
     if not named:
@@ -159,7 +160,7 @@ def analyze(
             raise FixNormError(f"unknown role {role!r} for override {pattern!r}; choose one of {ROLES}")
 
     work = _analysis_copy(target, torch.float64)
-    inputs64 = tuple(x.double() if x.is_floating_point() else x for x in inputs)
+    inputs64 = inputs.to_float64()
     note = ""
     try:
         probe = _Probe(work, inputs64, seed)
@@ -373,14 +374,40 @@ def apply_overrides(roles: Roles, overrides: Mapping[str, str]) -> Roles:
     return roles
 
 
-def _as_input_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)) and example_inputs and all(
-            isinstance(x, torch.Tensor) for x in example_inputs):
-        return tuple(example_inputs)
-    raise FixNormError("example_inputs must be a tensor or a non-empty tuple of tensors passed as "
-                       f"model(*example_inputs); got {type(example_inputs).__name__}")
+@dataclass(frozen=True)
+class ExampleInputs:
+    """A batch the model is called on: ``model(*args, **kwargs)``."""
+
+    args: tuple[torch.Tensor, ...]
+    kwargs: dict[str, Any]
+
+    @staticmethod
+    def of(example_inputs: Any) -> ExampleInputs:
+        """A tensor, a non-empty tuple or list of tensors (positional), or a mapping of keyword inputs."""
+        if isinstance(example_inputs, torch.Tensor):
+            return ExampleInputs((example_inputs,), {})
+        if isinstance(example_inputs, (tuple, list)) and example_inputs and all(
+                isinstance(x, torch.Tensor) for x in example_inputs):
+            return ExampleInputs(tuple(example_inputs), {})
+        if isinstance(example_inputs, Mapping) and any(isinstance(v, torch.Tensor) for v in example_inputs.values()):
+            if not all(isinstance(k, str) for k in example_inputs):
+                raise FixNormError("example_inputs as a mapping must have string keys (forward's argument names)")
+            return ExampleInputs((), dict(example_inputs))
+        raise FixNormError("example_inputs must be a tensor or a non-empty tuple of tensors passed as "
+                           "model(*example_inputs), or a mapping with at least one tensor passed as "
+                           f"model(**example_inputs); got {type(example_inputs).__name__}")
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.args, *(v for v in self.kwargs.values() if isinstance(v, torch.Tensor))]
+
+    def to_float64(self) -> ExampleInputs:
+        """Floating-point tensors in float64; integer ones (token ids, masks) and non-tensors as they are."""
+        def wide(x: Any) -> Any:
+            return x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+        return ExampleInputs(tuple(wide(x) for x in self.args), {k: wide(v) for k, v in self.kwargs.items()})
+
+    def call(self, model: nn.Module) -> Any:
+        return model(*self.args, **self.kwargs)
 
 
 def _analysis_copy(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
@@ -412,10 +439,10 @@ def _flatten_outputs(out: Any) -> list[torch.Tensor]:
 class _Probe:
     """Runs the float64 copy with identical randomness and buffers on every call."""
 
-    def __init__(self, model: nn.Module, inputs: tuple[torch.Tensor, ...], seed: int, keep_float64: bool = False):
+    def __init__(self, model: nn.Module, inputs: ExampleInputs, seed: int, keep_float64: bool = False):
         self.model, self.inputs, self.seed, self.keep_float64 = model, inputs, seed, keep_float64
         self.buffers = {n: b.clone() for n, b in model.named_buffers()}
-        self.devices = sorted({x.device.index for x in inputs if x.device.type == "cuda"})
+        self.devices = sorted({x.device.index for x in inputs.tensors() if x.device.type == "cuda"})
         with torch.no_grad():
             self.perturb()
             self.reference = self.forward_vector()
@@ -445,7 +472,7 @@ class _Probe:
             torch.manual_seed(self.seed)
             try:
                 with _KeepFloat64() if self.keep_float64 else contextlib.nullcontext():
-                    return self.model(*self.inputs)
+                    return self.inputs.call(self.model)
             except Exception as exc:  # noqa: BLE001 - report the user's model error with context
                 raise FixNormError(f"model(*example_inputs) failed during analysis: {exc}") from exc
 

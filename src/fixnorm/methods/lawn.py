@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +40,7 @@ class LAWN:
     Args:
         model: the model the optimizer trains (for parameter names and the analysis).
         optimizer: any torch optimizer, ``fixnorm.FixNorm`` included, that owns the parameters.
-        example_inputs: a batch for ``model(*example_inputs)``; needed only to find the final
+        example_inputs: a batch for ``model(*example_inputs)`` (a mapping: ``model(**example_inputs)``); needed only to find the final
             homogeneous sub-network when neither ``roles`` nor a list of names is given.
         warmup_steps: optimizer steps of free training. The norms are recorded right after step
             ``warmup_steps`` (0: at construction) and restored after every later step. ``None``
@@ -66,7 +66,7 @@ class LAWN:
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        example_inputs: torch.Tensor | Sequence[torch.Tensor] | Mapping[str, Any] | None = None,
         *,
         warmup_steps: int | None,
         params: str | Sequence[str] | None = None,
