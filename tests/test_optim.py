@@ -327,6 +327,40 @@ def test_nan_gradient_is_a_clear_error_naming_the_parameter(name):
         opt.step()
 
 
+class SparseBag(nn.Module):
+    """Embedding rows normalised by a LayerNorm (scale-invariant row by row), trained with sparse gradients."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.ln, self.out = nn.Embedding(20, 8, sparse=True), nn.LayerNorm(8), nn.Linear(8, 4)
+
+    def forward(self, tokens):
+        return self.out(self.ln(self.emb(tokens)).mean(1))
+
+
+@pytest.mark.parametrize("nonfinite", ["raise", "skip"])
+def test_sparse_gradient_of_a_held_weight_is_refused_before_the_step(nonfinite):
+    model, tokens, labels = SparseBag(), torch.randint(0, 20, (8, 5)), torch.randint(0, 4, (8,))
+    roles = fixnorm.analyze(model, tokens)  # the analysis itself takes dense gradients
+    assert roles.role("emb.weight") == "filter"
+    opt = FixNorm(model, tokens, lr=0.1, nonfinite=nonfinite)
+    F.cross_entropy(model(tokens), labels).backward()
+    before = model.emb.weight.detach().clone()
+    with pytest.raises(FixNormError, match=r"\['emb.weight'\] got a sparse gradient.*sparse=False"):
+        opt.step()
+    assert torch.equal(model.emb.weight, before)  # refused before the base optimizer moved anything
+    # the way out the message names: the layer left to the base optimizer, which takes sparse gradients
+    with pytest.warns(UserWarning, match="controls no norm"):
+        opt = FixNorm(model, roles=fixnorm.analyze(model, tokens, overrides={"emb.weight": "other"}), lr=0.1,
+                      nonfinite=nonfinite)
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(model(tokens), labels).backward()
+        opt.step()
+    assert not torch.equal(model.emb.weight, before)
+
+
 def test_skip_mode_counts_and_never_makes_a_nan_weight():
     model = small_net()
     x, y = batches(1)[0]

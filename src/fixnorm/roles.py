@@ -421,6 +421,8 @@ def _analysis_copy(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
         eps = getattr(module, "eps", None)
         if isinstance(eps, float) and eps > 0:
             module.eps = min(eps, 1e-12)
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+            module.sparse = False  # the same output; the analysis reshapes gradients, which sparse ones refuse
     for p in work.parameters():
         p.requires_grad_(p.is_floating_point())
     return work

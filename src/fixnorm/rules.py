@@ -973,7 +973,8 @@ class Attachment:
         for rule in rules:
             self.add_rule(rule)
         self._stashed: dict[int, dict[str, Any]] | None = None
-        self._handles = [optimizer.register_step_post_hook(self._after_step)]
+        self._handles = [optimizer.register_step_pre_hook(self._refuse_sparse_gradients),
+                         optimizer.register_step_post_hook(self._after_step)]
         if any(rule.stateful for rule in rules):  # stateless rules (centring) add nothing to checkpoints
             self._handles += [optimizer.register_state_dict_post_hook(self._pack),
                               optimizer.register_load_state_dict_pre_hook(self._unpack),
@@ -992,6 +993,16 @@ class Attachment:
         self.rules.append(rule)
 
     # -- the step -------------------------------------------------------------------------------
+    def _refuse_sparse_gradients(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """Before the step: the rules measure gradients and weights densely, which a sparse gradient refuses."""
+        sparse = [p for rule in self.rules for p in rule.params if p.grad is not None and p.grad.is_sparse]
+        if sparse:
+            names = [self.flags.names.get(p, str(tuple(p.shape))) for p in sparse]
+            raise FixNormError(f"parameter(s) {names[:6]} got a sparse gradient (nn.Embedding or EmbeddingBag with "
+                               "sparse=True); the norm rules need dense ones. Build the layer with sparse=False, "
+                               "or leave it to the base optimizer: FixNorm(..., roles=fixnorm.analyze(model, "
+                               f"example, overrides={{{names[0]!r}: 'other'}}))")
+
     @torch.no_grad()
     def _zero_bad_gradients(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """"skip": a non-finite gradient of a ruled parameter is zeroed before the step, and counted."""
