@@ -308,6 +308,16 @@ def test_bad_constructor_arguments():
         FixNorm(nn.Linear(3, 2), roles=roles, lr=0.1)
 
 
+def test_lazy_module_before_its_first_forward_is_a_clear_error():
+    model = nn.Sequential(nn.LazyConv2d(8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.LazyLinear(4))
+    x = torch.randn(4, 1, 8, 8)
+    with pytest.raises(FixNormError, match=r"\['0.weight', '0.bias', '5.weight', '5.bias'\] are not initialised"):
+        FixNorm(model, x, lr=0.1)
+    model(x)  # the way out the message names
+    assert FixNorm(model, x, lr=0.1).roles.role("0.weight") == "filter"
+
+
 def test_zero_norm_weight_at_construction_is_an_error():
     model = small_net()
     with torch.no_grad():

@@ -26,7 +26,7 @@ from .constraints import (JOINT_POLICIES, Plan, build_plan, filter_norms, fix_fi
                           initial_targets, rotate_by_angle_, shorten_step_, tensor_norms_fp32)
 from .checks import warn_if_base_normalizes, warn_if_mostly_free
 from .errors import FixNormError, NonFiniteError
-from .roles import Roles, analyze
+from .roles import Roles, analyze, refuse_lazy_parameters
 from .rules import DRIFT_SIGNALS, NONFINITE_POLICIES, Attachment, HoldJointNorms, HoldNorms, equilibrium_constant_of
 
 # Steps of free training before "initial" targets are taken: training, not the initialisation, picks each
@@ -393,6 +393,7 @@ class FixNorm(torch.optim.Optimizer):
                 f"weight_decay={base_kwargs['weight_decay']} would act on the constrained weights, where the "
                 "projection undoes it: FixNorm replaces weight decay. Drop it, or use others='decay', "
                 "others_weight_decay=... to decay only the unconstrained parameters")
+        refuse_lazy_parameters(dict(model.named_parameters()))
         if roles is None:
             if example_inputs is None:
                 raise FixNormError("FixNorm needs example_inputs (a batch for model(*example_inputs)) to find "

@@ -154,6 +154,7 @@ def analyze(
     named = dict(target.named_parameters())
     if not named:
         raise FixNormError("the model has no parameters to analyse")
+    refuse_lazy_parameters(named)
     overrides = dict(overrides or {})
     for pattern, role in overrides.items():
         if role not in ROLES:
@@ -372,6 +373,14 @@ def apply_overrides(roles: Roles, overrides: Mapping[str, str]) -> Roles:
         # a group is jointly invariant only as a whole: an override on any member leaves the rest alone
         roles.joint = [group for group in roles.joint if not set(group) & set(matched)]
     return roles
+
+
+def refuse_lazy_parameters(named: Mapping[str, torch.Tensor]) -> None:
+    """A lazy module's parameters have no shape or values until its first forward: nothing to measure or hold."""
+    lazy = [n for n, p in named.items() if isinstance(p, nn.parameter.UninitializedParameter)]
+    if lazy:
+        raise FixNormError(f"parameter(s) {lazy[:6]} are not initialised yet (a Lazy module): run the model once "
+                           "on a batch, model(example), before building the optimizer")
 
 
 @dataclass(frozen=True)
