@@ -40,8 +40,9 @@ class LAWN:
     Args:
         model: the model the optimizer trains (for parameter names and the analysis).
         optimizer: any torch optimizer, ``fixnorm.FixNorm`` included, that owns the parameters.
-        example_inputs: a batch for ``model(*example_inputs)`` (a mapping: ``model(**example_inputs)``); needed only to find the final
-            homogeneous sub-network when neither ``roles`` nor a list of names is given.
+        example_inputs: a batch for ``model(*example_inputs)`` (a mapping: ``model(**example_inputs)``);
+            needed only to find the final homogeneous sub-network when neither ``roles`` nor a list of names
+            is given.
         warmup_steps: optimizer steps of free training. The norms are recorded right after step
             ``warmup_steps`` (0: at construction) and restored after every later step. ``None``
             defers it: set ``lawn.warmup_steps`` before the first step (the engine does, once it
