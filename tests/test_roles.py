@@ -255,6 +255,8 @@ def test_keyword_inputs_as_a_mapping():
     assert (model.emb.weight.detach() - before).abs().max() > 1e-3  # and trained
     with pytest.raises(FixNormError, match=r"model\(\*\*example_inputs\)"):
         analyze(model, {"input_ids": "not a tensor"})
+    with pytest.raises(FixNormError, match=r"model\(\*\*example_inputs\) failed during analysis"):
+        analyze(model, {"input_ids": tokens})  # no attention_mask: the forward itself fails, named as called
 
 
 def test_weight_used_twice_is_invariant_only_if_every_use_is():

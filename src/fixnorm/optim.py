@@ -393,13 +393,13 @@ class FixNorm(torch.optim.Optimizer):
                 f"weight_decay={base_kwargs['weight_decay']} would act on the constrained weights, where the "
                 "projection undoes it: FixNorm replaces weight decay. Drop it, or use others='decay', "
                 "others_weight_decay=... to decay only the unconstrained parameters")
-        refuse_lazy_parameters(dict(model.named_parameters()))
         if roles is None:
             if example_inputs is None:
                 raise FixNormError("FixNorm needs example_inputs (a batch for model(*example_inputs)) to find "
                                    "the parameter roles, or roles= from fixnorm.analyze()")
             roles = analyze(model, example_inputs, joint=joint == "hold")
         named = dict(model.named_parameters())
+        refuse_lazy_parameters(named)  # roles= skips the analysis, which refuses them too
         if set(roles.shapes) != set(named):
             missing = sorted(set(named) ^ set(roles.shapes))[:5]
             raise FixNormError(f"roles do not match the model's parameters (differ in {missing}); "

@@ -418,6 +418,9 @@ class ExampleInputs:
     def call(self, model: nn.Module) -> Any:
         return model(*self.args, **self.kwargs)
 
+    def call_text(self) -> str:
+        return "model(**example_inputs)" if self.kwargs else "model(*example_inputs)"
+
 
 def _analysis_copy(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
     """A train-mode copy in ``dtype`` (None: as it is) with every norm eps shrunk (invariance is meant as eps -> 0)."""
@@ -485,7 +488,7 @@ class _Probe:
                 with _KeepFloat64() if self.keep_float64 else contextlib.nullcontext():
                     return self.inputs.call(self.model)
             except Exception as exc:  # noqa: BLE001 - report the user's model error with context
-                raise FixNormError(f"model(*example_inputs) failed during analysis: {exc}") from exc
+                raise FixNormError(f"{self.inputs.call_text()} failed during analysis: {exc}") from exc
 
     def forward_vector(self) -> torch.Tensor:
         outs = _flatten_outputs(self.run())

@@ -1006,7 +1006,7 @@ class Attachment:
     @torch.no_grad()
     def _zero_bad_gradients(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """"skip": a non-finite gradient of a ruled parameter is zeroed before the step, and counted."""
-        params = [p for rule in self.rules for p in rule.params if p.grad is not None and not p.grad.is_sparse]
+        params = [p for rule in self.rules for p in rule.params if p.grad is not None]  # sparse: refused already
         for bucket in _bucket_by_layout([p.grad for p in params]):
             grads = [params[i].grad for i in bucket]
             bad = ~torch.isfinite(tensor_norms_fp32(grads))
