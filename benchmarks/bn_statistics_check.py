@@ -63,8 +63,8 @@ def main() -> None:
     rows = []
     for run in args.runs:
         r = check(run, args.images, args.threads)
-        rows.append([run.name, r["epoch"], f"{100 * r['saved_acc']:.2f}", f"{r['saved_loss']:.3f}",
-                     f"{100 * r['fresh_acc']:.2f}", f"{r['fresh_loss']:.3f}", r["images"]])
+        rows.append([f"{run.parent.name}/{run.name}", r["epoch"], f"{100 * r['saved_acc']:.2f}",
+                     f"{r['saved_loss']:.3f}", f"{100 * r['fresh_acc']:.2f}", f"{r['fresh_loss']:.3f}", r["images"]])
         print(rows[-1], flush=True)
     text = _common.markdown_table(["run", "epochs trained", "test acc, saved statistics (%)", "test loss",
                                    "test acc, recomputed statistics (%)", "test loss", "images"], rows)

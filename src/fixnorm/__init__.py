@@ -3,6 +3,7 @@
 The flow: ``analyze(model, example_inputs) -> Roles`` -> ``Plan`` (one norm rule per
 parameter) -> ``FixNorm`` (any torch.optim optimizer, then the plan applied in place).
 """
+from .bn_statistics import recompute_bn_statistics_
 from .constraints import Plan, PlanEntry, build_plan
 from .eman import eman_update_
 from .errors import FixNormError
@@ -13,5 +14,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FixNorm", "FixNormError", "Plan", "PlanEntry", "Roles", "analyze", "apply_overrides", "build_plan",
-    "constrained_parameters", "eman_update_", "from_weight_decay", "steps_through_warmup", "__version__",
+    "constrained_parameters", "eman_update_", "from_weight_decay", "recompute_bn_statistics_", "steps_through_warmup",
+    "__version__",
 ]

@@ -60,6 +60,11 @@ class TrainConfig:
     crop_padding: int = 4
     cutout: int = 0
     eval_flip: bool = False          # test-time flip: evaluate on the mean logits of each image and its mirror
+    # precise BN: before each evaluation, re-estimate every BatchNorm's running statistics in place on this many
+    # stored training images (un-augmented), for every method alike; 0 is off (running statistics as trained).
+    # auto: PRECISE_BN_IMAGES for datasets held in memory, 0 for a streamed ImageFolder tree (decided with the
+    # config, so config.yaml records the number). Why: docs/fixnorm.md, fixnorm/bn_statistics.py
+    precise_bn: int | str = "auto"
     ema_decay: float | None = None
     # with ema_decay: also evaluate the EMA weights with the student's BN buffers and with BN statistics
     # re-estimated on 2,000 training images, each epoch (columns ema/*; train/hooks.py EmaHook, docs/eman.md)
@@ -137,6 +142,13 @@ class TrainConfig:
         if self.ema_bn_check and not self.ema_decay:
             raise FixNormError("ema_bn_check evaluates the EMA model three ways, so it needs one: set ema_decay "
                                "(e.g. 0.999)")
+        if self.precise_bn != "auto" and (isinstance(self.precise_bn, bool) or not isinstance(self.precise_bn, int)
+                                          or self.precise_bn < 0):
+            raise FixNormError(f"precise_bn must be auto or a whole number of training images >= 0 (0: off), got "
+                               f"{self.precise_bn!r}")
+        if self.dataset in STREAMING and self.precise_bn not in ("auto", 0):
+            raise FixNormError(f"precise_bn re-estimates BatchNorm statistics on stored training images; the dataset "
+                               f"{self.dataset!r} is streamed from disk: set precise_bn=0 (or auto)")
         if self.rank_every < 0 or self.curvature_every < 0 or self.curvature_probe < 1:
             raise FixNormError("rank_every and curvature_every are epochs (0: off) and curvature_probe images (>= 1)")
         if any(step < 0 for step in self.save_at_steps):
@@ -161,6 +173,11 @@ class TrainConfig:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+# datasets decoded from disk by DataLoader workers (train/data_source.py), not held as tensors
+STREAMING = ("imagefolder", "imagenet")
+# training images precise_bn=auto re-estimates BatchNorm statistics on (the EMA check's 2,000)
+PRECISE_BN_IMAGES = 2000
 
 # The time-to-94% recipes share everything but the network, its length and the EMA.
 _SPEEDRUN: dict[str, Any] = dict(model="resnet20", dataset="fashion_mnist", epochs=15, batch_size=128, lr=0.1,
@@ -329,13 +346,20 @@ def _with_shortcuts_moved(layer: Mapping[str, Any]) -> dict[str, Any]:
     return moved
 
 
+# Top-level settings a saved run may predate, with the value it ran under.
+TOP_LEVEL_SETTINGS_BEFORE_THEY_EXISTED: dict[str, Any] = {
+    "precise_bn": 0,  # before precise BN, every evaluation used the running statistics as trained
+}
+
+
 def saved_config(saved: Mapping[str, Any]) -> TrainConfig:
     """The TrainConfig of a saved run (its checkpoint or config.yaml), keys it predates filled as it trained."""
     saved = _with_shortcuts_moved(saved)
     kwargs = saved.get("method_kwargs") or {}
     filled = {method: {k: v for k, v in before.items() if k not in (kwargs.get(method) or {})}
               for method, before in SETTINGS_BEFORE_THEY_EXISTED.items() if saved.get("method") == method}
-    return make_config({"method_kwargs": {m: f for m, f in filled.items() if f}}, saved)
+    earlier = {k: v for k, v in TOP_LEVEL_SETTINGS_BEFORE_THEY_EXISTED.items() if k not in saved}
+    return make_config({"method_kwargs": {m: f for m, f in filled.items() if f}}, earlier, saved)
 
 
 # Settings that change how a run is executed or observed, not the weights it trains: a finished or interrupted run
@@ -375,7 +399,21 @@ def make_config(*layers: Mapping[str, Any]) -> TrainConfig:
     for key, value in list(merged.items()):
         merged[key] = _coerce(key, value)
     cfg = TrainConfig(**merged).validate()
-    return dataclasses.replace(cfg, precision=decided_precision(cfg.precision, cfg.device))
+    return decided(cfg)
+
+
+def decided(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with every ``auto`` that the machine or the dataset decides made concrete (precision, precise_bn)."""
+    return dataclasses.replace(cfg, precision=decided_precision(cfg.precision, cfg.device),
+                               precise_bn=decided_precise_bn(cfg.precise_bn, cfg.dataset))
+
+
+def decided_precise_bn(precise_bn: int | str, dataset: str) -> int:
+    """The images BatchNorm statistics are re-estimated on before an evaluation: ``auto`` is PRECISE_BN_IMAGES for a
+    dataset held in memory and 0 (off) for a streamed one."""
+    if precise_bn != "auto":
+        return int(precise_bn)
+    return 0 if dataset in STREAMING else PRECISE_BN_IMAGES
 
 
 def decided_precision(precision: str, device: str = "auto") -> str:

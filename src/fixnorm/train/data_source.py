@@ -13,12 +13,11 @@ import torch
 
 from ..data import DatasetInfo, cutout, imagefolder_loader, load_dataset, random_crop_flip
 from ..errors import FixNormError
-from .config import TrainConfig
+from .config import STREAMING, TrainConfig
 from .distributed import DistInfo
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-STREAMING = ("imagefolder", "imagenet")
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 

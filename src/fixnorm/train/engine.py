@@ -26,6 +26,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
+from ..bn_statistics import recompute_bn_statistics_
 from ..data import normalize
 from ..errors import FixNormError, NonFiniteError
 from ..hooks import TrainStep
@@ -34,7 +35,8 @@ from ..models import create_model
 from ..run_folder import RunFolder
 from .checkpoint import (load_checkpoint, remove_stale_temp_files, save_checkpoint, write_json_atomic,
                          write_text_atomic)
-from .config import TrainConfig, decided_precision, native_precision, saved_config, settings_that_differ
+from .config import (TrainConfig, decided_precise_bn, decided_precision, native_precision, saved_config,
+                     settings_that_differ)
 from .data_source import make_data
 from .distributed import DistInfo, all_reduce_sum, broadcast_buffers, init_distributed, shutdown
 from .hooks import EmaHook, Hook
@@ -89,7 +91,8 @@ class Trainer:
         cfg = with_method_settings(cfg)  # the method's settings in full: config.yaml says how the run trained
         kind = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
         # a TrainConfig built by hand may still say auto: make_config would have decided it already
-        cfg = dataclasses.replace(cfg, precision=decided_precision(cfg.precision, kind))
+        cfg = dataclasses.replace(cfg, precision=decided_precision(cfg.precision, kind),
+                                  precise_bn=decided_precise_bn(cfg.precise_bn, cfg.dataset))
         self.cfg, self.on_step, self.on_epoch = cfg, on_step, on_epoch
         if kind == "cuda" and not torch.cuda.is_available():
             raise FixNormError("device 'cuda' was asked for but torch sees no GPU")
@@ -222,6 +225,8 @@ class Trainer:
                     raise NonFiniteError(f"training diverged in epoch {epoch + 1}: the mean training loss is "
                                          f"{record['train_loss']}; the run folder keeps the state before this epoch. "
                                          "Lower the learning rate (or clip gradients, grad_clip=...)")
+                if self.cfg.precise_bn:
+                    self.recompute_bn_statistics()
                 record["test_loss"], record["test_acc"] = self.evaluate(self.model)
                 for hook in self.hooks:
                     hook.on_epoch_end(self, record)
@@ -282,6 +287,23 @@ class Trainer:
             return self.train_step.loss(self, x, y)
         logits = self.forward_model(x)
         return F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.label_smoothing), logits
+
+    def recompute_bn_statistics(self) -> None:
+        """Precise BN: the model's BatchNorm statistics re-estimated in place on the first ``precise_bn`` stored
+        training images, prepared as a batch is (un-augmented), in batches of the run's size, under its autocast.
+
+        Between the epoch and its evaluation, so that the evaluation, best.pt and last.pt all hold statistics of the
+        weights as they are; training is unaffected (train-mode BatchNorm normalises with the batch's statistics).
+        Every rank computes the same estimate from the same stored images; rank 0's is broadcast all the same.
+        """
+        stored = self.probe_images(self.cfg.precise_bn)
+        if stored is None:  # the config refuses precise_bn on a streamed dataset; a hand-built data source may not
+            raise FixNormError(f"precise_bn={self.cfg.precise_bn} needs stored training images; the dataset "
+                               f"{self.cfg.dataset!r} is streamed: set precise_bn=0")
+        x, batch = stored[0], self.cfg.batch_size
+        recompute_bn_statistics_(self.model, (self.prepare_batch(x[i:i + batch]) for i in range(0, len(x), batch)),
+                                 autocast=self.autocast)
+        broadcast_buffers(self.model, self.dist)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> tuple[float, float]:

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..bn_statistics import recompute_bn_statistics_
 from ..errors import FixNormError
 from ..hooks import Hook, RunState
 
@@ -93,28 +93,11 @@ def recomputed_on_training_images(run: RunState, model: nn.Module, count: int = 
     return with_recomputed_bn(model, batches, autocast=run.autocast)
 
 
-@torch.no_grad()
 def with_recomputed_bn(model: nn.Module, batches: Iterable[torch.Tensor], *,
                        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
                        ) -> nn.Module:
-    """A copy of ``model`` whose BatchNorm running statistics are re-estimated on ``batches``; ``model`` untouched.
-
-    Each BatchNorm with running statistics is reset and switched to cumulative averaging (``momentum=None``: the
-    running mean is the mean of the batch means, the variance the mean of the unbiased batch variances, every batch
-    weighted alike), and only the BatchNorms run in train mode: dropout and the rest stay in eval mode, so the
-    forwards draw no random numbers. The copy is returned in eval mode with the original momenta.
-    """
+    """A copy of ``model`` in eval mode whose BatchNorm statistics are re-estimated on ``batches``
+    (:func:`fixnorm.bn_statistics.recompute_bn_statistics_`); ``model`` untouched."""
     copied = copy.deepcopy(model).eval()
-    norms = [m for m in copied.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-        m.train()
-    for x in batches:
-        with autocast():
-            copied(x)
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
-        m.eval()
+    recompute_bn_statistics_(copied, batches, autocast=autocast)
     return copied

@@ -27,12 +27,16 @@ class _Unset:
 
 def _as_trained(settings: Mapping[str, Any] | None) -> dict[str, Any]:
     """The settings as this machine trains them: precision auto is decided here (bf16 where native, else fp32),
-    so that a worker on a machine without native bf16 cannot join a study whose trials trained in bf16."""
-    from ..train.config import decided_precision  # late: the tuner does not need the engine to import
+    so that a worker on a machine without native bf16 cannot join a study whose trials trained in bf16; and the
+    images precise BN uses, always, so that a study whose trials were evaluated otherwise (before precise BN: its
+    identity lacks the key) is not joined by trials evaluated with it."""
+    from ..train.config import TrainConfig, decided_precise_bn, decided_precision  # late: no engine import needed
 
     out = dict(settings or {})
     if "precision" in out:
         out["precision"] = decided_precision(str(out["precision"]), str(out.get("device", "auto")))
+    out["precise_bn"] = decided_precise_bn(out.get("precise_bn", TrainConfig.precise_bn),
+                                           str(out.get("dataset", TrainConfig.dataset)))
     return out
 
 def _identity_changes(stored: Mapping[str, Any], now: Mapping[str, Any], limit: int = 6) -> str:
