@@ -144,3 +144,16 @@ def test_a_resumed_run_with_precise_bn_matches_one_that_never_stopped_bit_for_bi
 def test_a_hand_built_config_saying_auto_is_decided_by_the_trainer(tmp_path):
     by_hand = dataclasses.replace(make_config(TINY), precise_bn="auto")
     assert Trainer(by_hand, tmp_path / "run").cfg.precise_bn == PRECISE_BN_IMAGES
+
+
+@needs_fmnist
+def test_the_images_come_in_the_runs_batches_and_a_last_batch_of_one_joins_the_one_before(tmp_path):
+    from fixnorm.train.hooks import training_image_batches
+
+    trainer = Trainer(make_config(TINY), tmp_path / "run")
+    assert trainer.cfg.batch_size == 100
+    assert [len(b) for b in training_image_batches(trainer, 250)] == [100, 100, 50]
+    batches = list(training_image_batches(trainer, 201))  # BatchNorm1d cannot normalise a batch of one
+    assert [len(b) for b in batches] == [100, 101]
+    expected = trainer.prepare_batch(trainer.data.train_x[:201])
+    assert torch.equal(torch.cat(batches), expected)  # the first stored images, un-augmented, prepared

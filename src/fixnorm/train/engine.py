@@ -39,7 +39,7 @@ from .config import (TrainConfig, decided_precise_bn, decided_precision, native_
                      settings_that_differ)
 from .data_source import make_data
 from .distributed import DistInfo, all_reduce_sum, broadcast_buffers, init_distributed, shutdown
-from .hooks import EmaHook, Hook
+from .hooks import EmaHook, Hook, training_image_batches
 from .masks import apply_masks_, attach_masks, checked_masks, load_masks
 from .unified_blocks import attach_unified, checked_layers, load_unify_file, project_layers_
 
@@ -294,15 +294,10 @@ class Trainer:
 
         Between the epoch and its evaluation, so that the evaluation, best.pt and last.pt all hold statistics of the
         weights as they are; training is unaffected (train-mode BatchNorm normalises with the batch's statistics).
-        Every rank computes the same estimate from the same stored images; rank 0's is broadcast all the same.
+        Every rank computes the same estimate from the same stored images; rank 0's is broadcast all the same. The
+        config refuses it on a streamed dataset, where there are no stored images.
         """
-        stored = self.probe_images(self.cfg.precise_bn)
-        if stored is None:  # the config refuses precise_bn on a streamed dataset; a hand-built data source may not
-            raise FixNormError(f"precise_bn={self.cfg.precise_bn} needs stored training images; the dataset "
-                               f"{self.cfg.dataset!r} is streamed: set precise_bn=0")
-        x, batch = stored[0], self.cfg.batch_size
-        recompute_bn_statistics_(self.model, (self.prepare_batch(x[i:i + batch]) for i in range(0, len(x), batch)),
-                                 autocast=self.autocast)
+        recompute_bn_statistics_(self.model, training_image_batches(self, self.cfg.precise_bn), autocast=self.autocast)
         broadcast_buffers(self.model, self.dist)
 
     @torch.no_grad()

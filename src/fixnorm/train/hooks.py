@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -16,8 +16,8 @@ from ..hooks import Hook, RunState
 if TYPE_CHECKING:
     from .engine import Trainer
 
-__all__ = ["BN_CHECK_IMAGES", "EmaHook", "Hook", "recomputed_on_training_images", "with_recomputed_bn",
-           "with_student_buffers"]
+__all__ = ["BN_CHECK_IMAGES", "EmaHook", "Hook", "recomputed_on_training_images", "training_image_batches",
+           "with_recomputed_bn", "with_student_buffers"]
 
 # training images whose BatchNorm statistics the EMA model is re-estimated on (the issue's 2,000)
 BN_CHECK_IMAGES = 2000
@@ -78,19 +78,26 @@ def with_student_buffers(model: nn.Module, student: nn.Module) -> nn.Module:
 
 
 def recomputed_on_training_images(run: RunState, model: nn.Module, count: int = BN_CHECK_IMAGES) -> nn.Module:
-    """A copy of ``model`` with BatchNorm statistics re-estimated on the run's first ``count`` stored training images.
+    """A copy of ``model`` with BatchNorm statistics re-estimated on the run's first ``count`` stored training images
+    (:func:`training_image_batches`). What the EMA hook's ``ema_bn_check`` and ``benchmarks/bn_statistics_check.py``
+    both evaluate; raises on a streamed dataset (no stored images)."""
+    return with_recomputed_bn(model, training_image_batches(run, count), autocast=run.autocast)
 
-    The images are prepared as the run prepares a batch (normalisation, channels_last), un-augmented, in batches of
-    the run's batch size, under the run's autocast. What the EMA hook's ``ema_bn_check`` and
-    ``benchmarks/bn_statistics_check.py`` both evaluate; raises on a streamed dataset (no stored images).
-    """
+
+def training_image_batches(run: RunState, count: int) -> Iterator[torch.Tensor]:
+    """The run's first ``count`` stored training images, prepared as the run prepares a batch (normalisation,
+    channels_last), un-augmented, in batches of the run's batch size; a last batch of one image joins the one before
+    (BatchNorm cannot take the statistics of a single value). Raises on a streamed dataset (no stored images)."""
     stored = run.probe_images(count)
     if stored is None:
         raise FixNormError(f"re-estimating BatchNorm statistics needs stored training images; the dataset "
-                           f"{run.cfg.dataset!r} is streamed")
+                           f"{run.cfg.dataset!r} is streamed: set precise_bn=0 (and ema_bn_check=false)")
     x, batch = stored[0], run.cfg.batch_size
-    batches = (run.prepare_batch(x[i:i + batch]) for i in range(0, len(x), batch))
-    return with_recomputed_bn(model, batches, autocast=run.autocast)
+    starts = list(range(0, len(x), batch))
+    if len(starts) > 1 and len(x) - starts[-1] == 1:
+        starts.pop()
+    ends = starts[1:] + [len(x)]
+    return (run.prepare_batch(x[a:b]) for a, b in zip(starts, ends))
 
 
 def with_recomputed_bn(model: nn.Module, batches: Iterable[torch.Tensor], *,
