@@ -122,3 +122,39 @@ def test_lightning_trains_saves_and_resumes_fixnorm_exactly(tmp_path, precision,
     # classifier that is already at fc_norm exactly as it is
     for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
         assert torch.equal(a, b), name
+
+
+def test_the_precise_bn_callback_of_the_docs_re_estimates_statistics_before_each_validation(tmp_path):
+    """docs/integrations.md's PreciseBN callback, as written there, in a real Trainer with a validation loader."""
+    import re
+    from pathlib import Path
+
+    from torch.optim.swa_utils import update_bn
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "integrations.md").read_text()
+    code = re.search(r"<!-- example: lightning-precise-bn -->\n```python\n(.*?)```", text, re.S).group(1)
+    namespace = {}
+    exec(code.split("\nL.Trainer(")[0], namespace)  # the class; the last line trains the docs' placeholders
+
+    class Seen(L.Callback):  # what the validation ran with, right after the callback (it comes after in the list)
+        def on_validation_epoch_start(self, trainer, module):
+            if not trainer.sanity_checking:
+                self.buffers = {n: b.clone() for n, b in module.named_buffers()}
+                self.weights = {n: p.detach().clone() for n, p in module.named_parameters()}
+
+    class Validated(Classifier):
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            self.log("val_loss", F.cross_entropy(self(x), y))
+
+    seen = Seen()
+    module = Validated()
+    trainer(tmp_path, 1, "32-true", callbacks=[namespace["PreciseBN"](images=40), seen]).fit(
+        module, loader(), loader())
+    hand = copy.deepcopy(module.net)
+    x = torch.cat([b[0] for b in loader()])[:40]
+    update_bn([x[:16], x[16:32], x[32:40]], hand)  # the first 40 training images in the loader's batches
+    for name, value in hand.named_buffers():
+        torch.testing.assert_close(seen.buffers[f"net.{name}"], value, rtol=1e-5, atol=1e-6, msg=name)
+    for name, value in module.named_parameters():  # the weights are the trained ones, untouched by it
+        assert torch.equal(seen.weights[name], value.detach()), name
