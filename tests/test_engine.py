@@ -306,6 +306,7 @@ def test_compare_runs_methods_and_seeds_and_reuses_finished_runs(tmp_path):
     table = (tmp_path / "cmp" / "compare.md").read_text()
     assert "| sgd | 2 |" in table and "| fixnorm | 2 |" in table
     assert f"precision=auto ({native_precision('auto')})" in table  # what this machine trained in
+    assert "precise_bn=auto (2000 images)" in table  # and how it evaluated
     assert len(json.loads((tmp_path / "cmp" / "compare.json").read_text())["runs"]) == 4
     before = (tmp_path / "cmp" / "sgd-s0" / "last.pt").stat().st_mtime_ns
     run_comparison(settings, ["sgd", "fixnorm"], [0, 1], tmp_path / "cmp")
