@@ -165,10 +165,13 @@ def _unify_once(path: Path, weights: Mapping[str, torch.Tensor], how: Mapping[st
 
 def start_accuracy(cfg: TrainConfig) -> float:
     """The test accuracy of the weights a run starts from (``init_from``, projected by ``unify_from``), before any
-    step: the engine builds the run in a scratch folder and evaluates it as it evaluates every epoch."""
+    step: the engine builds the run in a scratch folder and evaluates it as it evaluates every epoch (with precise BN,
+    statistics re-estimated for the projected weights first)."""
     with tempfile.TemporaryDirectory() as scratch:
         trainer = Trainer(cfg, Path(scratch) / "start")
         try:
+            if trainer.cfg.precise_bn:
+                trainer.recompute_bn_statistics()
             return trainer.evaluate(trainer.model)[1]
         finally:
             if trainer.tensorboard is not None:
