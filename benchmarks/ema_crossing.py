@@ -11,7 +11,9 @@ either model) with their standard errors and 95% t-intervals::
 
     python benchmarks/ema_crossing.py runs/spEma sgd fixnorm --seeds 0-3 --thresholds 93.75 94.0 --window 16 22
 
-A run that never reaches a threshold counts as crossing one epoch after its last (stated in the table).
+A run that never reaches a threshold counts as crossing one epoch after its last (stated in the table). Runs trained
+with ``ema_bn_check=true`` also give ``EMA-rebn``: the EMA weights with BatchNorm statistics re-estimated on 2,000
+training images (column ``ema/test_acc_recomputed_bn``), and its paired difference to the EMA's own buffers.
 """
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ from fixnorm.errors import FixNormError  # noqa: E402
 from fixnorm.report import read_run  # noqa: E402
 
 MODELS = {"trained": "test_acc", "EMA": "ema_test_acc"}
+# with ema_bn_check: the EMA weights with BatchNorm statistics re-estimated on training images (train/hooks.py)
+RECOMPUTED = ("EMA-rebn", "ema/test_acc_recomputed_bn")
 
 
 def accuracies_by_model(path: Path) -> dict[str, list[float]]:
@@ -39,7 +43,10 @@ def accuracies_by_model(path: Path) -> dict[str, list[float]]:
         raise FixNormError(f"{path}/metrics.csv has no ema_test_acc column: train the run with --set ema_decay=...")
     if [r["epoch"] for r in run.rows] != list(range(1, len(run.rows) + 1)):
         raise FixNormError(f"{path}/metrics.csv does not hold epochs 1..{len(run.rows)} once each")
-    return {model: [100 * r[column] for r in run.rows] for model, column in MODELS.items()}
+    models = dict(MODELS)
+    if not all(math.isnan(r.get(RECOMPUTED[1], math.nan)) for r in run.rows):
+        models[RECOMPUTED[0]] = RECOMPUTED[1]
+    return {model: [100 * r[column] for r in run.rows] for model, column in models.items()}
 
 
 def first_epoch(accs: list[float], threshold: float) -> int:
@@ -107,6 +114,11 @@ def main(argv: list[str] | None = None) -> None:
             twin = "trained: " + key[len("EMA: "):]
             d = [seeds[s][key] - seeds[s][twin] for s in sorted(seeds)]
             diff_rows.append([arm, "EMA − trained", key[len("EMA: "):], _fmt(paired_stats(d))])
+        for key in keys:  # re-estimated statistics against the EMA's own buffers, same weights
+            if key.startswith(f"{RECOMPUTED[0]}: "):
+                twin = "EMA: " + key[len(RECOMPUTED[0]) + 2:]
+                d = [seeds[s][key] - seeds[s][twin] for s in sorted(seeds)]
+                diff_rows.append([arm, f"{RECOMPUTED[0]} − EMA", key[len(RECOMPUTED[0]) + 2:], _fmt(paired_stats(d))])
     ref = args.arms[0]
     for arm in args.arms[1:]:  # each arm against the reference, model by model, on the same seeds
         for key in keys:
