@@ -6,7 +6,7 @@ only), one training step on a batch of the recipe's size (forward, backward, opt
 evaluation. The cost per epoch is the re-estimate over ``steps_per_epoch`` training steps; the engine pays it once
 an epoch, before the evaluation.
 
-    python benchmarks/precise_bn_cost.py [--recipes fmnist-resnet20 fmnist-speedrun-fast] [--rounds 5]
+    python benchmarks/precise_bn_cost.py [--recipes fmnist-resnet20 fmnist-speedrun-fast fmnist-tune] [--rounds 5]
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def measure(recipe: str, rounds: int, repeat: int, threads: int) -> dict[str, fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipes", nargs="+", default=["fmnist-resnet20", "fmnist-speedrun-fast"])
+    parser.add_argument("--recipes", nargs="+", default=["fmnist-resnet20", "fmnist-speedrun-fast", "fmnist-tune"])
     add_timing_arguments(parser, rounds=5, repeat=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
