@@ -12,6 +12,7 @@ from torch import nn
 from ..bn_statistics import recompute_bn_statistics_
 from ..errors import FixNormError
 from ..hooks import Hook, RunState
+from .config import PRECISE_BN_IMAGES
 
 if TYPE_CHECKING:
     from .engine import Trainer
@@ -19,8 +20,8 @@ if TYPE_CHECKING:
 __all__ = ["BN_CHECK_IMAGES", "EmaHook", "Hook", "recomputed_on_training_images", "training_image_batches",
            "with_recomputed_bn", "with_student_buffers"]
 
-# training images whose BatchNorm statistics the EMA model is re-estimated on (the 2,000)
-BN_CHECK_IMAGES = 2000
+# training images whose BatchNorm statistics the EMA model is re-estimated on (the 2,000): precise BN's
+BN_CHECK_IMAGES = PRECISE_BN_IMAGES
 
 
 class EmaHook(Hook):
