@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import dataclasses
 import io
 import math
 import os
@@ -35,8 +34,7 @@ from ..models import create_model
 from ..run_folder import RunFolder
 from .checkpoint import (load_checkpoint, remove_stale_temp_files, save_checkpoint, write_json_atomic,
                          write_text_atomic)
-from .config import (TrainConfig, decided_precise_bn, decided_precision, native_precision, saved_config,
-                     settings_that_differ)
+from .config import TrainConfig, decided, native_precision, saved_config, settings_that_differ
 from .data_source import make_data
 from .distributed import DistInfo, all_reduce_sum, broadcast_buffers, init_distributed, shutdown
 from .hooks import EmaHook, Hook, training_image_batches
@@ -91,8 +89,7 @@ class Trainer:
         cfg = with_method_settings(cfg)  # the method's settings in full: config.yaml says how the run trained
         kind = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
         # a TrainConfig built by hand may still say auto: make_config would have decided it already
-        cfg = dataclasses.replace(cfg, precision=decided_precision(cfg.precision, kind),
-                                  precise_bn=decided_precise_bn(cfg.precise_bn, cfg.dataset))
+        cfg = decided(cfg)
         self.cfg, self.on_step, self.on_epoch = cfg, on_step, on_epoch
         if kind == "cuda" and not torch.cuda.is_available():
             raise FixNormError("device 'cuda' was asked for but torch sees no GPU")
@@ -225,8 +222,7 @@ class Trainer:
                     raise NonFiniteError(f"training diverged in epoch {epoch + 1}: the mean training loss is "
                                          f"{record['train_loss']}; the run folder keeps the state before this epoch. "
                                          "Lower the learning rate (or clip gradients, grad_clip=...)")
-                if self.cfg.precise_bn:
-                    self.recompute_bn_statistics()
+                self.recompute_bn_statistics()
                 record["test_loss"], record["test_acc"] = self.evaluate(self.model)
                 for hook in self.hooks:
                     hook.on_epoch_end(self, record)
@@ -290,13 +286,16 @@ class Trainer:
 
     def recompute_bn_statistics(self) -> None:
         """Precise BN: the model's BatchNorm statistics re-estimated in place on the first ``precise_bn`` stored
-        training images, prepared as a batch is (un-augmented), in batches of the run's size, under its autocast.
+        training images, prepared as a batch is (un-augmented), in batches of the run's size, under its autocast;
+        nothing with ``precise_bn=0``.
 
         Between the epoch and its evaluation, so that the evaluation, best.pt and last.pt all hold statistics of the
         weights as they are; training is unaffected (train-mode BatchNorm normalises with the batch's statistics).
         Every rank computes the same estimate from the same stored images; rank 0's is broadcast all the same. The
         config refuses it on a streamed dataset, where there are no stored images.
         """
+        if not self.cfg.precise_bn:
+            return
         recompute_bn_statistics_(self.model, training_image_batches(self, self.cfg.precise_bn), autocast=self.autocast)
         broadcast_buffers(self.model, self.dist)
 

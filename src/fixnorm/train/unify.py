@@ -170,8 +170,7 @@ def start_accuracy(cfg: TrainConfig) -> float:
     with tempfile.TemporaryDirectory() as scratch:
         trainer = Trainer(cfg, Path(scratch) / "start")
         try:
-            if trainer.cfg.precise_bn:
-                trainer.recompute_bn_statistics()
+            trainer.recompute_bn_statistics()  # precise BN, when the run has it
             return trainer.evaluate(trainer.model)[1]
         finally:
             if trainer.tensorboard is not None:
