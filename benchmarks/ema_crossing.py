@@ -5,7 +5,8 @@ A run trained with ``ema_decay`` evaluates two models every epoch from one train
 (``test_acc``) and their exponential moving average (``ema_test_acc``). The EMA hook only reads the weights, so the
 first column is bit for bit the run without an EMA, and the EMA's effect is paired within each run. For each arm
 and seed (arms and run folders as ``benchmarks/fixnorm_vs_wd.py`` names them) this prints the first epoch each
-model reaches every ``--thresholds`` accuracy, the mean accuracy over ``--window`` epochs and the final, then the
+model reaches every ``--thresholds`` accuracy (``EMA``: ``ema_test_acc``, scored with the statistics the run's
+``ema_bn`` names), the mean accuracy over ``--window`` epochs and the final, then the
 paired differences (EMA minus the trained weights within an arm; each arm minus the first, the reference, for
 either model) with their standard errors and 95% t-intervals::
 
@@ -13,7 +14,8 @@ either model) with their standard errors and 95% t-intervals::
 
 A run that never reaches a threshold counts as crossing one epoch after its last (stated in the table). Runs trained
 with ``ema_bn_check=true`` also give ``EMA-rebn``: the EMA weights with BatchNorm statistics re-estimated on 2,000
-training images (column ``ema/test_acc_recomputed_bn``), and its paired difference to the EMA's own buffers.
+training images (column ``ema/test_acc_recomputed_bn``), and its paired difference to the EMA's own buffers
+(``EMA`` then reads the averaged buffers' column, ``ema/test_acc_ema_buffers``, whatever ``ema_bn`` was).
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from fixnorm.report import read_run  # noqa: E402
 MODELS = {"trained": "test_acc", "EMA": "ema_test_acc"}
 # with ema_bn_check: the EMA weights with BatchNorm statistics re-estimated on training images (train/hooks.py)
 RECOMPUTED = ("EMA-rebn", "ema/test_acc_recomputed_bn")
+AVERAGED = "ema/test_acc_ema_buffers"  # the EMA model with its own averaged buffers
 
 
 def accuracies_by_model(path: Path) -> dict[str, list[float]]:
@@ -45,7 +48,8 @@ def accuracies_by_model(path: Path) -> dict[str, list[float]]:
         raise FixNormError(f"{path}/metrics.csv does not hold epochs 1..{len(run.rows)} once each")
     models = dict(MODELS)
     if not all(math.isnan(r.get(RECOMPUTED[1], math.nan)) for r in run.rows):
-        models[RECOMPUTED[0]] = RECOMPUTED[1]
+        # with the check, "EMA" is the averaged buffers' own column whatever ema_bn scored ema_test_acc with
+        models["EMA"], models[RECOMPUTED[0]] = AVERAGED, RECOMPUTED[1]
     return {model: [100 * r[column] for r in run.rows] for model, column in models.items()}
 
 

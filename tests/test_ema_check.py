@@ -11,6 +11,7 @@ from fixnorm import FixNormError
 from fixnorm.data import DEFAULT_FASHION_MNIST_DIR
 from fixnorm.models import list_models, register_model
 from fixnorm.train import Trainer, load_checkpoint, load_recipe, make_config, train
+from fixnorm.train.config import saved_config
 from fixnorm.train.hooks import BN_CHECK_IMAGES, EmaHook, with_recomputed_bn
 
 needs_fmnist = pytest.mark.skipif(not DEFAULT_FASHION_MNIST_DIR.is_dir(), reason="dataset-fashion-mnist not installed")
@@ -59,7 +60,15 @@ def ema_hook(trainer):
 @needs_fmnist
 def test_the_ema_buffers_column_is_the_ema_model_as_it_stands(checked_run):
     trainer, record = checked_run
-    assert record["ema/test_acc_ema_buffers"] == record["ema_test_acc"] == trainer.evaluate(ema_hook(trainer).ema.module)[1]
+    assert record["ema/test_acc_ema_buffers"] == trainer.evaluate(ema_hook(trainer).ema.module)[1]
+
+
+@needs_fmnist
+def test_with_precise_bn_the_ema_is_scored_with_statistics_recomputed_on_the_precise_bn_images(checked_run):
+    trainer, record = checked_run
+    assert trainer.cfg.ema_bn == "recomputed" and trainer.cfg.precise_bn == BN_CHECK_IMAGES  # both by default
+    assert record["ema_test_acc"] == record["ema/test_acc_recomputed_bn"]  # its definition is pinned below
+    assert record["ema_test_acc"] != record["ema/test_acc_ema_buffers"], "the test needs statistics that matter"
 
 
 @needs_fmnist
@@ -113,16 +122,22 @@ def test_recomputed_statistics_are_the_mean_of_batch_means_and_unbiased_batch_va
 
 # -- the run is unchanged by it ---------------------------------------------------------------------
 @needs_fmnist
-def test_a_run_with_the_check_trains_bit_for_bit_like_one_without(tmp_path):
-    cfg = make_config(TINY, {"epochs": 2})
+def test_neither_the_check_nor_the_ema_statistics_change_training(tmp_path):
+    """A run scoring its EMA with the averaged buffers, without the check, against one with recomputed statistics
+    (the default) and the check: model, optimizer and EMA bit for bit the same; the EMA's numbers are each other's
+    columns."""
+    cfg = make_config(TINY, {"epochs": 2, "ema_bn": "averaged"})
     train(cfg, tmp_path / "plain")
-    train(make_config(cfg.to_dict(), {"ema_bn_check": True}), tmp_path / "checked")
+    train(make_config(cfg.to_dict(), {"ema_bn_check": True, "ema_bn": "auto"}), tmp_path / "checked")
     plain, checked = load_checkpoint(tmp_path / "plain" / "last.pt"), load_checkpoint(tmp_path / "checked" / "last.pt")
+    assert (plain["config"]["ema_bn"], checked["config"]["ema_bn"]) == ("averaged", "recomputed")
     for part in ("model", "optimizer", "hooks"):  # the hooks' state is the EMA model
         assert_same(plain[part], checked[part], part)
     rows_plain, rows_checked = metrics(tmp_path / "plain"), metrics(tmp_path / "checked")
-    for column in ("train_loss", "test_acc", "ema_test_acc"):
+    for column in ("train_loss", "test_acc"):
         assert [r[column] for r in rows_plain] == [r[column] for r in rows_checked], column
+    assert [r["ema_test_acc"] for r in rows_plain] == [r["ema/test_acc_ema_buffers"] for r in rows_checked]
+    assert [r["ema_test_acc"] for r in rows_checked] == [r["ema/test_acc_recomputed_bn"] for r in rows_checked]
     assert not set(COLUMNS) & rows_plain[0].keys() and set(COLUMNS) <= rows_checked[0].keys()
 
 
@@ -154,3 +169,17 @@ def test_the_check_needs_an_ema_and_a_yes_or_no():
         make_config({"ema_bn_check": True})
     with pytest.raises(FixNormError, match="ema_bn_check"):
         make_config({"ema_decay": 0.9, "ema_bn_check": "sometimes"})
+
+
+def test_the_ema_statistics_setting_is_decided_with_the_config_and_refused_where_it_cannot_apply():
+    assert make_config({"ema_decay": 0.9}).ema_bn == "recomputed"  # precise BN on by default for stored data
+    assert make_config({"ema_decay": 0.9, "precise_bn": 0}).ema_bn == "averaged"
+    assert make_config({"ema_decay": 0.9, "dataset": "imagefolder"}).ema_bn == "averaged"  # streamed: no precise BN
+    assert make_config({}).ema_bn == "averaged"  # no EMA: what runs saved before the setting read
+    assert saved_config({"ema_decay": 0.9}).ema_bn == "averaged"  # a run saved before it scored the averaged buffers
+    with pytest.raises(FixNormError, match="precise_bn is 0"):
+        make_config({"ema_decay": 0.9, "precise_bn": 0, "ema_bn": "recomputed"})
+    with pytest.raises(FixNormError, match="set ema_decay"):
+        make_config({"ema_bn": "recomputed"})
+    with pytest.raises(FixNormError, match="ema_bn"):
+        make_config({"ema_decay": 0.9, "ema_bn": "running"})

@@ -300,13 +300,14 @@ def test_truncated_or_tampered_checkpoints_are_clear_errors(tmp_path):
 def test_compare_runs_methods_and_seeds_and_reuses_finished_runs(tmp_path):
     from fixnorm.train.config import native_precision
 
-    settings = dict(TINY, epochs=1, precision="auto")
+    settings = dict(TINY, epochs=1, precision="auto", ema_decay=0.9)
     result = run_comparison(settings, ["sgd", "fixnorm"], [0, 1], tmp_path / "cmp")
     assert [r["method"] for r in result["rows"]] == ["sgd", "fixnorm"] and all(r["runs"] == 2 for r in result["rows"])
     table = (tmp_path / "cmp" / "compare.md").read_text()
     assert "| sgd | 2 |" in table and "| fixnorm | 2 |" in table
     assert f"precision=auto ({native_precision('auto')})" in table  # what this machine trained in
     assert "precise_bn=auto (2000 images)" in table  # and how it evaluated
+    assert "ema_bn=auto (recomputed)" in table  # and how it scored the EMA
     assert len(json.loads((tmp_path / "cmp" / "compare.json").read_text())["runs"]) == 4
     before = (tmp_path / "cmp" / "sgd-s0" / "last.pt").stat().st_mtime_ns
     run_comparison(settings, ["sgd", "fixnorm"], [0, 1], tmp_path / "cmp")

@@ -66,6 +66,11 @@ class TrainConfig:
     # config, so config.yaml records the number). Why: docs/fixnorm.md, fixnorm/bn_statistics.py
     precise_bn: int | str = "auto"
     ema_decay: float | None = None
+    # the BatchNorm statistics the EMA model is evaluated with: "averaged" (the EMA of the student's buffers, as
+    # AveragedModel and timm's ModelEmaV2 keep them) or "recomputed" (re-estimated on a copy on the precise_bn images
+    # before each evaluation; the EMA itself is left as it averages). auto: recomputed where precise_bn is on and an
+    # EMA is kept, averaged otherwise. Why: docs/eman.md ("Which statistics the EMA model is scored with")
+    ema_bn: str = "auto"
     # with ema_decay: also evaluate the EMA weights with the student's BN buffers and with BN statistics
     # re-estimated on 2,000 training images, each epoch (columns ema/*; train/hooks.py EmaHook, docs/eman.md)
     ema_bn_check: bool = False
@@ -113,7 +118,7 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         choices = {"schedule": ("cosine", "step", "exponential", "constant"), "augment": ("none", "crop", "crop_flip"),
                    "precision": ("fp32", "bf16", "fp16", "auto"), "device": ("auto", "cpu", "cuda"),
-                   "base": ("sgd", "adam", "adamw", "rmsprop")}
+                   "base": ("sgd", "adam", "adamw", "rmsprop"), "ema_bn": ("auto", "averaged", "recomputed")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise FixNormError(f"{key}={getattr(self, key)!r} is not one of {allowed}")
@@ -349,6 +354,7 @@ def _with_shortcuts_moved(layer: Mapping[str, Any]) -> dict[str, Any]:
 # Top-level settings a saved run may predate, with the value it ran under.
 TOP_LEVEL_SETTINGS_BEFORE_THEY_EXISTED: dict[str, Any] = {
     "precise_bn": 0,  # before precise BN, every evaluation used the running statistics as trained
+    "ema_bn": "averaged",  # before it, the EMA model was scored with its averaged buffers
 }
 
 
@@ -403,9 +409,26 @@ def make_config(*layers: Mapping[str, Any]) -> TrainConfig:
 
 
 def decided(cfg: TrainConfig) -> TrainConfig:
-    """``cfg`` with every ``auto`` that the machine or the dataset decides made concrete (precision, precise_bn)."""
-    return dataclasses.replace(cfg, precision=decided_precision(cfg.precision, cfg.device),
-                               precise_bn=decided_precise_bn(cfg.precise_bn, cfg.dataset))
+    """``cfg`` with every ``auto`` that the machine or the dataset decides made concrete (precision, precise_bn,
+    ema_bn)."""
+    precise_bn = decided_precise_bn(cfg.precise_bn, cfg.dataset)
+    return dataclasses.replace(cfg, precision=decided_precision(cfg.precision, cfg.device), precise_bn=precise_bn,
+                               ema_bn=decided_ema_bn(cfg.ema_bn, cfg.ema_decay, precise_bn))
+
+
+def decided_ema_bn(ema_bn: str, ema_decay: float | None, precise_bn: int) -> str:
+    """The statistics the EMA model is scored with: ``auto`` is "recomputed" where an EMA is kept and precise BN is
+    on (``precise_bn`` decided), "averaged" otherwise (a run without an EMA records "averaged", as runs saved before
+    the setting read). "recomputed" without an EMA or without precise BN is an error: it would score nothing, or
+    silently score the averaged buffers."""
+    if ema_bn == "auto":
+        return "recomputed" if ema_decay and precise_bn > 0 else "averaged"
+    if ema_bn == "recomputed" and not ema_decay:
+        raise FixNormError("ema_bn=recomputed scores an EMA model: set ema_decay (e.g. 0.999), or ema_bn=auto")
+    if ema_bn == "recomputed" and precise_bn == 0:
+        raise FixNormError("ema_bn=recomputed re-estimates the EMA model's BatchNorm statistics on the precise_bn "
+                           "images, and precise_bn is 0 here: set precise_bn to a number of images, or ema_bn=averaged")
+    return ema_bn
 
 
 def decided_precise_bn(precise_bn: int | str, dataset: str) -> int:

@@ -27,12 +27,15 @@ BN_CHECK_IMAGES = PRECISE_BN_IMAGES
 class EmaHook(Hook):
     """Exponential moving average of the weights *and* buffers (BN statistics), evaluated each epoch.
 
-    With the run's ``ema_bn_check`` the EMA weights are also evaluated with two other sets of BatchNorm
-    statistics, so one supervised run says which statistics an EMA model should carry (docs/eman.md):
-    ``ema/test_acc_ema_buffers`` (its own averaged buffers: the same number as ``ema_test_acc``),
-    ``ema/test_acc_student_buffers`` (the student's buffers copied in, as USB does) and
-    ``ema/test_acc_recomputed_bn`` (statistics re-estimated on the first ``BN_CHECK_IMAGES`` training images).
-    Each works on a temporary copy: the EMA model, the student and every random stream are left as they were.
+    ``ema_test_acc`` scores the EMA weights with the statistics the run's ``ema_bn`` names: "averaged", the EMA's own
+    averaged buffers, or "recomputed", statistics re-estimated on the ``precise_bn`` training images, on a copy (the
+    default with precise BN: an average of buffers recorded along the way lags the averaged weights as the running
+    statistics lag the student's; docs/eman.md). With the run's ``ema_bn_check`` the EMA weights are also evaluated
+    three fixed ways, so one supervised run says which statistics an EMA model should carry:
+    ``ema/test_acc_ema_buffers`` (its own averaged buffers), ``ema/test_acc_student_buffers`` (the student's
+    buffers copied in, as USB does) and ``ema/test_acc_recomputed_bn`` (statistics re-estimated on the first
+    ``BN_CHECK_IMAGES`` training images). Each works on a temporary copy: the EMA model, the student and every
+    random stream are left as they were.
     """
 
     def __init__(self, model: nn.Module, decay: float):
@@ -49,10 +52,14 @@ class EmaHook(Hook):
         self.ema.update_parameters(trainer.model)
 
     def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
-        record["ema_test_loss"], record["ema_test_acc"] = trainer.evaluate(self.ema.module)
+        scored = self.ema.module
+        if trainer.cfg.ema_bn == "recomputed":
+            scored = recomputed_on_training_images(trainer, self.ema.module, trainer.cfg.precise_bn)
+        record["ema_test_loss"], record["ema_test_acc"] = trainer.evaluate(scored)
         if not trainer.cfg.ema_bn_check:
             return
-        record["ema/test_acc_ema_buffers"] = record["ema_test_acc"]
+        record["ema/test_acc_ema_buffers"] = (record["ema_test_acc"] if scored is self.ema.module
+                                              else trainer.evaluate(self.ema.module)[1])
         record["ema/test_acc_student_buffers"] = trainer.evaluate(with_student_buffers(self.ema.module,
                                                                                        trainer.model))[1]
         record["ema/test_acc_recomputed_bn"] = trainer.evaluate(recomputed_on_training_images(trainer,
