@@ -174,7 +174,7 @@ def test_the_check_needs_an_ema_and_a_yes_or_no():
 def test_the_ema_statistics_setting_is_decided_with_the_config_and_refused_where_it_cannot_apply():
     assert make_config({"ema_decay": 0.9}).ema_bn == "recomputed"  # precise BN on by default for stored data
     assert make_config({"ema_decay": 0.9, "precise_bn": 0}).ema_bn == "averaged"
-    assert make_config({"ema_decay": 0.9, "dataset": "imagefolder"}).ema_bn == "averaged"  # streamed: no precise BN
+    assert make_config({"ema_decay": 0.9, "dataset": "imagefolder"}).ema_bn == "recomputed"  # streamed data too
     assert make_config({}).ema_bn == "averaged"  # no EMA: what runs saved before the setting read
     assert saved_config({"ema_decay": 0.9}).ema_bn == "averaged"  # a run saved before it scored the averaged buffers
     with pytest.raises(FixNormError, match="precise_bn is 0"):

@@ -83,12 +83,11 @@ def test_a_model_without_batchnorm_is_left_alone_and_bad_input_is_refused_withou
 
 
 # -- the setting ------------------------------------------------------------------------------------
-def test_auto_is_decided_with_the_config_and_a_streamed_dataset_is_refused():
+def test_auto_is_decided_with_the_config_for_stored_and_streamed_datasets():
     assert make_config({}).precise_bn == PRECISE_BN_IMAGES == 2000
     assert make_config({"precise_bn": 0}).precise_bn == 0
-    assert make_config({"dataset": "imagenet", "data_dir": "x"}).precise_bn == 0  # streamed: auto is off
-    with pytest.raises(FixNormError, match="streamed from disk: set precise_bn=0"):
-        make_config({"dataset": "imagefolder", "precise_bn": 100})
+    assert make_config({"dataset": "imagenet", "data_dir": "x"}).precise_bn == 2000  # streamed: spread over the tree
+    assert make_config({"dataset": "imagefolder", "precise_bn": 100}).precise_bn == 100
     for bad in (-1, 1.5, "some", True):
         with pytest.raises(FixNormError, match="precise_bn"):
             make_config({"precise_bn": bad})
@@ -97,6 +96,7 @@ def test_auto_is_decided_with_the_config_and_a_streamed_dataset_is_refused():
     assert saved_config({"method": "sgd", "precise_bn": 300}).precise_bn == 300
     # a tuning study's identity holds the decided number, so trials evaluated otherwise cannot join it
     assert _as_trained({"dataset": "fashion_mnist"})["precise_bn"] == 2000
+    assert _as_trained({"dataset": "imagefolder"})["precise_bn"] == 2000
     assert _as_trained({"precise_bn": 0})["precise_bn"] == 0
 
 
@@ -157,3 +157,44 @@ def test_the_images_come_in_the_runs_batches_and_a_last_batch_of_one_joins_the_o
     assert [len(b) for b in batches] == [100, 101]
     expected = trainer.prepare_batch(trainer.data.train_x[:201])
     assert torch.equal(torch.cat(batches), expected)  # the first stored images, un-augmented, prepared
+
+
+# -- a streamed ImageFolder tree ------------------------------------------------------------------------
+def test_on_a_streamed_tree_the_statistics_come_from_images_spread_over_every_class_uncropped(tmp_path):
+    """Three classes of 10 files each, 9 images re-estimated on: every 30/9-th file in class order (the first 9
+    would be one class), decoded with the evaluation transform; the engine's statistics are update_bn's on them."""
+    Image = pytest.importorskip("PIL.Image")
+    from fixnorm.data.imagefolder import ImageFolderDataset, ResizeCenterCrop
+    from fixnorm.data import normalize
+    from fixnorm.train.data_source import IMAGENET_MEAN, IMAGENET_STD
+
+    g = torch.Generator().manual_seed(0)
+    for split, count in (("train", 10), ("val", 3)):
+        for label, tint in (("a", 0), ("b", 1), ("c", 2)):
+            folder = tmp_path / "data" / split / label
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = torch.randint(0, 100, (40, 48, 3), generator=g, dtype=torch.uint8)
+                pixels[..., tint] += 120  # classes differ in colour, so which images are used shows in the mean
+                Image.fromarray(pixels.numpy()).save(folder / f"{i}.png")
+    settings = dict(model="small_cnn", dataset="imagefolder", data_dir=str(tmp_path / "data"), image_size=32,
+                    batch_size=4, eval_batch_size=8, epochs=1, lr=0.1, workers=0, threads=1, free_steps=1,
+                    precise_bn=9, ema_decay=0.5, ema_bn_check=True)
+    trainer = Trainer(make_config(settings), tmp_path / "on")
+    trainer.fit()
+    train(make_config(settings, {"precise_bn": 0, "ema_bn_check": False}), tmp_path / "off")
+    with_it, without = load_checkpoint(tmp_path / "on" / "last.pt"), load_checkpoint(tmp_path / "off" / "last.pt")
+
+    dataset = ImageFolderDataset(tmp_path / "data" / "train", ResizeCenterCrop(32))
+    picked = [0, 3, 6, 10, 13, 16, 20, 23, 26]  # i * 30 // 9
+    assert {dataset.samples[i][1] for i in picked} == {0, 1, 2}
+    images = torch.stack([dataset[i][0] for i in picked])
+    prepared = normalize(images, IMAGENET_MEAN, IMAGENET_STD)
+    hand = copy.deepcopy(trainer.model)
+    hand.load_state_dict(without["model"])
+    update_bn([prepared[:4], prepared[4:]], hand)  # batches of 4; the last one of a single image joins the one before
+    for name, value in hand.state_dict().items():
+        torch.testing.assert_close(value, with_it["model"][name], rtol=1e-5, atol=1e-6, msg=name)
+    row = list(csv.DictReader((tmp_path / "on" / "metrics.csv").open()))[-1]
+    assert float(row["test_acc"]) == trainer.evaluate(hand)[1]
+    assert trainer.cfg.ema_bn == "recomputed" and row["ema_test_acc"] == row["ema/test_acc_recomputed_bn"]

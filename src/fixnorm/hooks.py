@@ -5,6 +5,7 @@ loading the engine. A hook sees the run through ``RunState``, the small document
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,6 +39,10 @@ class RunState(Protocol):
 
     def probe_images(self, count: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The first ``count`` training images (stored form, un-augmented) and labels; None for streamed data."""
+
+    def statistics_images(self, count: int) -> Iterator[torch.Tensor]:
+        """``count`` un-augmented training images (stored uint8 form) in batches of the run's batch size, stored or
+        streamed: what BatchNorm statistics are re-estimated on."""
 
     def unlabelled_images(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The whole training set (stored form) and its labels, for a semi-supervised step's unlabelled stream

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..io import write_json_atomic, write_text_atomic
 from ..run_folder import RunFolder
-from .config import TrainConfig, decided_ema_bn, decided_precise_bn, decided_precision, make_config
+from .config import decided_ema_bn, decided_precise_bn, decided_precision, make_config
 from .engine import train_or_reuse
 
 
@@ -30,9 +30,9 @@ def run_comparison(settings: Mapping[str, Any], methods: Sequence[str], seeds: S
     rows = [_aggregate(method, [r for r in runs if r["method"] == method]) for method in methods]
     if settings.get("precision") == "auto":  # say what this machine trained in, as each run's config.yaml does
         settings = {**settings, "precision": f"auto ({decided_precision('auto', settings.get('device', 'auto'))})"}
-    images = decided_precise_bn(settings.get("precise_bn", "auto"), str(settings.get("dataset", TrainConfig.dataset)))
+    images = decided_precise_bn(settings.get("precise_bn", "auto"))
     if settings.get("precise_bn", "auto") == "auto":  # and how it evaluated: a table read later must say so
-        settings = {**settings, "precise_bn": f"auto ({images} images)" if images else "auto (off)"}
+        settings = {**settings, "precise_bn": f"auto ({images} images)"}
     if settings.get("ema_decay") and settings.get("ema_bn", "auto") == "auto":  # and how it scored the EMA
         settings = {**settings, "ema_bn": f"auto ({decided_ema_bn('auto', settings['ema_decay'], images)})"}
     result = {"settings": dict(settings), "methods": list(methods), "seeds": list(seeds), "rows": rows, "runs": runs}

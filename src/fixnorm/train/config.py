@@ -61,8 +61,8 @@ class TrainConfig:
     cutout: int = 0
     eval_flip: bool = False          # test-time flip: evaluate on the mean logits of each image and its mirror
     # precise BN: before each evaluation, re-estimate every BatchNorm's running statistics in place on this many
-    # stored training images (un-augmented), for every method alike; 0 is off (running statistics as trained).
-    # auto: PRECISE_BN_IMAGES for datasets held in memory, 0 for a streamed ImageFolder tree (decided with the
+    # training images (un-augmented: the first ones held in memory, or ones spread over a streamed ImageFolder tree),
+    # for every method alike; 0 is off (running statistics as trained). auto: PRECISE_BN_IMAGES (decided with the
     # config, so config.yaml records the number). Why: docs/fixnorm.md, fixnorm/bn_statistics.py
     precise_bn: int | str = "auto"
     ema_decay: float | None = None
@@ -151,9 +151,6 @@ class TrainConfig:
                                           or self.precise_bn < 0):
             raise FixNormError(f"precise_bn must be auto or a whole number of training images >= 0 (0: off), got "
                                f"{self.precise_bn!r}")
-        if self.dataset in STREAMING and self.precise_bn not in ("auto", 0):
-            raise FixNormError(f"precise_bn re-estimates BatchNorm statistics on stored training images; the dataset "
-                               f"{self.dataset!r} is streamed from disk: set precise_bn=0 (or auto)")
         if self.rank_every < 0 or self.curvature_every < 0 or self.curvature_probe < 1:
             raise FixNormError("rank_every and curvature_every are epochs (0: off) and curvature_probe images (>= 1)")
         if any(step < 0 for step in self.save_at_steps):
@@ -411,7 +408,7 @@ def make_config(*layers: Mapping[str, Any]) -> TrainConfig:
 def decided(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` with every ``auto`` that the machine or the dataset decides made concrete (precision, precise_bn,
     ema_bn)."""
-    precise_bn = decided_precise_bn(cfg.precise_bn, cfg.dataset)
+    precise_bn = decided_precise_bn(cfg.precise_bn)
     return dataclasses.replace(cfg, precision=decided_precision(cfg.precision, cfg.device), precise_bn=precise_bn,
                                ema_bn=decided_ema_bn(cfg.ema_bn, cfg.ema_decay, precise_bn))
 
@@ -431,12 +428,10 @@ def decided_ema_bn(ema_bn: str, ema_decay: float | None, precise_bn: int) -> str
     return ema_bn
 
 
-def decided_precise_bn(precise_bn: int | str, dataset: str) -> int:
-    """The images BatchNorm statistics are re-estimated on before an evaluation: ``auto`` is PRECISE_BN_IMAGES for a
-    dataset held in memory and 0 (off) for a streamed one."""
-    if precise_bn != "auto":
-        return int(precise_bn)
-    return 0 if dataset in STREAMING else PRECISE_BN_IMAGES
+def decided_precise_bn(precise_bn: int | str) -> int:
+    """The images BatchNorm statistics are re-estimated on before an evaluation: ``auto`` is PRECISE_BN_IMAGES (the
+    first ones of a dataset held in memory, ones spread over a streamed ImageFolder tree)."""
+    return PRECISE_BN_IMAGES if precise_bn == "auto" else int(precise_bn)
 
 
 def decided_precision(precision: str, device: str = "auto") -> str:

@@ -1,17 +1,21 @@
 """Where the engine's batches come from: uint8 tensors on the device, or an ImageFolder tree streamed from disk.
 
-Both hand out augmented uint8 batches for an epoch and this rank's share of the test set; the engine
-normalises. Every random draw depends only on (seed, epoch, rank), which makes resuming exact.
+Both hand out augmented uint8 batches for an epoch, this rank's share of the test set, and un-augmented training
+images for re-estimating BatchNorm statistics (``statistics_images``); the engine normalises. Every random draw
+depends only on (seed, epoch, rank), which makes resuming exact.
 """
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader
 
 from ..data import DatasetInfo, cutout, imagefolder_loader, load_dataset, random_crop_flip
+from ..data.imagefolder import ResizeCenterCrop, default_num_workers
 from ..errors import FixNormError
 from .config import STREAMING, TrainConfig
 from .distributed import DistInfo
@@ -20,6 +24,15 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def batch_bounds(count: int, batch_size: int) -> list[tuple[int, int]]:
+    """``[start, end)`` of consecutive batches of ``batch_size`` over ``count`` items; a last batch of one item joins
+    the one before (BatchNorm cannot take the statistics of a single value)."""
+    starts = list(range(0, count, batch_size))
+    if len(starts) > 1 and count - starts[-1] == 1:
+        starts.pop()
+    return list(zip(starts, starts[1:] + [count]))
 
 
 def labelled_subset(labels: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
@@ -92,6 +105,13 @@ class InMemoryData:
                 x = cutout(x, cfg.cutout, generator=gen)
             yield x, self.train_y[idx]
 
+    def statistics_images(self, count: int) -> Iterator[torch.Tensor]:
+        """The first ``count`` stored training images (the labelled ones with ``labels_per_class``), un-augmented,
+        in batches of the run's batch size (:func:`batch_bounds`)."""
+        x = self.train_x[:count]
+        for start, end in batch_bounds(len(x), self.cfg.batch_size):
+            yield x[start:end]
+
     def test_batches(self) -> Iterator[Batch]:
         idx = torch.arange(self.dist.rank, self.test_size, self.dist.world_size, device=self.device)
         for i in range(0, len(idx), self.cfg.eval_batch_size):
@@ -139,6 +159,20 @@ class ImageFolderData:
             if self.cfg.cutout:
                 x = cutout(x, self.cfg.cutout, generator=gen)
             yield x, y.to(self.device, non_blocking=True)
+
+    def statistics_images(self, count: int) -> Iterator[torch.Tensor]:
+        """``count`` training images spread evenly over the tree (every ``len / count``-th file in class order, so
+        every class in proportion; the first ``count`` files would be a class or two), decoded with the evaluation
+        transform (resize and centre crop: un-augmented, no random draw), in batches of the run's batch size
+        (:func:`batch_bounds`). The same images on every rank and every epoch."""
+        dataset = copy.copy(self.train_loader.dataset)  # the scanned file list, shared; another transform
+        dataset.transform = ResizeCenterCrop(self.cfg.image_size)
+        n = min(count, len(dataset))
+        picked = [i * len(dataset) // n for i in range(n)]
+        batches = [picked[start:end] for start, end in batch_bounds(n, self.cfg.batch_size)]
+        workers = default_num_workers() if self.cfg.workers is None else self.cfg.workers
+        for x, _ in DataLoader(dataset, batch_sampler=batches, num_workers=workers):
+            yield x.to(self.device, non_blocking=True)
 
     def test_batches(self) -> Iterator[Batch]:
         for x, y in self.test_loader:

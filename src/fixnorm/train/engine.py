@@ -16,7 +16,7 @@ import platform
 import socket
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -193,6 +193,11 @@ class Trainer:
         n = min(count, len(self.data.train_x))
         return self.data.train_x[:n], self.data.train_y[:n]
 
+    def statistics_images(self, count: int) -> Iterator[torch.Tensor]:
+        """``count`` un-augmented training images in batches of the run's batch size, stored or streamed
+        (``statistics_images`` of train/data_source.py): what BatchNorm statistics are re-estimated on."""
+        return self.data.statistics_images(count)
+
     def unlabelled_images(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Every training image (stored form) with its label, which training must not read, or None when streamed.
 
@@ -291,8 +296,8 @@ class Trainer:
 
         Between the epoch and its evaluation, so that the evaluation, best.pt and last.pt all hold statistics of the
         weights as they are; training is unaffected (train-mode BatchNorm normalises with the batch's statistics).
-        Every rank computes the same estimate from the same stored images; rank 0's is broadcast all the same. The
-        config refuses it on a streamed dataset, where there are no stored images.
+        Every rank computes the same estimate from the same images (``statistics_images``: the first ones stored, or
+        ones spread over a streamed tree); rank 0's is broadcast all the same.
         """
         if not self.cfg.precise_bn:
             return

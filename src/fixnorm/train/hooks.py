@@ -43,11 +43,6 @@ class EmaHook(Hook):
 
         self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
-    def on_train_start(self, trainer: Trainer) -> None:
-        if trainer.cfg.ema_bn_check and trainer.probe_images(1) is None:
-            raise FixNormError(f"ema_bn_check re-estimates BatchNorm statistics on stored training images; the "
-                               f"dataset {trainer.cfg.dataset!r} is streamed: set ema_bn_check=false")
-
     def after_step(self, trainer: Trainer) -> None:
         self.ema.update_parameters(trainer.model)
 
@@ -86,26 +81,16 @@ def with_student_buffers(model: nn.Module, student: nn.Module) -> nn.Module:
 
 
 def recomputed_on_training_images(run: RunState, model: nn.Module, count: int = BN_CHECK_IMAGES) -> nn.Module:
-    """A copy of ``model`` with BatchNorm statistics re-estimated on the run's first ``count`` stored training images
-    (:func:`training_image_batches`). What the EMA hook's ``ema_bn_check`` and ``benchmarks/bn_statistics_check.py``
-    both evaluate; raises on a streamed dataset (no stored images)."""
+    """A copy of ``model`` with BatchNorm statistics re-estimated on ``count`` un-augmented training images
+    (:func:`training_image_batches`). What the EMA hook and ``benchmarks/bn_statistics_check.py`` evaluate."""
     return with_recomputed_bn(model, training_image_batches(run, count), autocast=run.autocast)
 
 
 def training_image_batches(run: RunState, count: int) -> Iterator[torch.Tensor]:
-    """The run's first ``count`` stored training images, prepared as the run prepares a batch (normalisation,
-    channels_last), un-augmented, in batches of the run's batch size; a last batch of one image joins the one before
-    (BatchNorm cannot take the statistics of a single value). Raises on a streamed dataset (no stored images)."""
-    stored = run.probe_images(count)
-    if stored is None:
-        raise FixNormError(f"re-estimating BatchNorm statistics needs stored training images; the dataset "
-                           f"{run.cfg.dataset!r} is streamed: set precise_bn=0 (and ema_bn_check=false)")
-    x, batch = stored[0], run.cfg.batch_size
-    starts = list(range(0, len(x), batch))
-    if len(starts) > 1 and len(x) - starts[-1] == 1:
-        starts.pop()
-    ends = starts[1:] + [len(x)]
-    return (run.prepare_batch(x[a:b]) for a, b in zip(starts, ends))
+    """``count`` training images, un-augmented, prepared as the run prepares a batch (normalisation, channels_last),
+    in batches of the run's batch size: the first ones stored in memory, or ones spread over a streamed ImageFolder
+    tree (``statistics_images`` of train/data_source.py). A last batch of one image joins the one before."""
+    return (run.prepare_batch(x) for x in run.statistics_images(count))
 
 
 def with_recomputed_bn(model: nn.Module, batches: Iterable[torch.Tensor], *,

@@ -35,8 +35,7 @@ def _as_trained(settings: Mapping[str, Any] | None) -> dict[str, Any]:
     out = dict(settings or {})
     if "precision" in out:
         out["precision"] = decided_precision(str(out["precision"]), str(out.get("device", "auto")))
-    out["precise_bn"] = decided_precise_bn(out.get("precise_bn", TrainConfig.precise_bn),
-                                           str(out.get("dataset", TrainConfig.dataset)))
+    out["precise_bn"] = decided_precise_bn(out.get("precise_bn", TrainConfig.precise_bn))
     return out
 
 def _identity_changes(stored: Mapping[str, Any], now: Mapping[str, Any], limit: int = 6) -> str:
