@@ -162,6 +162,41 @@ def test_lr_schedules():
     assert exp(23) == 1.0 and exp(24) == pytest.approx(0.97) and exp(48) == pytest.approx(0.97 ** 2)
 
 
+def test_where_each_schedule_ends_and_fixnorm_bending_only_the_decay_above_it():
+    from fixnorm.methods import with_method_settings
+    from fixnorm.schedule import schedule_end
+    from fixnorm.train.config import saved_config
+
+    ends = {"cosine": ({}, 0.0), "cosine floor": ({"min_lr_ratio": 0.25}, 0.25),
+            "step": ({"schedule": "step", "milestones": [1.5, 9], "gamma": 0.2}, 0.2),  # 9 lies after the run
+            "exponential": ({"schedule": "exponential", "gamma": 0.5, "decay_epochs": 1}, 0.25),
+            "constant": ({"schedule": "constant", "warmup_epochs": 1}, 1.0)}
+    for name, (settings, end) in ends.items():
+        cfg = make_config({"epochs": 3, "method": "fixnorm", "schedule_end": "auto"}, settings)
+        assert schedule_end(cfg) == pytest.approx(end), name
+        last = lr_factor(cfg, 10)(29)  # the last step of 3 epochs of 10 steps: the factor it names
+        assert last == pytest.approx(end, abs=0.01), name
+        assert with_method_settings(cfg).method_kwargs["fixnorm"]["schedule_end"] == pytest.approx(end), name
+    explicit = make_config({"method": "fixnorm", "schedule_end": 0.0, "schedule": "constant"})
+    assert with_method_settings(explicit).method_kwargs["fixnorm"]["schedule_end"] == 0.0
+    # a run saved before the setting existed bent the whole schedule: it resumes so, whatever its schedule
+    old = saved_config({"method": "fixnorm", "schedule": "exponential", "gamma": 0.5, "decay_epochs": 1})
+    assert with_method_settings(old).method_kwargs["fixnorm"]["schedule_end"] == 0.0
+    with pytest.raises(FixNormError, match="schedule_end"):
+        make_config({"method": "fixnorm", "schedule_end": 2})
+
+
+@needs_fmnist
+def test_the_engine_hands_fixnorm_the_end_of_its_schedule(tmp_path):
+    cfg = make_config(TINY, {"method": "fixnorm", "schedule": "exponential", "gamma": 0.5, "decay_epochs": 1,
+                             "schedule_end": "auto"})
+    trainer = Trainer(cfg, tmp_path / "run")
+    invariant = [g for g in trainer.optimizer.param_groups if g["role"] == "scale_invariant"]
+    assert invariant and all(g["schedule_end"] == pytest.approx(0.25) for g in invariant)
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["method_kwargs"]["fixnorm"]["schedule_end"] == pytest.approx(0.25)
+
+
 # -- runs ----------------------------------------------------------------------------------------
 @needs_fmnist
 def test_a_run_writes_its_directory(tmp_path):

@@ -957,6 +957,48 @@ def test_lr_power_steps_scale_invariant_weights_with_lr_ref_times_the_schedule_f
     assert scheduler.get_last_lr()[0] == pytest.approx(0.05)
 
 
+def test_schedule_end_bends_only_the_decay_above_the_schedules_floor():
+    """stepping_lr with schedule_end e: lr_ref * (e + (1 - e) * ((r - e) / (1 - e)) ** p) above the floor, the
+    scheduler's lr at or below it; e = 0 is the plain law to the bit, e = 1 no bend."""
+    def group(lr, end, power=0.5):
+        return {"lr": lr, "lr_ref": 0.4, "lr_power": power, "schedule_end": end}
+
+    stepping_lr = fixnorm.optim.stepping_lr
+    assert stepping_lr(group(0.2, 0.25)) == pytest.approx(0.4 * (0.25 + 0.75 * ((0.5 - 0.25) / 0.75) ** 0.5))
+    assert stepping_lr(group(0.4, 0.25)) == pytest.approx(0.4)    # the peak: unchanged
+    assert stepping_lr(group(0.1, 0.25)) == 0.1                   # the floor: the schedule's own lr, continuous
+    assert stepping_lr(group(0.05, 0.25)) == 0.05                 # below it (a warm-up's start): as scheduled
+    for lr in (0.3, 0.1, 0.013, 0.0):
+        assert stepping_lr(group(lr, 0.0)) == 0.4 * (lr / 0.4) ** 0.5  # the plain law, bit for bit
+        assert stepping_lr(group(lr, 1.0)) == lr
+    assert stepping_lr(group(0.2, 0.25, power=1.0)) == 0.2        # power 1: the schedule itself, whatever the floor
+    for lo, hi in ((0.11, 0.2), (0.2, 0.3), (0.3, 0.39)):         # monotone between floor and peak
+        assert stepping_lr(group(lo, 0.25)) < stepping_lr(group(hi, 0.25))
+
+
+def test_schedule_end_through_the_optimizer_steps_the_invariant_weights_with_the_bent_lr():
+    """At a scheduled lr0 / 2 with schedule_end 1/4 and lr_power 0.5 the convs step as a plain FixNorm at
+    lr0 * (1/4 + 3/4 * (1/3) ** 0.5); the classifier with lr0 / 2."""
+    data = batches(3)
+    x = data[0][0]
+    bent_model, plain_model = small_net(), small_net()
+    bent = FixNorm(bent_model, x, lr=0.4, lr_power=0.5, schedule_end=0.25)
+    for g in bent.param_groups:
+        g["lr"] = 0.2
+    plain = FixNorm(plain_model, x, lr=0.4 * (0.25 + 0.75 * (1 / 3) ** 0.5))
+    for g in plain.param_groups:
+        if g["role"] != "scale_invariant":
+            g["lr"] = 0.2
+    train(bent_model, bent, data)
+    train(plain_model, plain, data)
+    for (name, a), (_, b) in zip(bent_model.state_dict().items(), plain_model.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)  # the two lrs agree to rounding only
+    assert all(g["lr"] == 0.2 for g in bent.param_groups)
+    for bad in (-0.1, 1.5, True, "auto"):
+        with pytest.raises(FixNormError, match="schedule_end"):
+            FixNorm(small_net(), x, lr=0.4, schedule_end=bad)
+
+
 # lr 0.3, momentum 0.9: weight decay's relaxation time (1 - m) / (4 lr wd) is 4 steps at this wd
 WD_RELAXING_IN_4_STEPS = 0.1 / (4 * 0.3 * 4)
 

@@ -197,6 +197,14 @@ class FixNorm(torch.optim.Optimizer):
             the schedule, as weight decay's equilibrium angle does; 1 makes the schedule itself theirs.
             "auto" (default): 1 where the drift follows the lr (``drift_follows_lr``: the norm carries the
             square-root law), ``DEFAULT_LR_POWER`` (0.5) otherwise. A constant schedule is unaffected.
+        schedule_end: the lr factor your schedule ends at (its last lr / the lr at construction, 0 to 1). The
+            ``lr_power`` bend then applies to the decay above that floor: the weights step with ``lr0 * (e + (1 -
+            e) * ((r - e) / (1 - e)) ** lr_power)``, r = lr / lr0, e = ``schedule_end``, and with the scheduler's lr
+            at or below it, so at the schedule's end their angle is annealed by as much as the schedule anneals.
+            0 (default: a schedule that ends at zero, such as cosine) is the plain ``lr0 * r ** lr_power``; 1 no
+            bend. Why: with a schedule ending at a quarter of its lr the plain square root anneals the angle to
+            only half its start, and FixNorm trailed SGD + weight decay by 0.7 points (docs/fixnorm.md, "A
+            schedule that ends high"). The engine sets it from the config.
         norm_drift: the scale-invariant weights' held norms drift with their gradient scale as
             weight decay's equilibrium norms do (``HoldNorms(drift_steps=...)``: a running mean over
             this many steps of the squared unit-norm gradient, the norm going as its fourth root,
@@ -298,6 +306,7 @@ class FixNorm(torch.optim.Optimizer):
         fc_scale: float = 1.0,
         norm_scale: float = 1.0,
         lr_power: float | str = "auto",
+        schedule_end: float = 0.0,
         norm_drift: int | str | None = "auto",
         drift_follows_lr: bool | str = "auto",
         drift_signal: str = "gradient",
@@ -323,6 +332,10 @@ class FixNorm(torch.optim.Optimizer):
             raise FixNormError(f"angle_power must be a positive number, got {angle_power!r}")
         if lr_power != "auto" and not _is_positive_number(lr_power):
             raise FixNormError(f"lr_power must be 'auto' or a positive number, got {lr_power!r}")
+        if (isinstance(schedule_end, bool) or not isinstance(schedule_end, (int, float))
+                or not 0 <= schedule_end <= 1):
+            raise FixNormError(f"schedule_end is the lr factor the schedule ends at (last lr / first lr), from 0 to "
+                               f"1, got {schedule_end!r}")
         if not _is_positive_number(fc_scale):
             raise FixNormError(f"fc_scale must be a positive number, got {fc_scale!r}")
         if fc_max_step is not None and not _is_positive_number(fc_max_step):
@@ -465,6 +478,8 @@ class FixNorm(torch.optim.Optimizer):
                 group["weight_decay"] = others_weight_decay
             if lr_power != 1 and role in ("scale_invariant", "joint_invariant"):
                 group["lr_power"] = float(lr_power)
+                if schedule_end:
+                    group["schedule_end"] = float(schedule_end)
             if fc_max_step is not None and role == "classifier":
                 group["max_step"] = float(fc_max_step)
             if angular_update is not None and role == "scale_invariant":
@@ -487,7 +502,7 @@ class FixNorm(torch.optim.Optimizer):
             raise FixNormError(f"{base.__name__} rejected the options {sorted(base_kwargs)}: {exc}. FixNorm's own "
                                "options are fc_norm, roles, granularity, target, fc_granularity, others, "
                                "others_weight_decay, nonfinite, angular_update, angle_power, free_steps, fc_scale, "
-                               "norm_scale, lr_power, norm_drift, drift_follows_lr, drift_signal, equilibrium_wd, "
+                               "norm_scale, lr_power, schedule_end, norm_drift, drift_follows_lr, drift_signal, equilibrium_wd, "
                                "fc_free_steps, fc_max_step, total_steps, warmup_steps, warmup_count") from exc
         for g in self.base.param_groups:
             if ("angular_update" in g or "lr_power" in g) and g["lr_ref"] is None:
@@ -930,15 +945,22 @@ def steps_through_warmup(free_steps: int, warmup_steps: float) -> int:
 
 
 def stepping_lr(group: Mapping[str, Any]) -> float:
-    """The lr a param group's weights actually step with: ``lr_ref * (lr / lr_ref) ** lr_power``.
+    """The lr a param group's weights actually step with: ``lr_ref * (e + (1 - e) * ((r - e) / (1 - e)) **
+    lr_power)``, r = lr / lr_ref, e = the group's ``schedule_end`` (0: ``lr_ref * r ** lr_power``).
 
-    ``lr`` is what the scheduler set; groups without ``lr_power`` (or power 1) step with it as it is.
-    Diagnostics use this for the effective learning rate.
+    ``lr`` is what the scheduler set; groups without ``lr_power`` (or power 1), and any lr at or below the
+    schedule's end, step with it as it is. Diagnostics use this for the effective learning rate.
     """
-    power = group.get("lr_power", 1.0)
-    if power == 1.0 or not group.get("lr_ref"):
+    power, ref = group.get("lr_power", 1.0), group.get("lr_ref")
+    if power == 1.0 or not ref:
         return group["lr"]
-    return group["lr_ref"] * (group["lr"] / group["lr_ref"]) ** power
+    end = group.get("schedule_end", 0.0)
+    ratio = group["lr"] / ref
+    if end == 0.0:
+        return ref * ratio ** power
+    if end >= 1.0 or ratio <= end:
+        return group["lr"]
+    return ref * (end + (1 - end) * ((ratio - end) / (1 - end)) ** power)
 
 
 def from_weight_decay(lr: float, weight_decay: float, momentum: float = 0.0) -> dict[str, float]:

@@ -42,6 +42,8 @@ class Method:
     ``settings`` is the method's settings dataclass: read with ``method_settings``, and written out in full
     (defaults included) into every run's saved config, so a resumed run never trains with newer defaults;
     ``uses(cfg)`` names the methods it builds on (A-FAN's optimizer), whose settings are written out too.
+    ``decide(cfg, settings) -> settings`` makes concrete the ``auto`` settings the rest of the config decides (FixNorm's
+    ``schedule_end`` from the schedule), so the saved config records what the run trains with.
     """
 
     name: str
@@ -52,6 +54,7 @@ class Method:
     setup: Setup | None = None
     settings: type | None = None
     uses: Callable[["TrainConfig"], list[str]] | None = None  # other methods it builds on (their settings too)
+    decide: Callable[["TrainConfig", Any], Any] | None = None  # autos the config decides, made concrete
 
     def __post_init__(self) -> None:
         if (self.setup is None) == (self.build_optimizer is None):
@@ -110,7 +113,10 @@ def with_method_settings(cfg: TrainConfig) -> TrainConfig:
             continue
         done.add(method.name)
         if method.settings is not None:
-            kwargs[method.name] = dataclasses.asdict(method_settings(cfg, method.name, method.settings))
+            settings = method_settings(cfg, method.name, method.settings)
+            if method.decide is not None:
+                settings = method.decide(cfg, settings)
+            kwargs[method.name] = dataclasses.asdict(settings)
         if method.uses is not None:
             todo += method.uses(cfg)
     return dataclasses.replace(cfg, method_kwargs=kwargs)

@@ -1,6 +1,7 @@
 """FixNorm as a training method: no weight decay, fixed norms, the classifier norm a setting of its own."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -10,6 +11,7 @@ from torch import nn
 from ..errors import FixNormError
 from ..optim import DEFAULT_FC_MAX_STEP, DEFAULT_FREE_STEPS, DEFAULT_JOINT, FixNorm
 from ..rules import FollowNorms, attach
+from ..schedule import schedule_end
 from . import Method, method_settings, register_method
 from .baselines import base_optimizer
 
@@ -39,6 +41,8 @@ class FixNormSettings:
     angular_update: float | None = None   # rotational mode: radians per step for scale-invariant weights
     lr_power: float | str = "auto"        # scale-invariant weights step with lr0 * (lr / lr0) ** lr_power; "auto": 1
                                           # where the drift follows the lr, DEFAULT_LR_POWER otherwise
+    schedule_end: float | str = 0.0       # the lr_power bend applies to the decay above this lr factor; "auto": the
+                                          # factor the run's schedule ends at (0 for a cosine to zero)
     angle_power: float = 1.0              # rotational mode: the angle follows (lr / lr0) ** angle_power
     norm_drift: int | str | None = "auto"  # held norms drift with the gradient scale over N steps; "auto": 500
                                            # steps where the norms come from a free phase per tensor; None: off
@@ -58,7 +62,18 @@ class FixNormSettings:
 
 
 def fixnorm_settings(cfg: TrainConfig) -> FixNormSettings:
-    return method_settings(cfg, "fixnorm", FixNormSettings)
+    return decide_fixnorm(cfg, method_settings(cfg, "fixnorm", FixNormSettings))
+
+
+def decide_fixnorm(cfg: TrainConfig, s: FixNormSettings) -> FixNormSettings:
+    """``schedule_end="auto"`` becomes the lr factor the run's schedule ends at (``fixnorm.schedule.schedule_end``);
+    a number is checked."""
+    if s.schedule_end == "auto":
+        return dataclasses.replace(s, schedule_end=schedule_end(cfg))
+    if isinstance(s.schedule_end, bool) or not isinstance(s.schedule_end, (int, float)) or not 0 <= s.schedule_end <= 1:
+        raise FixNormError(f"method_kwargs.fixnorm.schedule_end must be auto or a number from 0 to 1 (the lr factor "
+                           f"the schedule ends at), got {s.schedule_end!r}")
+    return s
 
 
 def build_fixnorm(model: nn.Module, cfg: TrainConfig, example: torch.Tensor) -> torch.optim.Optimizer:
@@ -68,6 +83,7 @@ def build_fixnorm(model: nn.Module, cfg: TrainConfig, example: torch.Tensor) -> 
     optimizer = FixNorm(model, example, base=cls, fc_norm=s.fc_norm, granularity=s.granularity, target=target,
                         fc_granularity=s.fc_granularity, others=s.others, others_weight_decay=s.others_weight_decay,
                         free_steps=s.free_steps, fc_scale=s.fc_scale, norm_scale=s.norm_scale, lr_power=s.lr_power,
+                        schedule_end=float(s.schedule_end),
                         angular_update=s.angular_update, angle_power=s.angle_power, norm_drift=s.norm_drift,
                         drift_follows_lr=s.drift_follows_lr, drift_signal=s.drift_signal,
                         equilibrium_wd=s.equilibrium_wd, fc_free_steps=s.fc_free_steps, warmup_count=s.warmup_count,
@@ -107,4 +123,4 @@ def replay_norms(optimizer: FixNorm, model: nn.Module, trace: str, roles: str = 
 
 register_method(Method("fixnorm", "FixNorm: scale-invariant weights and the classifier held at fixed norms "
                        "(base optimizer from `base`; `weight_decay` is not used)", build_fixnorm,
-                       settings=FixNormSettings))
+                       settings=FixNormSettings, decide=decide_fixnorm))

@@ -138,10 +138,12 @@ class TrainConfig:
         if unknown:
             raise FixNormError(f"method_kwargs has settings for unknown method(s) {unknown}; "
                                f"write them as method_kwargs.<method>.<setting>, methods: {list_methods()}")
-        for name in self.method_kwargs:  # a wrong key or type fails here, not when the method is built
-            settings = get_method(name).settings
-            if settings is not None:
-                method_settings(self, name, settings)
+        for name in self.method_kwargs:  # a wrong key, type or value fails here, not when the method is built
+            method = get_method(name)
+            if method.settings is not None:
+                read = method_settings(self, name, method.settings)
+                if method.decide is not None:
+                    method.decide(self, read)
         if not isinstance(self.ema_bn_check, bool):
             raise FixNormError(f"ema_bn_check must be true or false, got {self.ema_bn_check!r}")
         if self.ema_bn_check and not self.ema_decay:
@@ -313,7 +315,7 @@ def _deep_merge(base: Any, update: Any) -> Any:
 # they were before the settings moved, and configs saved then hold them there.
 METHOD_SETTING_SHORTCUTS: dict[str, str] = {key: "fixnorm" for key in (
     "fc_norm", "fc_scale", "granularity", "target_norm", "fc_granularity", "others", "others_weight_decay",
-    "free_steps", "angular_update", "lr_power", "angle_power", "norm_scale", "norm_drift", "equilibrium_wd",
+    "free_steps", "angular_update", "lr_power", "schedule_end", "angle_power", "norm_scale", "norm_drift", "equilibrium_wd",
     "drift_follows_lr", "drift_signal", "norm_replay", "norm_replay_roles", "fc_free_steps", "warmup_count",
     "nonfinite", "fc_max_step", "joint")}
 
@@ -323,6 +325,7 @@ SETTINGS_BEFORE_THEY_EXISTED: dict[str, dict[str, Any]] = {
     "fixnorm": {
         "free_steps": 0,     # before the free phase, norms were held from construction
         "lr_power": 1.0,     # before the square-root schedule law, the schedule was the scale-invariant weights' own
+        "schedule_end": 0.0,  # before it, the square-root law applied to the whole schedule, whatever its end
         "norm_drift": None,  # before drifting norms, the norms taken after the free phase stayed
         "drift_follows_lr": False,  # before it, the drift's time constant was fixed and the lr's law was lr_power's
         "equilibrium_wd": None,  # before the equilibrium ceiling, the norms taken after the free phase were not capped

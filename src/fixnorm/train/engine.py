@@ -32,6 +32,7 @@ from ..hooks import TrainStep
 from ..methods import get_method, with_method_settings
 from ..models import create_model
 from ..run_folder import RunFolder
+from ..schedule import lr_factor
 from .checkpoint import (load_checkpoint, remove_stale_temp_files, save_checkpoint, write_json_atomic,
                          write_text_atomic)
 from .config import TrainConfig, decided, native_precision, saved_config, settings_that_differ
@@ -43,27 +44,6 @@ from .unified_blocks import attach_unified, checked_layers, load_unify_file, pro
 
 StepCallback = Callable[[int, int, int], None]          # (epoch, step in epoch, steps per epoch)
 EpochCallback = Callable[[dict[str, Any]], None]
-
-
-def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
-    """The LR multiplier at optimizer step ``s``: linear warm-up, then cosine / step / exponential / constant."""
-    warmup_steps = cfg.warmup_epochs * steps_per_epoch
-    total_steps = cfg.epochs * steps_per_epoch
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        epoch = step / steps_per_epoch
-        if cfg.schedule == "cosine":
-            t = (step - warmup_steps) / max(1.0, total_steps - warmup_steps)
-            return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-        if cfg.schedule == "step":
-            return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
-        if cfg.schedule == "exponential":
-            return cfg.gamma ** math.floor((epoch - cfg.warmup_epochs) / cfg.decay_epochs)
-        return 1.0
-
-    return factor
 
 
 class Trainer:
