@@ -177,6 +177,8 @@ def test_where_each_schedule_ends_and_fixnorm_bending_only_the_decay_above_it():
         last = lr_factor(cfg, 10)(29)  # the last step of 3 epochs of 10 steps: the factor it names
         assert last == pytest.approx(end, abs=0.01), name
         assert with_method_settings(cfg).method_kwargs["fixnorm"]["schedule_end"] == pytest.approx(end), name
+    from fixnorm.methods.fixnorm_method import FixNormSettings
+    assert FixNormSettings().schedule_end == "auto"  # the engine's default; FixNorm(...) itself defaults to 0
     explicit = make_config({"method": "fixnorm", "schedule_end": 0.0, "schedule": "constant"})
     assert with_method_settings(explicit).method_kwargs["fixnorm"]["schedule_end"] == 0.0
     # a run saved before the setting existed bent the whole schedule: it resumes so, whatever its schedule

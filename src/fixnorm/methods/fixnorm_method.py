@@ -41,7 +41,7 @@ class FixNormSettings:
     angular_update: float | None = None   # rotational mode: radians per step for scale-invariant weights
     lr_power: float | str = "auto"        # scale-invariant weights step with lr0 * (lr / lr0) ** lr_power; "auto": 1
                                           # where the drift follows the lr, DEFAULT_LR_POWER otherwise
-    schedule_end: float | str = 0.0       # the lr_power bend applies to the decay above this lr factor; "auto": the
+    schedule_end: float | str = "auto"    # the lr_power bend applies to the decay above this lr factor; "auto": the
                                           # factor the run's schedule ends at (0 for a cosine to zero)
     angle_power: float = 1.0              # rotational mode: the angle follows (lr / lr0) ** angle_power
     norm_drift: int | str | None = "auto"  # held norms drift with the gradient scale over N steps; "auto": 500
