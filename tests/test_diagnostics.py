@@ -57,10 +57,11 @@ def test_measured_angle_is_effective_lr_times_unit_norm_gradient(tmp_path, lr_po
 
     With a milestone at epoch 0 the scheduler's lr is 0.05 / 4 throughout, and lr_power 0.5 makes the
     scale-invariant weights step with 0.05 * (1/4) ** 0.5 = 0.025: eff_lr must be the lr they step with.
+    (schedule_end=0: "auto" would read this schedule's end, 1/4, and leave an lr at its floor unbent.)
     """
     cfg = make_config(TINY, {"method": "fixnorm", "free_steps": 0, "momentum": 0.0, "nesterov": False,
                              "schedule": "step", "milestones": [0.0], "gamma": 0.25, "lr_power": lr_power,
-                             "lr": 0.05, "epochs": 1})
+                             "schedule_end": 0.0, "lr": 0.05, "epochs": 1})
     stepped = 0.05 * 0.25 ** lr_power
     train(cfg, tmp_path / "run")
     record = rows(tmp_path / "run")[-1]
