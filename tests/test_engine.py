@@ -197,6 +197,11 @@ def test_the_engine_hands_fixnorm_the_end_of_its_schedule(tmp_path):
     assert invariant and all(g["schedule_end"] == pytest.approx(0.25) for g in invariant)
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["method_kwargs"]["fixnorm"]["schedule_end"] == pytest.approx(0.25)
+    # a run stopped after epoch 1 and resumed ends bit for bit like one that never stopped
+    train(cfg, tmp_path / "straight")
+    train_until(cfg, tmp_path / "stopped", epoch=1)
+    Trainer(None, tmp_path / "stopped", resume=True).fit()
+    assert_same_weights(weights(tmp_path / "straight" / "last.pt"), weights(tmp_path / "stopped" / "last.pt"))
 
 
 # -- runs ----------------------------------------------------------------------------------------

@@ -203,8 +203,8 @@ class FixNorm(torch.optim.Optimizer):
             at or below it, so at the schedule's end their angle is annealed by as much as the schedule anneals.
             0 (default: a schedule that ends at zero, such as cosine) is the plain ``lr0 * r ** lr_power``; 1 no
             bend. Why: with a schedule ending at a quarter of its lr the plain square root anneals the angle to
-            only half its start, and FixNorm trailed SGD + weight decay by 0.7 points (docs/fixnorm.md, "A
-            schedule that ends high"). The engine sets it from the config.
+            only half its start, and FixNorm trailed SGD + weight decay by 0.7 points (docs/fixnorm.md, "The
+            seventh fix"). The engine sets it from the config (``schedule_end="auto"``).
         norm_drift: the scale-invariant weights' held norms drift with their gradient scale as
             weight decay's equilibrium norms do (``HoldNorms(drift_steps=...)``: a running mean over
             this many steps of the squared unit-norm gradient, the norm going as its fourth root,
