@@ -896,20 +896,28 @@ def test_norm_scale_multiplies_the_effective_learning_rate_of_the_scale_invarian
         FixNorm(small_net(), x, norm_scale=-1.0, lr=0.1)
 
 
-def test_lr_power_bends_the_schedule_of_the_scale_invariant_weights_only():
-    """lr_power=0.5 at a scheduled lr of lr0/4: the convs step as with lr0/2, the classifier with lr0/4."""
+def bent_and_plain(scheduled_lr, invariant_lr, **bent_kwargs):
+    """Two small nets trained 3 steps: one by FixNorm(lr=0.4, **bent_kwargs) with every group's lr set to
+    ``scheduled_lr`` (a scheduler's value), one by a plain FixNorm whose scale-invariant weights get ``invariant_lr``
+    and every other group ``scheduled_lr``. Returns (bent model, bent optimizer, plain model)."""
     data = batches(3)
     x = data[0][0]
     bent_model, plain_model = small_net(), small_net()
-    bent = FixNorm(bent_model, x, lr=0.4, lr_power=0.5)
+    bent = FixNorm(bent_model, x, lr=0.4, **bent_kwargs)
     for g in bent.param_groups:
-        g["lr"] = 0.1  # a scheduler's lr0 / 4
-    plain = FixNorm(plain_model, x, lr=0.2)  # lr0 * (1/4) ** 0.5
+        g["lr"] = scheduled_lr
+    plain = FixNorm(plain_model, x, lr=invariant_lr)
     for g in plain.param_groups:
         if g["role"] != "scale_invariant":
-            g["lr"] = 0.1
+            g["lr"] = scheduled_lr
     train(bent_model, bent, data)
     train(plain_model, plain, data)
+    return bent_model, bent, plain_model
+
+
+def test_lr_power_bends_the_schedule_of_the_scale_invariant_weights_only():
+    """lr_power=0.5 at a scheduled lr of lr0/4: the convs step as with lr0/2, the classifier with lr0/4."""
+    bent_model, bent, plain_model = bent_and_plain(0.1, 0.2, lr_power=0.5)  # 0.2 = lr0 * (1/4) ** 0.5
     for (name, a), (_, b) in zip(bent_model.state_dict().items(), plain_model.state_dict().items()):
         assert torch.equal(a, b), name
     assert all(g["lr"] == 0.1 for g in bent.param_groups)  # the scheduler's values are left as they were
@@ -979,21 +987,12 @@ def test_schedule_end_bends_only_the_decay_above_the_schedules_floor():
 def test_schedule_end_through_the_optimizer_steps_the_invariant_weights_with_the_bent_lr():
     """At a scheduled lr0 / 2 with schedule_end 1/4 and lr_power 0.5 the convs step as a plain FixNorm at
     lr0 * (1/4 + 3/4 * (1/3) ** 0.5); the classifier with lr0 / 2."""
-    data = batches(3)
-    x = data[0][0]
-    bent_model, plain_model = small_net(), small_net()
-    bent = FixNorm(bent_model, x, lr=0.4, lr_power=0.5, schedule_end=0.25)
-    for g in bent.param_groups:
-        g["lr"] = 0.2
-    plain = FixNorm(plain_model, x, lr=0.4 * (0.25 + 0.75 * (1 / 3) ** 0.5))
-    for g in plain.param_groups:
-        if g["role"] != "scale_invariant":
-            g["lr"] = 0.2
-    train(bent_model, bent, data)
-    train(plain_model, plain, data)
+    bent_model, bent, plain_model = bent_and_plain(0.2, 0.4 * (0.25 + 0.75 * (1 / 3) ** 0.5), lr_power=0.5,
+                                                   schedule_end=0.25)
     for (name, a), (_, b) in zip(bent_model.state_dict().items(), plain_model.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)  # the two lrs agree to rounding only
     assert all(g["lr"] == 0.2 for g in bent.param_groups)
+    x = batches(1)[0][0]
     for bad in (-0.1, 1.5, True, "auto"):
         with pytest.raises(FixNormError, match="schedule_end"):
             FixNorm(small_net(), x, lr=0.4, schedule_end=bad)
