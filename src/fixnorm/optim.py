@@ -99,6 +99,12 @@ def _is_positive_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
+def is_schedule_end(value: Any) -> bool:
+    """A valid ``schedule_end``: a number from 0 to 1, not a bool. FixNorm checks it, and so does the engine's method
+    setting when the config is made."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
+
+
 def _positive_weight_decay(value: Any, given: Any) -> float:
     """``value`` as a float, or the error naming ``given``, what the user passed as ``equilibrium_wd``."""
     if not _is_positive_number(value):
@@ -332,8 +338,7 @@ class FixNorm(torch.optim.Optimizer):
             raise FixNormError(f"angle_power must be a positive number, got {angle_power!r}")
         if lr_power != "auto" and not _is_positive_number(lr_power):
             raise FixNormError(f"lr_power must be 'auto' or a positive number, got {lr_power!r}")
-        if (isinstance(schedule_end, bool) or not isinstance(schedule_end, (int, float))
-                or not 0 <= schedule_end <= 1):
+        if not is_schedule_end(schedule_end):
             raise FixNormError(f"schedule_end is the lr factor the schedule ends at (last lr / first lr), from 0 to "
                                f"1, got {schedule_end!r}")
         if not _is_positive_number(fc_scale):
@@ -954,11 +959,8 @@ def stepping_lr(group: Mapping[str, Any]) -> float:
     power, ref = group.get("lr_power", 1.0), group.get("lr_ref")
     if power == 1.0 or not ref:
         return group["lr"]
-    end = group.get("schedule_end", 0.0)
-    ratio = group["lr"] / ref
-    if end == 0.0:
-        return ref * ratio ** power
-    if end >= 1.0 or ratio <= end:
+    end, ratio = group.get("schedule_end", 0.0), group["lr"] / ref
+    if end >= 1.0 or ratio <= end:  # at e = 0 the formula below is ref * ratio ** power exactly
         return group["lr"]
     return ref * (end + (1 - end) * ((ratio - end) / (1 - end)) ** power)
 

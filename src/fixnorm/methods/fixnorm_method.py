@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import FixNormError
-from ..optim import DEFAULT_FC_MAX_STEP, DEFAULT_FREE_STEPS, DEFAULT_JOINT, FixNorm
+from ..optim import DEFAULT_FC_MAX_STEP, DEFAULT_FREE_STEPS, DEFAULT_JOINT, FixNorm, is_schedule_end
 from ..rules import FollowNorms, attach
 from ..schedule import schedule_end
 from . import Method, method_settings, register_method
@@ -70,7 +70,7 @@ def decide_fixnorm(cfg: TrainConfig, s: FixNormSettings) -> FixNormSettings:
     a number is checked."""
     if s.schedule_end == "auto":
         return dataclasses.replace(s, schedule_end=schedule_end(cfg))
-    if isinstance(s.schedule_end, bool) or not isinstance(s.schedule_end, (int, float)) or not 0 <= s.schedule_end <= 1:
+    if not is_schedule_end(s.schedule_end):
         raise FixNormError(f"method_kwargs.fixnorm.schedule_end must be auto or a number from 0 to 1 (the lr factor "
                            f"the schedule ends at), got {s.schedule_end!r}")
     return s

@@ -57,8 +57,9 @@ class EmaHook(Hook):
                                               else trainer.evaluate(self.ema.module)[1])
         record["ema/test_acc_student_buffers"] = trainer.evaluate(with_student_buffers(self.ema.module,
                                                                                        trainer.model))[1]
-        record["ema/test_acc_recomputed_bn"] = trainer.evaluate(recomputed_on_training_images(trainer,
-                                                                                             self.ema.module))[1]
+        same_images = scored is not self.ema.module and trainer.cfg.precise_bn == BN_CHECK_IMAGES
+        record["ema/test_acc_recomputed_bn"] = (record["ema_test_acc"] if same_images else trainer.evaluate(
+            recomputed_on_training_images(trainer, self.ema.module))[1])
 
     def state_dict(self) -> dict[str, Any]:
         return {"ema": self.ema.state_dict()}
