@@ -1067,15 +1067,25 @@ def test_norm_drift_moves_held_norms_as_the_fourth_root_of_the_unit_gradient_mea
     assert any(abs(float(w.detach().norm()) / t - 1) > 1e-3 for w, t in zip(convs, taken)), "the norms never drifted"
 
 
-def test_growth_signal_runs_weight_decays_norm_equation_on_the_growth_each_step_made():
+@pytest.mark.parametrize("lr_power,schedule_end", [("auto", 0.0), (0.5, 0.0), (0.5, 0.25)])
+def test_growth_signal_runs_weight_decays_norm_equation_on_the_growth_each_step_made(lr_power, schedule_end):
     """drift_signal="growth": after the norms are taken, each step's held norm t_k satisfies
     t_k**4 = (1 - r_k / N) t_{k-1}**4 + 2 (|w'_k|**2 - t_{k-1}**2) t_{k-1}**2, w'_k the weight the base step reached
-    (before the projection), r_k the lr ratio, N weight decay's relaxation time at lr0; the classifier stays."""
+    (before the projection), r_k the scheduler's lr ratio, N weight decay's relaxation time at lr0; the classifier
+    stays. With an lr_power bend the base step takes the bent lr (the growth it makes is what is measured) and the
+    decay keeps the scheduler's rate."""
     data, free, lr, momentum = batches(9), 4, 0.3, 0.9
     factors = [1.0, 1.0, 0.8, 0.5, 0.9, 0.3, 0.2, 0.6, 0.1]
+    power = 1.0 if lr_power == "auto" else lr_power
+
+    def bent(ratio: float) -> float:  # the stepping lr's law, written out (docs/fixnorm.md, "The seventh fix")
+        if power == 1.0 or ratio <= schedule_end:
+            return lr * ratio
+        return lr * (schedule_end + (1 - schedule_end) * ((ratio - schedule_end) / (1 - schedule_end)) ** power)
+
     model = small_net()
     opt = _FixNorm(model, data[0][0], free_steps=free, drift_signal="growth", equilibrium_wd=WD_RELAXING_IN_4_STEPS,
-                   lr=lr, momentum=momentum)
+                   lr=lr, momentum=momentum, lr_power=lr_power, schedule_end=schedule_end)
     rule = opt._waiting[0][0]
     assert rule.drift_signal == "growth" and rule.drift_steps == 4  # (1 - 0.9) / (4 * 0.3 * wd)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: factors[min(step, 8)])
@@ -1095,7 +1105,8 @@ def test_growth_signal_runs_weight_decays_norm_equation_on_the_growth_each_step_
             continue
         rate = (step_lr / lr) / 4
         for w, b in zip(convs, before):
-            reached = b - step_lr * opt.state[w]["momentum_buffer"]  # SGD with momentum, no dampening, no nesterov
+            # SGD with momentum, no dampening, no nesterov, at the bent lr
+            reached = b - bent(step_lr / lr) * opt.state[w]["momentum_buffer"]
             held_sq, reached_sq = float(b.norm()) ** 2, float(reached.norm()) ** 2
             expected = ((1 - rate) * held_sq ** 2 + 2 * (reached_sq - held_sq) * held_sq) ** 0.25
             assert float(w.detach().norm()) == pytest.approx(expected, rel=1e-4), k

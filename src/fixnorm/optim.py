@@ -229,7 +229,7 @@ class FixNorm(torch.optim.Optimizer):
             once the lr is too small for weight decay to move a norm within the run, the norm freezes and the
             angle follows the lr, as under SGD + weight decay late in a decaying schedule or right after a
             milestone drop. The weights then step with the scheduler's lr (``lr_power`` "auto" is 1; another
-            value is an error). True needs an SGD base, the lr and drifting norms; "auto" (default):
+            value is an error, except with ``drift_signal="growth"``). True needs an SGD base, the lr and drifting norms; "auto" (default):
             ``DEFAULT_DRIFT_FOLLOWS_LR`` where those hold and ``lr_power`` is "auto" or 1; False: the drift
             keeps a fixed time constant and the lr's law is ``lr_power``'s.
         drift_signal: what moves the held norms when they follow the lr. "gradient" (default): the law above,
@@ -238,7 +238,9 @@ class FixNorm(torch.optim.Optimizer):
             norm equation driven by the norm growth FixNorm's own steps make, measured before each projection
             (``HoldNorms(drift_signal="growth")``): to first order decoupled weight decay ``lr * wd / (1 -
             momentum)`` per step on the norm alone, so the effective lr is weight decay's, step by step, with its
-            feedback. Needs ``drift_follows_lr`` ("auto" becomes True).
+            feedback. Needs ``drift_follows_lr`` ("auto" becomes True). An explicit ``lr_power`` (with
+            ``schedule_end``) bends the steps on top: the growth those bent steps make is what the norms take, the
+            decay keeps the scheduler's rate (docs/fixnorm.md, "The eighth fix").
         equilibrium_wd: with drifting norms (SGD base): no scale-invariant weight is held above the norm
             SGD with this weight decay settles at, ``|w|**4 = K |g~|**2`` with ``K = lr / (2 wd (1 - momentum))``
             (lr and momentum as given to FixNorm; ``HoldNorms(ceiling=K)``). Weight decay pulls a norm above
@@ -381,10 +383,11 @@ class FixNorm(torch.optim.Optimizer):
                 norm_drift = relaxation
             if lr_power == "auto":
                 lr_power = 1.0
-            elif lr_power != 1:
+            elif lr_power != 1 and drift_signal != "growth":
                 raise FixNormError("drift_follows_lr moves the held norms with the lr as weight decay's do, which "
                                    f"already gives the square-root law; lr_power={lr_power} would apply the lr's law "
-                                   "a second time: leave lr_power at 'auto' (1)")
+                                   "a second time: leave lr_power at 'auto' (1), or use drift_signal='growth', whose "
+                                   "norms follow the growth measured, not a law in the lr")
         if lr_power == "auto":
             lr_power = DEFAULT_LR_POWER
         if norm_drift == "auto":  # the drift is SGD's law: an adaptive step's size ignores the gradient's scale
