@@ -614,7 +614,7 @@ def test_a_run_saved_before_a_setting_existed_resumes_with_the_value_it_trained_
     settings = fixnorm_settings(resumed.cfg)
     assert settings.free_steps == 0 and settings.lr_power == 1.0 and settings.norm_drift is None
     assert settings.equilibrium_wd is None and settings.fc_free_steps == "free_steps" and settings.warmup_count is True
-    assert settings.drift_follows_lr is False
+    assert settings.drift_follows_lr is False and settings.drift_signal == "gradient"
     assert resumed.cfg.method_kwargs["fixnorm"]["free_steps"] == 0  # written out in full from now on
     assert resumed.fit()["final_test_acc"] == train(cfg, tmp_path / "straight")["final_test_acc"]
 

@@ -799,11 +799,16 @@ def test_the_default_free_phase_is_documented_and_used():
     assert opt.free_steps == fixnorm.optim.DEFAULT_FREE_STEPS > 0
     from fixnorm.methods.fixnorm_method import FixNormSettings
     assert FixNormSettings().free_steps == fixnorm.optim.DEFAULT_FREE_STEPS
-    assert opt.param_groups[0]["lr_power"] == fixnorm.optim.DEFAULT_LR_POWER == 0.5  # "auto", the drift not following
+    assert opt.param_groups[0]["lr_power"] == fixnorm.optim.DEFAULT_LR_POWER == 0.5  # "auto": the bend, kept
     assert FixNormSettings().lr_power == "auto" and FixNormSettings().drift_follows_lr == "auto"  # the lr: 0.5
-    assert not fixnorm.optim.DEFAULT_DRIFT_FOLLOWS_LR
-    assert not any(r.drift_lr for r in opt._hold_rules())
+    # the default drift: weight decay's norm equation on the measured growth ("auto" over SGD, no joint groups)
+    assert FixNormSettings().drift_signal == fixnorm.optim.DEFAULT_DRIFT_SIGNAL == "auto"
+    assert opt.drift_signal == "growth" and [r.drift_signal for r in opt._hold_rules() if r.drift_lr] == ["growth"]
+    assert not fixnorm.optim.DEFAULT_DRIFT_FOLLOWS_LR  # the gradient law, asked for, does not follow the lr
+    gradient = _FixNorm(small_net(), torch.randn(4, 1, 8, 8), lr=0.1, drift_signal="gradient")
+    assert not any(r.drift_lr for r in gradient._hold_rules()) and gradient.param_groups[0]["lr_power"] == 0.5
     follows = _FixNorm(small_net(), torch.randn(4, 1, 8, 8), lr=0.1, momentum=0.9, drift_follows_lr=True)
+    assert follows.drift_signal == "gradient"  # the gradient law in the lr, as asked
     assert all("lr_power" not in g for g in follows.param_groups)  # "auto" is 1 with it: the scheduler's lr
     # the relaxation time of weight decay 5e-4 at lr 0.1, momentum 0.9: (1 - 0.9) / (4 * 0.1 * 5e-4)
     assert [r.drift_steps for r in follows._hold_rules() if r.drift_lr] == [500]
@@ -814,8 +819,10 @@ def test_the_default_norm_drift_applies_only_where_the_norms_come_from_a_free_ph
     drifts = lambda opt: sorted(r.drift_steps for r in opt._hold_rules() if r.drift_steps)  # noqa: E731
     from fixnorm.methods.fixnorm_method import FixNormSettings
     assert FixNormSettings().norm_drift == "auto"
-    assert drifts(_FixNorm(small_net(), x, lr=0.1)) == [fixnorm.optim.DEFAULT_NORM_DRIFT]  # the convs' rule only
+    # the gradient law's time constant; the default growth law's is weight decay's relaxation time at lr0
+    assert drifts(_FixNorm(small_net(), x, lr=0.1, drift_signal="gradient")) == [fixnorm.optim.DEFAULT_NORM_DRIFT]
     assert fixnorm.optim.DEFAULT_NORM_DRIFT == 500
+    assert drifts(_FixNorm(small_net(), x, lr=0.1, momentum=0.9)) == [500]  # (1 - 0.9) / (4 * 0.1 * 5e-4)
     for off in ({"free_steps": 0}, {"granularity": "filter"}, {"target": 2.0}, {"norm_drift": None},
                 {"angular_update": 0.01}, {"base": torch.optim.Adam}, {"base": torch.optim.RMSprop}):
         assert drifts(_FixNorm(small_net(), x, lr=0.1, **off)) == [], off
@@ -1115,6 +1122,42 @@ def test_growth_signal_runs_weight_decays_norm_equation_on_the_growth_each_step_
     assert moved, "the norms never moved"
 
 
+def test_drift_signal_auto_is_the_growth_law_with_the_bend_where_sgds_law_applies_and_the_gradient_law_elsewhere():
+    """"auto" (the default) trains bit for bit as drift_signal="growth" with lr_power=0.5 over SGD; it keeps the
+    gradient law where the growth law cannot apply or another choice was made, without an error."""
+    data = batches(6)
+
+    def trained(**kwargs) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = small_net()
+        opt = _FixNorm(model, data[0][0], free_steps=2, lr=0.3, momentum=0.9, **kwargs)
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: [1.0, 1.0, 0.7, 0.4, 0.3, 0.2][min(step, 5)])
+        for x, y in data:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            schedule.step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    auto, explicit = trained(), trained(drift_signal="growth", lr_power=0.5)
+    assert all(torch.equal(a, b) for a, b in zip(auto, explicit))
+    assert not all(torch.equal(a, b) for a, b in zip(auto, trained(drift_signal="gradient")))
+    x = data[0][0]
+    for kwargs in ({"base": torch.optim.Adam}, {"dampening": 0.1}, {"drift_follows_lr": False},
+                   {"drift_follows_lr": True}, {"norm_drift": None}, {"free_steps": 0}, {"granularity": "filter"},
+                   {"target": 2.0}, {"joint": "hold"}):
+        opt = _FixNorm(small_net(), x, lr=0.1, **kwargs)
+        assert opt.drift_signal == "gradient", kwargs
+    assert _FixNorm(small_net(), x, lr=0.1, lr_power=1).drift_signal == "growth"  # the law with the bend asked off
+    torch.manual_seed(0)  # joint groups (held by default) keep the gradient law, which the joint rule has
+    split = split_conv_net(nn.Sequential(nn.Conv2d(2, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)))
+    opt = _FixNorm(split, torch.randn(4, 2, 8, 8), lr=0.1)
+    assert (opt.drift_signal, opt.joint_policy) == ("gradient", "hold")
+    with pytest.raises(FixNormError, match="drift_signal must be one of"):
+        _FixNorm(small_net(), x, lr=0.1, drift_signal="norms")
+
+
 def test_a_state_saved_with_fixed_norms_does_not_load_into_drifting_norms():
     """(Resuming with drifting norms, bit for bit: test_resume_inside_and_after_the_free_phase_is_bit_identical.)"""
     x = batches(1)[0][0]
@@ -1182,7 +1225,7 @@ def test_the_equilibrium_ceiling_is_where_sgd_with_weight_decay_settles():
     assert norm4_sgd / grad_sq == pytest.approx(lr / (2 * wd * (1 - momentum)), rel=0.15)
     held = net()
     opt = _FixNorm(held, torch.randn(8, 32), free_steps=20, norm_drift=200, equilibrium_wd=wd, lr=lr,
-                   momentum=momentum)
+                   momentum=momentum, drift_signal="gradient")  # the ceiling on the gradient law's norms
     assert float(held[0].weight.detach().norm()) ** 4 > 10 * norm4_sgd
     norm4_held, _ = run(held, opt, 2000)
     assert norm4_held == pytest.approx(norm4_sgd, rel=0.25)
@@ -1526,10 +1569,11 @@ def test_a_split_weight_held_jointly_trains_as_the_whole_weight_held_per_tensor(
     split = split_conv_net(whole)
     g = torch.Generator().manual_seed(3)
     data = [(torch.randn(16, 2, 8, 8, generator=g), torch.randint(0, 4, (16,), generator=g)) for _ in range(12)]
+    # the joint rule has the gradient law (drift_signal "auto" keeps it where joint groups are held)
     settings = {"free_steps": 4, "norm_drift": 3, "equilibrium_wd": 5e-3, "lr": 0.5, "momentum": 0.9}
-    opt_whole = _FixNorm(whole, data[0][0], **settings)
+    opt_whole = _FixNorm(whole, data[0][0], drift_signal="gradient", **settings)
     opt_split = _FixNorm(split, data[0][0], joint="hold", **settings)
-    assert opt_split.roles.joint == [["0.a", "0.b"]]
+    assert opt_split.roles.joint == [["0.a", "0.b"]] and opt_split.drift_signal == "gradient"
     assert {e.name: e.role for e in opt_whole.plan.entries}["0.weight"] == "scale-invariant"
     for x, y in data:
         for model, opt in ((whole, opt_whole), (split, opt_split)):

@@ -51,6 +51,13 @@ DEFAULT_EQUILIBRIUM_WD = 5e-4
 # WD's on the 24-epoch speedrun) but gives up the default's small edge on 3-epoch runs; within noise both ways, and
 # the rule fixed before the runs asked for more, so it is off by default.
 DEFAULT_DRIFT_FOLLOWS_LR = False
+# What moves the held norms (``drift_signal``). "auto": weight decay's own norm equation on the growth each step makes
+# ("growth"), with the square-root bend of the steps kept, wherever SGD's law applies and no joint groups are held;
+# the gradient law elsewhere. On short runs weight decay's norms keep growing after the free phase where the gradient
+# law holds them flat, so at the end of a schedule that ends high FixNorm turned its weights 1.4-1.9x as much as SGD +
+# WD at the same lr. Measured in docs/fixnorm.md ("The eighth fix").
+DEFAULT_DRIFT_SIGNAL = "auto"
+DRIFT_SIGNAL_SETTINGS = ("auto",) + DRIFT_SIGNALS
 # The classifier's largest step, as a multiple of its norm before the step (``fc_max_step``). At a large lr the first
 # steps from a small initial classifier overwrite it (ResNet-20 at lr 0.8: 1.9x its norm in step 1) and the run never
 # recovers what that costs; at the recipes' lr 0.1 the classifier moves at most 0.24x its norm (step 1), then under
@@ -317,7 +324,7 @@ class FixNorm(torch.optim.Optimizer):
         schedule_end: float = 0.0,
         norm_drift: int | str | None = "auto",
         drift_follows_lr: bool | str = "auto",
-        drift_signal: str = "gradient",
+        drift_signal: str = DEFAULT_DRIFT_SIGNAL,
         equilibrium_wd: float | str | None = "auto",
         fc_free_steps: int | str | None = "auto",
         fc_max_step: float | None = DEFAULT_FC_MAX_STEP,
@@ -367,8 +374,32 @@ class FixNorm(torch.optim.Optimizer):
         drift_applies = free_steps > 0 and target == "initial" and granularity == "tensor" and angular_update is None
         if drift_follows_lr not in (True, False, "auto"):
             raise FixNormError(f"drift_follows_lr must be 'auto', True or False, got {drift_follows_lr!r}")
-        if drift_signal not in DRIFT_SIGNALS:
-            raise FixNormError(f"drift_signal must be one of {DRIFT_SIGNALS}, got {drift_signal!r}")
+        if drift_signal not in DRIFT_SIGNAL_SETTINGS:
+            raise FixNormError(f"drift_signal must be one of {DRIFT_SIGNAL_SETTINGS}, got {drift_signal!r}")
+        if joint not in JOINT_SETTINGS:  # before the analysis, which "hold" makes longer (build_plan checks too)
+            raise FixNormError(f"unknown joint policy {joint!r}; choose one of {JOINT_SETTINGS}")
+        # the joint groups are looked for wherever they could be held (drift_signal "auto" needs to know)
+        joint_possible = (target == "initial" and angular_update is None and drift_follows_lr is not True
+                          and drift_signal != "growth")
+        if base_kwargs.get("weight_decay"):
+            raise FixNormError(
+                f"weight_decay={base_kwargs['weight_decay']} would act on the constrained weights, where the "
+                "projection undoes it: FixNorm replaces weight decay. Drop it, or use others='decay', "
+                "others_weight_decay=... to decay only the unconstrained parameters")
+        if roles is None:
+            if example_inputs is None:
+                raise FixNormError("FixNorm needs example_inputs (a batch for model(*example_inputs)) to find "
+                                   "the parameter roles, or roles= from fixnorm.analyze()")
+            roles = analyze(model, example_inputs, joint=joint == "hold" or (joint == "auto" and joint_possible))
+        if drift_signal == "auto":  # weight decay's norm equation with the bend, where SGD's law applies
+            lr0 = base_kwargs.get("lr")
+            growth_applies = (drift_applies and drift_follows_lr == "auto" and norm_drift is not None
+                              and issubclass(base, torch.optim.SGD) and not base_kwargs.get("dampening", 0)
+                              and _is_positive_number(lr0) and joint != "hold" and not (roles.joint and joint == "auto"))
+            drift_signal = "growth" if growth_applies else "gradient"
+            if growth_applies and lr_power == "auto":
+                lr_power = DEFAULT_LR_POWER
+        self.drift_signal: str = drift_signal  # "growth" or "gradient", after "auto" was decided
         if drift_signal == "growth":
             if drift_follows_lr is False:
                 raise FixNormError("drift_signal='growth' runs weight decay's norm equation, whose rate follows the "
@@ -400,8 +431,6 @@ class FixNorm(torch.optim.Optimizer):
                                    "needs free_steps >= 1, target='initial', granularity='tensor' and no "
                                    "angular_update")
         ceiling = equilibrium_constant(equilibrium_wd, norm_drift, base, base_kwargs)
-        if joint not in JOINT_SETTINGS:  # before the analysis, which "hold" makes longer (build_plan checks too)
-            raise FixNormError(f"unknown joint policy {joint!r}; choose one of {JOINT_SETTINGS}")
         joint_applies = target == "initial" and angular_update is None and not drift_follows_lr
         if joint == "auto":
             joint = "hold" if joint_applies else "free"
@@ -409,16 +438,6 @@ class FixNorm(torch.optim.Optimizer):
             raise FixNormError("joint='hold' holds the joint norms training chose, with the default drift: it does "
                                "not combine with a numeric target, angular_update or drift_follows_lr (per-tensor "
                                "laws); use joint='free' with those")
-        if base_kwargs.get("weight_decay"):
-            raise FixNormError(
-                f"weight_decay={base_kwargs['weight_decay']} would act on the constrained weights, where the "
-                "projection undoes it: FixNorm replaces weight decay. Drop it, or use others='decay', "
-                "others_weight_decay=... to decay only the unconstrained parameters")
-        if roles is None:
-            if example_inputs is None:
-                raise FixNormError("FixNorm needs example_inputs (a batch for model(*example_inputs)) to find "
-                                   "the parameter roles, or roles= from fixnorm.analyze()")
-            roles = analyze(model, example_inputs, joint=joint == "hold")
         named = dict(model.named_parameters())
         refuse_lazy_parameters(named)  # roles= skips the analysis, which refuses them too
         if set(roles.shapes) != set(named):

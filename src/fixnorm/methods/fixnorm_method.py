@@ -47,8 +47,9 @@ class FixNormSettings:
     norm_drift: int | str | None = "auto"  # held norms drift with the gradient scale over N steps; "auto": 500
                                            # steps where the norms come from a free phase per tensor; None: off
     drift_follows_lr: bool | str = "auto"  # the drift follows weight decay's norm dynamics in the lr too
-    drift_signal: str = "gradient"        # what moves the norms then: "gradient" (the uncorrelated-gradient law) or
+    drift_signal: str = "auto"            # what moves the norms: "gradient" (the uncorrelated-gradient law),
                                           # "growth" (weight decay's norm equation on the growth each step makes)
+                                          # or "auto": growth with the lr_power bend over SGD, no joint groups held
     equilibrium_wd: float | str | None = "auto"  # no drifting norm above SGD + weight decay's equilibrium for this
                                                  # wd; "auto": 5e-4 with an SGD base and drifting norms; None: off
     joint: str = DEFAULT_JOINT            # weights scale-invariant only together (a pre-activation net's residual

@@ -328,6 +328,7 @@ SETTINGS_BEFORE_THEY_EXISTED: dict[str, dict[str, Any]] = {
         "schedule_end": 0.0,  # before it, the square-root law applied to the whole schedule, whatever its end
         "norm_drift": None,  # before drifting norms, the norms taken after the free phase stayed
         "drift_follows_lr": False,  # before it, the drift's time constant was fixed and the lr's law was lr_power's
+        "drift_signal": "gradient",  # before "auto" (stop 50) and before the setting existed, the gradient law
         "equilibrium_wd": None,  # before the equilibrium ceiling, the norms taken after the free phase were not capped
         "fc_free_steps": "free_steps",  # before the classifier's own free phase, it was held from free_steps on
         "fc_max_step": None,  # before the classifier's step cap, its steps were the base optimizer's
