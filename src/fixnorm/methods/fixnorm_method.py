@@ -44,8 +44,9 @@ class FixNormSettings:
     schedule_end: float | str = "auto"    # the lr_power bend applies to the decay above this lr factor; "auto": the
                                           # factor the run's schedule ends at (0 for a cosine to zero)
     angle_power: float = 1.0              # rotational mode: the angle follows (lr / lr0) ** angle_power
-    norm_drift: int | str | None = "auto"  # held norms drift with the gradient scale over N steps; "auto": 500
-                                           # steps where the norms come from a free phase per tensor; None: off
+    norm_drift: int | str | None = "auto"  # held norms drift over N steps; "auto" where the norms come from a free
+                                           # phase per tensor: weight decay's relaxation time at lr0 under the
+                                           # growth law (500 steps at lr 0.1), 500 under the gradient law; None: off
     drift_follows_lr: bool | str = "auto"  # the drift follows weight decay's norm dynamics in the lr too
     drift_signal: str = "auto"            # what moves the norms: "gradient" (the uncorrelated-gradient law),
                                           # "growth" (weight decay's norm equation on the growth each step makes)
