@@ -40,7 +40,8 @@ class FixNormSettings:
     warmup_count: bool | str = "auto"     # free phases counted in full-lr steps through a warm-up; "auto": over SGD
     angular_update: float | None = None   # rotational mode: radians per step for scale-invariant weights
     lr_power: float | str = "auto"        # scale-invariant weights step with lr0 * (lr / lr0) ** lr_power; "auto": 1
-                                          # where the drift follows the lr, DEFAULT_LR_POWER otherwise
+                                          # where the gradient law's drift follows the lr or drift_signal="growth" is
+                                          # given, DEFAULT_LR_POWER otherwise (the default growth law included)
     schedule_end: float | str = "auto"    # the lr_power bend applies to the decay above this lr factor; "auto": the
                                           # factor the run's schedule ends at (0 for a cosine to zero)
     angle_power: float = 1.0              # rotational mode: the angle follows (lr / lr0) ** angle_power
