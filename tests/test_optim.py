@@ -1158,6 +1158,34 @@ def test_drift_signal_auto_is_the_growth_law_with_the_bend_where_sgds_law_applie
         _FixNorm(small_net(), x, lr=0.1, drift_signal="norms")
 
 
+def test_a_tensor_lr_is_read_as_its_value_and_a_zero_or_bad_lr_is_a_clear_error():
+    """torch.optim accepts a one-element tensor lr: SGD's norm laws read its value (it once made "auto" fall back to
+    the gradient law silently), and train bit for bit as the same float lr does. An lr SGD's laws cannot use is an
+    error naming the lr."""
+    data = batches(5)
+
+    def trained(lr: float | torch.Tensor) -> tuple[str, list[torch.Tensor]]:
+        torch.manual_seed(0)
+        model = small_net()
+        opt = _FixNorm(model, data[0][0], free_steps=2, lr=lr, momentum=0.9)
+        for x, y in data:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        return opt.drift_signal, [p.detach().clone() for p in model.parameters()]
+
+    (signal, weights), (tensor_signal, tensor_weights) = trained(0.3), trained(torch.tensor(0.3))
+    assert signal == tensor_signal == "growth"
+    assert all(torch.equal(a, b) for a, b in zip(weights, tensor_weights))
+    x = data[0][0]
+    with pytest.raises(FixNormError, match="positive lr"):
+        _FixNorm(small_net(), x, lr=0.0)
+    with pytest.raises(FixNormError, match="one-element tensor"):
+        _FixNorm(small_net(), x, lr=torch.tensor([0.1, 0.2]))
+    with pytest.raises(FixNormError, match="lr must be a number"):
+        _FixNorm(small_net(), x, lr="0.1")
+
+
 def test_a_state_saved_with_fixed_norms_does_not_load_into_drifting_norms():
     """(Resuming with drifting norms, bit for bit: test_resume_inside_and_after_the_free_phase_is_bit_identical.)"""
     x = batches(1)[0][0]

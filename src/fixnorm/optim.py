@@ -14,6 +14,7 @@ gradient checks of the unconstrained parameters.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -88,9 +89,12 @@ def equilibrium_constant(equilibrium_wd: float | str | None, norm_drift: int | N
     if not issubclass(base, torch.optim.SGD):
         problems.append(f"equilibrium_wd={equilibrium_wd} is SGD's equilibrium norm; {base.__name__} settles "
                         "elsewhere. Set equilibrium_wd=None with this base")
-    if base_kwargs.get("dampening", 0) or "lr" not in base_kwargs:
+    lr = given_lr(base_kwargs)
+    if base_kwargs.get("dampening", 0) or lr is None:
         problems.append("equilibrium_wd needs the lr given to FixNorm and no dampening: the equilibrium norm "
                         "depends on both")
+    elif not lr > 0:
+        problems.append(f"equilibrium_wd needs a positive lr (the equilibrium norm grows with it), got {lr}")
     if equilibrium_wd == "auto":
         if problems:
             return None
@@ -98,7 +102,23 @@ def equilibrium_constant(equilibrium_wd: float | str | None, norm_drift: int | N
     wd = _positive_weight_decay(equilibrium_wd, equilibrium_wd)
     if problems:
         raise FixNormError(problems[0])
-    return equilibrium_constant_of(float(base_kwargs["lr"]), wd, float(base_kwargs.get("momentum", 0.0)))
+    return equilibrium_constant_of(lr, wd, float(base_kwargs.get("momentum", 0.0)))
+
+
+def given_lr(base_kwargs: Mapping[str, Any]) -> float | None:
+    """The lr given to FixNorm as a float (None where none was given), a one-element tensor lr (which torch.optim
+    accepts) included: SGD's norm laws (the equilibrium norm, the relaxation time, the growth law) are computed
+    from it."""
+    lr = base_kwargs.get("lr")
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise FixNormError(f"lr must be a number or a one-element tensor, got a tensor of shape {tuple(lr.shape)}")
+        return float(lr)
+    if lr is None or isinstance(lr, bool) or not isinstance(lr, numbers.Real):
+        if lr is not None:
+            raise FixNormError(f"lr must be a number or a one-element tensor, got {lr!r}")
+        return None
+    return float(lr)
 
 
 def _is_positive_number(value: Any) -> bool:
@@ -130,12 +150,13 @@ def weight_decay_relaxation_steps(equilibrium_wd: float | str | None, drift_appl
     if not issubclass(base, torch.optim.SGD):
         raise FixNormError(f"drift_follows_lr follows SGD + weight decay's norm dynamics; {base.__name__} has "
                            "others. Use drift_follows_lr=False with this base")
-    if base_kwargs.get("dampening", 0) or "lr" not in base_kwargs:
+    lr = given_lr(base_kwargs)
+    if base_kwargs.get("dampening", 0) or lr is None:
         raise FixNormError("drift_follows_lr needs the lr given to FixNorm and no dampening: weight decay's "
                            "relaxation time depends on both")
     wd = _positive_weight_decay(DEFAULT_EQUILIBRIUM_WD if equilibrium_wd in ("auto", None) else equilibrium_wd,
                                equilibrium_wd)
-    lr, momentum = float(base_kwargs["lr"]), float(base_kwargs.get("momentum", 0.0))
+    momentum = float(base_kwargs.get("momentum", 0.0))
     if not (lr > 0):
         raise FixNormError(f"drift_follows_lr needs a positive lr, got {lr}")
     return max(1, round((1.0 - momentum) / (4.0 * lr * wd)))
@@ -401,11 +422,13 @@ class FixNorm(torch.optim.Optimizer):
                                    "the parameter roles, or roles= from fixnorm.analyze()")
             roles = analyze(model, example_inputs, joint=joint == "hold" or (joint == "auto" and joint_possible))
         if drift_signal == "auto":  # weight decay's norm equation with the bend, where SGD's law applies
-            lr0 = base_kwargs.get("lr")
+            lr0 = given_lr(base_kwargs)
             growth_applies = (drift_applies and drift_follows_lr == "auto" and norm_drift is not None
                               and issubclass(base, torch.optim.SGD) and not base_kwargs.get("dampening", 0)
-                              and _is_positive_number(lr0) and joint != "hold"
-                              and not (roles.joint and joint == "auto"))
+                              and lr0 is not None and joint != "hold" and not (roles.joint and joint == "auto"))
+            if growth_applies and not lr0 > 0:
+                raise FixNormError(f"lr={lr0}: the default norm drift runs weight decay's norm law, whose rate is "
+                                   "computed from the lr given to FixNorm; give a positive lr (or norm_drift=None)")
             drift_signal = "growth" if growth_applies else "gradient"
             if growth_applies and lr_power == "auto":
                 lr_power = DEFAULT_LR_POWER
