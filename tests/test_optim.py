@@ -1160,8 +1160,9 @@ def test_drift_signal_auto_is_the_growth_law_with_the_bend_where_sgds_law_applie
 
 def test_a_tensor_lr_is_read_as_its_value_and_a_zero_or_bad_lr_is_a_clear_error():
     """torch.optim accepts a one-element tensor lr: SGD's norm laws read its value (it once made "auto" fall back to
-    the gradient law silently), and train bit for bit as the same float lr does. An lr SGD's laws cannot use is an
-    error naming the lr."""
+    the gradient law silently), and train as the same float lr does (to rounding: torch.optim's tensor-lr path
+    multiplies before it adds, which a fused kernel need not). An lr SGD's laws cannot use is an error naming the
+    lr."""
     data = batches(5)
 
     def trained(lr: float | torch.Tensor) -> tuple[str, list[torch.Tensor]]:
@@ -1176,7 +1177,7 @@ def test_a_tensor_lr_is_read_as_its_value_and_a_zero_or_bad_lr_is_a_clear_error(
 
     (signal, weights), (tensor_signal, tensor_weights) = trained(0.3), trained(torch.tensor(0.3))
     assert signal == tensor_signal == "growth"
-    assert all(torch.equal(a, b) for a, b in zip(weights, tensor_weights))
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(weights, tensor_weights))
     x = data[0][0]
     with pytest.raises(FixNormError, match="positive lr"):
         _FixNorm(small_net(), x, lr=0.0)
