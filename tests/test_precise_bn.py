@@ -13,6 +13,7 @@ from fixnorm import FixNormError, recompute_bn_statistics_
 from fixnorm.data import DEFAULT_FASHION_MNIST_DIR
 from fixnorm.train import Trainer, load_checkpoint, load_recipe, make_config, train
 from fixnorm.train.config import PRECISE_BN_IMAGES, saved_config
+from fixnorm.train.hooks import EmaHook
 from fixnorm.tune.worker import _as_trained
 from helpers import train_until
 
@@ -198,7 +199,6 @@ def test_on_a_streamed_tree_the_statistics_come_from_images_spread_over_every_cl
     row = list(csv.DictReader((tmp_path / "on" / "metrics.csv").open()))[-1]
     assert float(row["test_acc"]) == trainer.evaluate(hand)[1]
     # the EMA is scored with its statistics re-estimated on the same 9 images (the check's column uses up to 2000)
-    from fixnorm.train.hooks import EmaHook
     ema = copy.deepcopy(next(h for h in trainer.hooks if isinstance(h, EmaHook)).ema.module)
     update_bn([prepared[:4], prepared[4:]], ema)
     assert trainer.cfg.ema_bn == "recomputed" and float(row["ema_test_acc"]) == trainer.evaluate(ema)[1]

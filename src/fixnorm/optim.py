@@ -110,14 +110,13 @@ def given_lr(base_kwargs: Mapping[str, Any]) -> float | None:
     accepts) included: SGD's norm laws (the equilibrium norm, the relaxation time, the growth law) are computed
     from it."""
     lr = base_kwargs.get("lr")
+    if lr is None:
+        return None
     if isinstance(lr, torch.Tensor):
         if lr.numel() != 1:
             raise FixNormError(f"lr must be a number or a one-element tensor, got a tensor of shape {tuple(lr.shape)}")
-        return float(lr)
-    if lr is None or isinstance(lr, bool) or not isinstance(lr, numbers.Real):
-        if lr is not None:
-            raise FixNormError(f"lr must be a number or a one-element tensor, got {lr!r}")
-        return None
+    elif isinstance(lr, bool) or not isinstance(lr, numbers.Real):
+        raise FixNormError(f"lr must be a number or a one-element tensor, got {lr!r}")
     return float(lr)
 
 
@@ -158,7 +157,9 @@ def weight_decay_relaxation_steps(equilibrium_wd: float | str | None, drift_appl
                                equilibrium_wd)
     momentum = float(base_kwargs.get("momentum", 0.0))
     if not (lr > 0):
-        raise FixNormError(f"drift_follows_lr needs a positive lr, got {lr}")
+        raise FixNormError(f"lr={lr}: weight decay's norm law (the default drift, drift_signal='growth' or "
+                           "drift_follows_lr) is computed from the lr given to FixNorm; give a positive lr (or "
+                           "norm_drift=None)")
     return max(1, round((1.0 - momentum) / (4.0 * lr * wd)))
 
 
@@ -422,13 +423,11 @@ class FixNorm(torch.optim.Optimizer):
                                    "the parameter roles, or roles= from fixnorm.analyze()")
             roles = analyze(model, example_inputs, joint=joint == "hold" or (joint == "auto" and joint_possible))
         if drift_signal == "auto":  # weight decay's norm equation with the bend, where SGD's law applies
-            lr0 = given_lr(base_kwargs)
+            # (an lr <= 0 is refused where the law's relaxation time is computed from it)
             growth_applies = (drift_applies and drift_follows_lr == "auto" and norm_drift is not None
                               and issubclass(base, torch.optim.SGD) and not base_kwargs.get("dampening", 0)
-                              and lr0 is not None and joint != "hold" and not (roles.joint and joint == "auto"))
-            if growth_applies and not lr0 > 0:
-                raise FixNormError(f"lr={lr0}: the default norm drift runs weight decay's norm law, whose rate is "
-                                   "computed from the lr given to FixNorm; give a positive lr (or norm_drift=None)")
+                              and given_lr(base_kwargs) is not None and joint != "hold"
+                              and not (roles.joint and joint == "auto"))
             drift_signal = "growth" if growth_applies else "gradient"
             if growth_applies and lr_power == "auto":
                 lr_power = DEFAULT_LR_POWER
