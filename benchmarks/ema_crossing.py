@@ -13,6 +13,7 @@ either model) with their standard errors and 95% t-intervals::
     python benchmarks/ema_crossing.py runs/spEma sgd fixnorm --seeds 0-3 --thresholds 93.75 94.0 --window 16 22
 
 A run that never reaches a threshold counts as crossing one epoch after its last (stated in the table). Runs trained
+without an EMA give the trained weights alone (every run of one table must then be without one). Runs trained
 with ``ema_bn_check=true`` also give ``EMA-rebn``: the EMA weights with BatchNorm statistics re-estimated on 2,000
 training images (column ``ema/test_acc_recomputed_bn``), and its paired difference to the EMA's own buffers
 (``EMA`` then reads the averaged buffers' column, ``ema/test_acc_ema_buffers``, whatever ``ema_bn`` was).
@@ -42,10 +43,10 @@ def accuracies_by_model(path: Path) -> dict[str, list[float]]:
     run = read_run(path)
     if not run.summary:
         raise FixNormError(f"{path} has not finished (no summary.json)")
-    if not run.rows or all(math.isnan(r.get("ema_test_acc", math.nan)) for r in run.rows):
-        raise FixNormError(f"{path}/metrics.csv has no ema_test_acc column: train the run with --set ema_decay=...")
-    if [r["epoch"] for r in run.rows] != list(range(1, len(run.rows) + 1)):
+    if not run.rows or [r["epoch"] for r in run.rows] != list(range(1, len(run.rows) + 1)):
         raise FixNormError(f"{path}/metrics.csv does not hold epochs 1..{len(run.rows)} once each")
+    if all(math.isnan(r.get("ema_test_acc", math.nan)) for r in run.rows):  # trained without an EMA
+        return {"trained": [100 * r["test_acc"] for r in run.rows]}
     models = dict(MODELS)
     if not all(math.isnan(r.get(RECOMPUTED[1], math.nan)) for r in run.rows):
         # with the check, "EMA" is the averaged buffers' own column whatever ema_bn scored ema_test_acc with
@@ -93,8 +94,11 @@ def main(argv: list[str] | None = None) -> None:
     if len(seeds) < 2:
         raise FixNormError(f"paired statistics need two seeds, got {seeds}")
     per_arm = {arm: arm_runs(args.runs, arm, seeds) for arm in args.arms}
+    kinds = {arm: {tuple(run) for run in runs.values()} for arm, runs in per_arm.items()}
+    if len(set().union(*kinds.values())) > 1:  # paired differences need the same models in every run
+        raise FixNormError(f"the runs do not all score the same models (with and without an EMA): {kinds}")
     epochs = len(next(iter(next(iter(per_arm.values())).values()))["trained"])
-    window = tuple(args.window) if args.window else (epochs - epochs // 3 + 1, epochs)
+    window = tuple(args.window) if args.window else (epochs - max(1, epochs // 3) + 1, epochs)
     if not 1 <= window[0] <= window[1]:
         raise FixNormError(f"--window {window} is not a range of epochs")
     stats = {arm: {s: summaries(r, args.thresholds, window) for s, r in runs.items()} for arm, runs in per_arm.items()}
