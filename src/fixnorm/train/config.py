@@ -202,8 +202,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     # seed-0 probe where both methods reached 94.0% only at epoch 20 (docs/fixnorm.md, "Time to 94%")
     "fmnist-speedrun-fast": _SPEEDRUN_FAST,
     # the fastest to 94% here (stop 46; stop 52, today's defaults: both methods 5 of 5 timed seeds, epoch 19-20 and
-    # 232-299 s on 2 CPU cores): fmnist-speedrun-fast with each block's first conv pooled before its BN and ReLU (an epoch about
-    # 15% faster) and scored by an EMA of the weights (about a one-epoch horizon)
+    # 232-299 s on 2 CPU cores): fmnist-speedrun-fast with each block's first conv pooled before its BN and ReLU (an
+    # epoch about 15% faster) and scored by an EMA of the weights (about a one-epoch horizon)
     "fmnist-speedrun-pooled-ema": dict(_SPEEDRUN_FAST, model_kwargs={"pool_first": True}, ema_decay=0.998),
     # one epoch of the small CNN, under a minute: the defaults ablation (benchmarks/defaults_ablation.py)
     "fmnist-small-cnn": dict(model="small_cnn", dataset="fashion_mnist", epochs=1, batch_size=128, lr=0.2,
