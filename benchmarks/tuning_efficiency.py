@@ -1,6 +1,6 @@
 """How many trials each tuner needs: FixNorm's coordinate search against Optuna TPE / random on SGD + weight decay.
 
-Phase 1 (``--phase grid``, the expensive part): train every point of two 8 x 7 lattices with the
+Phase 1 (``--phase grid``, the expensive part): train every point of two lattices (8 x 7 and 8 x 5) with the
 `fmnist-tune` recipe (small CNN, 15k Fashion-MNIST images, 3 epochs, accuracy on a 5k holdout of
 the training set), once each:
 
@@ -19,7 +19,7 @@ numbers of trials. The lookup removes trial-to-trial noise; each grid point was 
 
     python benchmarks/tuning_efficiency.py --phase grid [--max-new N] [--shard K/N]
     python benchmarks/tuning_efficiency.py --phase tuners [--tuner-seeds 20]
-    python benchmarks/tuning_efficiency.py --phase recheck   # the best points again, on seeds 1 2 3
+    python benchmarks/tuning_efficiency.py --phase recheck [--recheck-seeds 1 2 3]   # the best points again
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import (atomic_write_json, atomic_write_text, command_line, machine_info, markdown_table,  # noqa: E402
                      parse_shard)
+from fixnorm_vs_wd import paired_stats  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -193,11 +194,25 @@ def recheck_phase(args: argparse.Namespace) -> None:
                          "accuracies": accs, "mean": statistics.mean(accs),
                          "std": statistics.stdev(accs) if len(accs) > 1 else 0.0})
         print(f"{label}: {100 * rows_out[-1]['mean']:.2f} +- {100 * rows_out[-1]['std']:.2f}")
-    atomic_write_json(results_dir / "tuning_recheck.json", {"meta": {"command": command_line()}, "rows": rows_out})
+    # each FixNorm pick against SGD + WD's grid best, paired by training seed (the grid maxima are single seeds)
+    reference = next(r for r in rows_out if r["pick"] == "sgd grid best")
+    differences = []
+    if len(args.recheck_seeds) > 1:
+        for r in rows_out:
+            if r is not reference:
+                stats = paired_stats([a - b for a, b in zip(r["accuracies"], reference["accuracies"])])
+                differences.append({"pick": r["pick"], "against": reference["pick"], **stats})
+    atomic_write_json(results_dir / "tuning_recheck.json", {"meta": {"command": command_line()}, "rows": rows_out,
+                                                            "paired_differences": differences})
     lines = [f"Command: `{command_line()}`", "", "| pick | values | holdout accuracy, mean +- std (%) | per seed |",
              "|---|---|---|---|"]
     lines += [f"| {r['pick']} | {run_key(r['values'])} | {100 * r['mean']:.2f} +- {100 * r['std']:.2f} | "
               f"{', '.join(f'{100 * a:.2f}' for a in r['accuracies'])} |" for r in rows_out]
+    if differences:
+        lines += ["", f"Paired by seed against {reference['pick']} ({len(args.recheck_seeds)} seeds; mean +- standard "
+                  "error, 95% t-interval, points):", ""]
+        lines += [f"- {d['pick']}: {100 * d['diff']:+.2f} +- {100 * d['se']:.2f} "
+                  f"[{100 * d['ci'][0]:+.2f}, {100 * d['ci'][1]:+.2f}]" for d in differences]
     atomic_write_text(results_dir / "tuning_recheck.md", "\n".join(lines) + "\n")
 
 
