@@ -201,9 +201,10 @@ RECIPES: dict[str, dict[str, Any]] = {
     # the same recipe on fast_cnn (three conv-pool-conv blocks, half ResNet-20's epoch time): 24 epochs, chosen on a
     # seed-0 probe where both methods reached 94.0% only at epoch 20 (docs/fixnorm.md, "Time to 94%")
     "fmnist-speedrun-fast": _SPEEDRUN_FAST,
-    # the fastest to 94% here (stop 46; stop 52, today's defaults: both methods 5 of 5 timed seeds, epoch 19-20 and
-    # 232-299 s on 2 CPU cores): fmnist-speedrun-fast with each block's first conv pooled before its BN and ReLU (an
-    # epoch about 15% faster) and scored by an EMA of the weights (about a one-epoch horizon)
+    # the fastest to 94% here (stop 46; stops 52-53, today's defaults: both methods 9 of 9 timed seeds, mean epoch
+    # about 19.6 and 266-269 s on 2 CPU cores, one run of 18 over 300 s): fmnist-speedrun-fast with each block's first
+    # conv pooled before its BN and ReLU (an epoch about 15% faster) and scored by an EMA of the weights (about a
+    # one-epoch horizon)
     "fmnist-speedrun-pooled-ema": dict(_SPEEDRUN_FAST, model_kwargs={"pool_first": True}, ema_decay=0.998),
     # one epoch of the small CNN, under a minute: the defaults ablation (benchmarks/defaults_ablation.py)
     "fmnist-small-cnn": dict(model="small_cnn", dataset="fashion_mnist", epochs=1, batch_size=128, lr=0.2,
